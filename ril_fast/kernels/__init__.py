@@ -1,0 +1,43 @@
+"""Public functional ops backed by fused kernels.
+
+``lora_group_linear`` and ``distill_mse`` choose their backend per call through
+:func:`ril_fast.kernels.dispatch.select_backend` (CUDA library > Triton > torch reference).
+"""
+
+from __future__ import annotations
+
+from ril_fast.kernels.dispatch import select_backend
+from ril_fast.kernels import reference
+
+
+def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
+    """``y = x W^T + b + Σ_i s_i (x A_i^T) B_i^T`` over a group of LoRA adapters.
+
+    Args:
+        x: (..., d_in).
+        weight: (d_out, d_in), frozen.
+        bias: (d_out,) or None.
+        lora_a: list of (r_i, d_in); lora_b: list of (d_out, r_i); ranks may differ.
+        scales: list of floats.
+    Returns:
+        (..., d_out).
+    """
+    backend = select_backend("lora_group_linear", x.device)
+    if backend == "torch":
+        return reference.lora_group_linear(x, weight, bias, lora_a, lora_b, scales)
+    from ril_fast.kernels import lora_group
+
+    return lora_group.lora_group_linear(x, weight, bias, lora_a, lora_b, scales, backend=backend)
+
+
+def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight=None):
+    """Fused last-step distillation loss; see :func:`ril_fast.kernels.reference.distill_mse`."""
+    backend = select_backend("distill_mse", student_out.device)
+    if backend == "torch":
+        return reference.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight)
+    from ril_fast.kernels import distill_mse as _distill
+
+    return _distill.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight, backend=backend)
+
+
+__all__ = ["lora_group_linear", "distill_mse", "select_backend", "reference"]

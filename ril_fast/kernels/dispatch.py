@@ -1,0 +1,70 @@
+"""Backend selection for the fused ops: CUDA library > Triton > torch reference.
+
+``RIL_FAST_KERNELS=auto|cuda|triton|torch`` overrides the choice. A backend the user named
+explicitly that cannot run raises; ``auto`` falls back and logs the reason once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def requested_backend() -> str:
+    value = os.environ.get("RIL_FAST_KERNELS", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"RIL_FAST_KERNELS={value!r} is not one of {BACKENDS}; unset it or pick one of those")
+    return value
+
+
+def triton_available(device: torch.device) -> tuple[bool, str]:
+    """Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - triton is a pinned dependency
+        return False, f"triton import failed: {exc}"
+    if device.type == "cuda":
+        return True, "cuda device"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "TRITON_INTERPRET=1 on CPU tensors"
+    return False, f"tensors on {device.type} and TRITON_INTERPRET is not 1"
+
+
+def cuda_lib_available(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"tensors on {device.type}, the CUDA library needs cuda tensors"
+    try:
+        from ril_fast.kernels import cuda_lib
+    except ImportError:
+        return False, "ril_fast.kernels.cuda_lib is missing"
+    return cuda_lib.available()
+
+
+def select_backend(op: str, device: torch.device) -> str:
+    """Return the backend that runs ``op`` on tensors of ``device``: 'cuda', 'triton' or 'torch'."""
+    want = requested_backend()
+    if want == "torch":
+        return "torch"
+    checks = {"cuda": cuda_lib_available, "triton": triton_available}
+    if want in checks:
+        ok, why = checks[want](device)
+        if not ok:
+            raise RuntimeError(f"RIL_FAST_KERNELS={want} was asked for {op} but cannot run: {why}; "
+                               "set RIL_FAST_KERNELS=auto to fall back")
+        return want
+    for name in ("cuda", "triton"):
+        # auto never picks the interpreter: it is a test vehicle, far slower than torch on CPU.
+        ok, why = checks[name](device) if device.type == "cuda" else (False, f"tensors on {device.type}")
+        if ok:
+            return name
+        key = f"{op}:{name}:{device.type}"
+        if key not in _logged:
+            _logged.add(key)
+            _log.info("%s: %s backend unavailable (%s)", op, name, why)
+    return "torch"

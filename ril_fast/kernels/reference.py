@@ -1,0 +1,89 @@
+"""Pure-torch references of every fused op: the CPU path and the test oracle.
+
+Written for clarity, with no fusion. Each takes the same arguments as the public op in
+``ril_fast.kernels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def lora_group_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """``y = x W^T + b + Σ_i s_i (x A_i^T) B_i^T``.
+
+    Args:
+        x: (..., d_in).
+        weight: (d_out, d_in), frozen.
+        bias: (d_out,) or None.
+        lora_a: list of (r_i, d_in).
+        lora_b: list of (d_out, r_i).
+        scales: list of floats, one per adapter.
+    Returns:
+        (..., d_out), dtype of ``x``.
+    """
+    y = F.linear(x, weight, bias)
+    for a, b, s in zip(lora_a, lora_b, scales):
+        y = y + s * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+    return y
+
+
+def x0_coefficients(alpha_bar: torch.Tensor, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (a_b, c_b) with ``x0 = a_b·x_t + c_b·out`` (DDIM paper eq. 9 and the v-param).
+
+    Args:
+        alpha_bar: (B,) cumulative alpha at the timestep of ``x_t``.
+        prediction_type: ``epsilon`` | ``v_prediction`` | ``sample``.
+    Returns:
+        two (B,) float32 tensors.
+    """
+    ab = alpha_bar.to(torch.float32)
+    if prediction_type == "epsilon":
+        return ab.rsqrt(), -((1 - ab) / ab).sqrt()
+    if prediction_type == "v_prediction":
+        return ab.sqrt(), -(1 - ab).sqrt()
+    if prediction_type == "sample":
+        return torch.zeros_like(ab), torch.ones_like(ab)
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def distill_mse(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    prediction_type: str,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``mean_b( w_b · mean_elements((x0_s − x0_t)²) )`` as a float32 scalar.
+
+    ``x0 = a_b·x_t + c_b·out`` for student and teacher; the teacher is treated as a constant.
+    Since both share ``x_t``, ``x0_s − x0_t = c_b·(out_s − out_t)``.
+
+    Args:
+        student_out, teacher_out, x_t: (B, ...) model outputs and the shared input latent.
+        alpha_bar: (B,).
+        prediction_type: ``epsilon`` | ``v_prediction`` | ``sample``.
+        weight: (B,) per-sample weights, or None for 1.
+    """
+    a, c = x0_coefficients(alpha_bar, prediction_type)
+    view = (-1,) + (1,) * (student_out.dim() - 1)
+    x_t32 = x_t.to(torch.float32)
+    x0_s = a.view(view) * x_t32 + c.view(view) * student_out.to(torch.float32)
+    x0_t = a.view(view) * x_t32 + c.view(view) * teacher_out.detach().to(torch.float32)
+    per_sample = (x0_s - x0_t).pow(2).flatten(1).mean(1)
+    if weight is not None:
+        per_sample = per_sample * weight.to(torch.float32)
+    return per_sample.mean()
