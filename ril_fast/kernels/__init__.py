@@ -35,7 +35,7 @@ def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weigh
     backend = select_backend("distill_mse", student_out.device)
     if backend == "torch":
         return reference.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight)
-    from ril_fast.kernels import distill_mse as _distill
+    from ril_fast.kernels import distill as _distill
 
     return _distill.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight, backend=backend)
 

@@ -21,7 +21,14 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "brightness": ("ril_fast.rewards.simple", "Brightness"),
     "colorfulness": ("ril_fast.rewards.simple", "Colorfulness"),
     "contrast": ("ril_fast.rewards.simple", "Contrast"),
+    "prompt_adherence": ("ril_fast.rewards.adherence", "PromptAdherence"),
     "smoothness": ("ril_fast.rewards.simple", "Smoothness"),
+    "jpeg_compressibility": ("ril_fast.rewards.jpeg", "JpegCompressibility"),
+    "jpeg_incompressibility": ("ril_fast.rewards.jpeg", "JpegIncompressibility"),
+    "aesthetic": ("ril_fast.rewards.clip_rewards", "AestheticReward"),
+    "pickscore": ("ril_fast.rewards.clip_rewards", "PickScoreReward"),
+    "hpsv2": ("ril_fast.rewards.clip_rewards", "HPSv2Reward"),
+    "imagereward": ("ril_fast.rewards.imagereward", "ImageRewardReward"),
 }
 
 

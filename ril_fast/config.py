@@ -1,0 +1,409 @@
+"""Typed run configuration: JSON loading, ``--set`` overrides, all-errors-at-once validation.
+
+Every default lives in a dataclass below; code reads ``cfg.section.key`` and never ``dict.get``.
+Validation collects every problem and raises one :class:`ConfigError` whose lines each name the
+key path, the value received and what is allowed. ``train.py`` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+METHODS = ("baseline", "group", "distill", "rid")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``str()`` is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass
+class ModelConfig:
+    path: str = "ril_fast/assets/embedded"  # local diffusers folder (model_index.json) or a hub id when online
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen base weights
+    device: str = "auto"  # auto = cuda:<local_rank> when available, else cpu
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["baseline", "group", "distill", "rid"] = "rid"
+    ema_decay: float = 0.95  # momentum teacher: θ_ema ← m·θ_ema + (1−m)·θ after every optimizer step
+    reward_weight: float = 1.0  # α in L = −α·reward + λ·distill
+    distill_weight: float = 1.0  # λ
+    distill_mode: Literal["last", "full"] = "last"  # last denoising step only, or the teacher's own full chain
+    distill_target: Literal["x0", "eps", "image"] = "x0"
+    distill_first_task: bool = False  # on task 1 the teacher is the base model; distilling there slows learning
+
+    @property
+    def adapter_per_task(self) -> bool:
+        return self.name in ("group", "rid")
+
+    @property
+    def distill(self) -> bool:
+        return self.name in ("distill", "rid")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 4
+    alpha: float = 4.0  # scale s = alpha / rank
+    targets: Union[Literal["attn", "attn_ff"], list[str]] = "attn"  # presets or Linear name suffixes
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 10  # DDIM steps per training sample
+    guidance_scale: float = 5.0  # classifier-free guidance; 1.0 disables the unconditional branch
+    eta: float = 0.0
+    grad_window: int = 1  # K: gradients flow through the last K denoising steps (DRaFT-K)
+    grad_window_max: Optional[int] = None  # if set, K ~ U[grad_window, grad_window_max], drawn once per batch
+    height: Optional[int] = None  # pixels; None = the model's default sample size
+    width: Optional[int] = None
+    checkpoint_unet: bool = True  # gradient checkpointing of every UNet call in the window
+    negative_prompt: str = ""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 2  # prompts per optimizer step per rank
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    grad_clip: float = 1.0  # 0 disables clipping
+    log_every: int = 1
+    checkpoint_every: int = 0  # optimizer steps; 0 = only at task boundaries
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite losses/grads before the run stops
+    deterministic: bool = False  # torch.use_deterministic_algorithms; bitwise resume on CPU
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    reward: str = ""  # a registered reward name or module:function
+    reward_options: dict = field(default_factory=dict)
+    train_prompts: Union[list[str], str] = field(default_factory=list)  # list, or a UTF-8 file with one per line
+    eval_prompts: Union[list[str], str] = field(default_factory=list)
+    steps: int = 10  # optimizer steps
+    lr: Optional[float] = None  # overrides train.lr for this task
+
+
+@dataclass
+class EvalConfig:
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # fixed seeds per eval prompt
+    steps: Optional[int] = None  # DDIM steps; None = sampling.steps
+    batch_size: int = 8
+    grid: bool = True
+    adherence: bool = True  # prompt-adherence metric when the model ships a classifier
+
+
+@dataclass
+class MemoryConfig:
+    budget_gib: Optional[float] = None  # refuse configs whose planned peak exceeds this (GPU runs)
+    text_encoders: Literal["keep", "cpu", "free"] = "cpu"  # after caching prompt embeddings
+    vae_checkpoint: bool = True  # decode under gradient checkpointing
+    vae_slice: bool = False  # decode one sample at a time
+    unet_block_checkpoint: bool = False  # checkpoint blocks inside each UNet call too
+    reward_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    reward_checkpoint: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: Literal["auto", "on", "off"] = "auto"  # auto = on under the deepspeed launcher
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+    overwrite: bool = False  # allow an output_dir that holds a run of a different config
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic typed loading
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, path: str, errors: list[str]) -> Any:
+    """Convert a JSON value to ``tp``, appending a message to ``errors`` on mismatch."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected an object, got {type(value).__name__} {value!r}")
+            return tp()
+        return _from_dict(tp, value, path, errors)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            errors.append(f"{path}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            trial: list[str] = []
+            out = _convert(value, arg, path, trial)
+            if not trial:
+                return out
+        errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            return []
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}.{i}", errors) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            errors.append(f"{path}: expected null, got {value!r}")
+        return None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (bool, str, dict):
+        if not isinstance(value, tp):
+            errors.append(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls, data: dict, path: str, errors: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(filter(None, [path, close[0]]))!r}?" if close else ""
+            errors.append(f"unknown key {where!r}{hint} (valid: {', '.join(names)})")
+            continue
+        kwargs[key] = _convert(value, hints[key], where, errors)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # only reachable through type errors already reported
+        errors.append(f"{path or 'config'}: {exc}")
+        return cls()
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # bare strings need no quotes: --set model.path=/data/sdxl
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``a.b.0.c=value`` to the raw config dict (list items are reached by index)."""
+    if "=" not in assignment:
+        raise ConfigError([f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4"])
+    key, _, text = assignment.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError([f"--set {assignment!r}: empty key"])
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        node = _step_into(node, part, parts[: i + 1], assignment, create=True)
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _index(last, node, assignment)
+        node[idx] = _parse_value(text)
+    else:
+        node[last] = _parse_value(text)
+
+
+def _index(part: str, node: list, assignment: str) -> int:
+    if not part.lstrip("-").isdigit():
+        raise ConfigError([f"--set {assignment!r}: {part!r} must be a list index (0..{len(node) - 1})"])
+    idx = int(part)
+    if not -len(node) <= idx < len(node):
+        raise ConfigError([f"--set {assignment!r}: index {idx} out of range, the list has {len(node)} items"])
+    return idx
+
+
+def _step_into(node, part, prefix, assignment, create):
+    if isinstance(node, list):
+        return node[_index(part, node, assignment)]
+    if not isinstance(node, dict):
+        raise ConfigError([f"--set {assignment!r}: {'.'.join(prefix[:-1])} is not an object"])
+    if part not in node:
+        node[part] = {} if create else None
+    return node[part]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_dir: str | None = None) -> Config:
+    """Load, override and validate a config. Raises ConfigError listing every problem."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(path)!r} not found"])
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"config file {str(path)!r} is not valid UTF-8 JSON: {exc}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}"])
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> Config:
+    errors: list[str] = []
+    cfg = _from_dict(Config, data, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    validate(cfg)
+    return cfg
+
+
+def read_prompts(spec: list[str] | str, where: str) -> list[str]:
+    """Prompts from a list or a UTF-8 text file (one per line, blank lines ignored)."""
+    if isinstance(spec, list):
+        prompts = [p for p in spec if isinstance(p, str)]
+    else:
+        try:
+            text = Path(spec).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([f"{where}: prompts file {spec!r} not found"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{where}: prompts file {spec!r} is not UTF-8 text"]) from None
+        except OSError as exc:
+            raise ConfigError([f"{where}: prompts file {spec!r} cannot be read ({exc.strerror})"]) from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError([f"{where}: no prompts (give a non-empty list or a file with one prompt per line)"])
+    return prompts
+
+
+def _positive(errors, where, value, allow_zero=False):
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        errors.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that need no heavy imports. Raises ConfigError with every problem."""
+    from ril_fast import rewards
+    from ril_fast.models import check_model_path
+
+    errors: list[str] = []
+    problem = check_model_path(cfg.model.path)
+    if problem:
+        errors.append(problem)
+    if not cfg.tasks:
+        errors.append("tasks: the run needs at least one task ({'name', 'reward', 'train_prompts', ...})")
+    seen = set()
+    for i, task in enumerate(cfg.tasks):
+        where = f"tasks.{i}"
+        if not task.name:
+            errors.append(f"{where}.name: give each task a name")
+        elif task.name in seen:
+            errors.append(f"{where}.name: {task.name!r} is used by an earlier task; names must be unique")
+        seen.add(task.name)
+        if not task.reward:
+            errors.append(f"{where}.reward: name a reward ({', '.join(rewards.names())} or module:function)")
+        else:
+            try:
+                rewards.check_name(task.reward)
+            except ValueError as exc:
+                errors.append(f"{where}.reward: {exc}")
+        for key in ("train_prompts", "eval_prompts"):
+            try:
+                read_prompts(getattr(task, key), f"{where}.{key}")
+            except ConfigError as exc:
+                errors.extend(exc.problems)
+        _positive(errors, f"{where}.steps", task.steps, allow_zero=True)
+        _positive(errors, f"{where}.lr", task.lr)
+    s = cfg.sampling
+    _positive(errors, "sampling.steps", s.steps)
+    if s.grad_window < 1 or s.grad_window > s.steps:
+        errors.append(f"sampling.grad_window: must be in 1..sampling.steps ({s.steps}), got {s.grad_window}")
+    if s.grad_window_max is not None and not s.grad_window <= s.grad_window_max <= s.steps:
+        errors.append(f"sampling.grad_window_max: must be in grad_window..steps ({s.grad_window}..{s.steps}), "
+                      f"got {s.grad_window_max}")
+    for key in ("height", "width"):
+        v = getattr(s, key)
+        if v is not None and (v <= 0 or v % 8):
+            errors.append(f"sampling.{key}: must be a positive multiple of 8, got {v}")
+    _positive(errors, "lora.rank", cfg.lora.rank)
+    _positive(errors, "lora.alpha", cfg.lora.alpha)
+    if not 0.0 <= cfg.method.ema_decay < 1.0:
+        errors.append(f"method.ema_decay: must be in [0, 1), got {cfg.method.ema_decay}")
+    _positive(errors, "method.distill_weight", cfg.method.distill_weight, allow_zero=True)
+    t = cfg.train
+    for key in ("batch_size", "grad_accum", "lr", "log_every"):
+        _positive(errors, f"train.{key}", getattr(t, key))
+    for key in ("checkpoint_every", "grad_clip", "weight_decay"):
+        _positive(errors, f"train.{key}", getattr(t, key), allow_zero=True)
+    _positive(errors, "train.keep_checkpoints", t.keep_checkpoints)
+    _positive(errors, "train.max_bad_steps", t.max_bad_steps)
+    if not cfg.eval.seeds:
+        errors.append("eval.seeds: give at least one seed")
+    _positive(errors, "eval.batch_size", cfg.eval.batch_size)
+    _positive(errors, "memory.budget_gib", cfg.memory.budget_gib)
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        errors.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+    if cfg.train.optimizer == "adamw8bit" and cfg.deepspeed.offload_optimizer:
+        errors.append("train.optimizer: adamw8bit cannot be combined with deepspeed.offload_optimizer "
+                      "(DeepSpeed's CPU Adam replaces it); pick one")
+    if not cfg.output_dir:
+        errors.append("output_dir: give a directory for the run")
+    if errors:
+        raise ConfigError(errors)

@@ -1,0 +1,184 @@
+"""Training backends: DeepSpeed (under its launcher) or a plain single process; optimizers; precision.
+
+Precision plan (one place): frozen base weights in ``model.dtype``; trainable adapters, the EMA
+teacher and the optimizer state fp32 (or bitsandbytes 8-bit state); the VAE decodes in fp32.
+A new :class:`Engine` (and so a new optimizer) is built at the start of every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from collections.abc import Sequence
+
+import torch
+
+_log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def launched_distributed() -> bool:
+    """True under the deepspeed launcher or torchrun (they set WORLD_SIZE for every rank)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def use_deepspeed(cfg) -> bool:
+    mode = cfg.deepspeed.enabled
+    return mode == "on" or (mode == "auto" and launched_distributed())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process_env() -> None:
+    """DeepSpeed without its launcher needs the rendezvous variables a launcher would set."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_device(cfg) -> torch.device:
+    if cfg.model.device != "auto":
+        return torch.device(cfg.model.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], name: str, lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"train.optimizer must be adamw or adamw8bit, got {name!r}")
+
+
+def deepspeed_config(cfg) -> dict:
+    ds = cfg.deepspeed
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "steps_per_print": 10**9,  # our own logger prints
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer:
+        out["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        out["zero_force_ds_cpu_optimizer"] = False
+    if ds.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        out["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return out
+
+
+def _patch_shm_op() -> None:
+    """Skip DeepSpeed's shared-memory comm op JIT build on CPU (~28 s); gloo works without it."""
+    import importlib
+
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(comm_torch, "build_shm_op"):
+        comm_torch.build_shm_op = lambda *a, **k: None
+
+
+class Engine:
+    """Backward, clipping, the optimizer step and non-finite detection, for one task.
+
+    Args:
+        module: the module that owns the trainable parameters (the UNet).
+        params: trainable parameters (the newest adapter pair).
+        cfg: the run config; ``lr`` the task's learning rate.
+    """
+
+    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], cfg, lr: float):
+        self.cfg = cfg
+        self.params = params
+        self.deepspeed = use_deepspeed(cfg)
+        self.optimizer = make_optimizer(params, cfg.train.optimizer, lr, cfg.train.weight_decay)
+        self.ds_engine = None
+        if self.deepspeed:
+            import deepspeed
+
+            if not launched_distributed():
+                init_single_process_env()
+            if not torch.cuda.is_available():
+                _patch_shm_op()
+            self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=module, model_parameters=params, optimizer=self.optimizer, config=deepspeed_config(cfg))
+
+    @property
+    def backend(self) -> str:
+        return f"deepspeed-zero{self.cfg.deepspeed.zero_stage}" if self.deepspeed else "plain"
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """All ranks agree: one non-finite loss anywhere skips the step everywhere (a host sync)."""
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+        if self.deepspeed and world_size() > 1:
+            import deepspeed.comm as dist
+
+            dist.all_reduce(flag)
+        return flag.item() == 0.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.ds_engine is not None:
+            self.ds_engine.backward(loss)
+            if not self.ds_engine.is_gradient_accumulation_boundary():
+                self.ds_engine.step()  # DeepSpeed counts micro-steps here; the real step is in step()
+        else:
+            (loss / self.cfg.train.grad_accum).backward()
+
+    def step(self) -> tuple[float | None, bool]:
+        """Clip and step. Returns (grad norm or None, stepped); a non-finite grad norm skips the step."""
+        if self.ds_engine is not None:
+            self.ds_engine.step()
+            norm = self.ds_engine.get_global_grad_norm()
+            norm = None if norm is None else float(norm)
+            return norm, norm is None or math.isfinite(norm)
+        clip = self.cfg.train.grad_clip
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else torch.zeros(())
+        norm = float(norm)  # host sync: needed to decide whether to step
+        if not math.isfinite(norm):
+            self.zero_grad()
+            return norm, False
+        self.optimizer.step()
+        self.zero_grad()
+        return norm, True
+
+    def zero_grad(self) -> None:
+        if self.ds_engine is not None:
+            self.ds_engine.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def barrier(self) -> None:
+        if self.deepspeed and world_size() > 1:
+            import deepspeed.comm as dist
+
+            dist.barrier()

@@ -1,0 +1,248 @@
+"""Fused last-step distillation MSE: Triton kernels, host launchers and the custom ops.
+
+Loss (see :func:`ril_fast.kernels.reference.distill_mse`)::
+
+    L = mean_b( w_b · mean_i (x0_s − x0_t)² ),   x0 = a_b·x_t + c_b·out
+
+Student and teacher share ``x_t``, so ``x0_s − x0_t = c_b·(out_s − out_t)``: the kernels never
+read ``x_t`` (3 tensor reads become 2). ``c_b`` is computed on device from ``alpha_bar`` inside
+the kernels, so nothing syncs with the host and the whole op is CUDA-graph capturable.
+
+Forward: one launch writes one fp32 partial sum per (sample, block), a second one-program
+launch sums them in a fixed order (deterministic, no atomics). Backward: one launch that reads
+``grad_output`` on device. Both are ``torch.library`` custom ops (``ril_fast::distill_mse_fwd``,
+``ril_fast::distill_mse_bwd``) with fake kernels and an autograd registration, so
+``torch.compile`` treats them as opaque. ``backend='cuda'`` runs the same ops through the CUDA
+library (:mod:`ril_fast.kernels.cuda_lib`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ril_fast.kernels.reference import PREDICTION_TYPES
+
+# 4096 fp32 elements per program: 32 KB of loads in flight per program, enough to saturate HBM
+# with 8 warps while keeping the partial buffer small (1 float per 16 KB of bf16 input).
+BLOCK = 4096
+NUM_WARPS = 8
+# One program sums the partials; 1024 lanes cover every realistic partial count in <= a few iterations.
+SUM_BLOCK = 1024
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("triton", "cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _coef_sq(alpha_ptr, b, PRED: tl.constexpr):
+    """c_b² for x0 = a_b·x_t + c_b·out (PRED 0 = epsilon, 1 = v_prediction, 2 = sample)."""
+    ab = tl.load(alpha_ptr + b).to(tl.float32)
+    if PRED == 0:
+        c = tl.sqrt((1.0 - ab) / ab)
+    elif PRED == 1:
+        c = tl.sqrt(1.0 - ab)
+    else:
+        c = ab * 0.0 + 1.0
+    return c * c
+
+
+@triton.jit
+def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, N, inv_nb,
+                        PRED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    # Upcast right after the load: the interpreter (and bf16 math in general) needs fp32.
+    s = tl.load(s_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    d = s - t
+    scale = _coef_sq(alpha_ptr, b, PRED) * inv_nb
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + b).to(tl.float32)
+    tl.store(partial_ptr + b * tl.num_programs(0) + pid_n, tl.sum(d * d, axis=0) * scale)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, P, BLOCK: tl.constexpr):
+    # A single program in a fixed order: bitwise reproducible across runs.
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, P, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < P, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _distill_bwd_kernel(g_ptr, s_ptr, t_ptr, alpha_ptr, w_ptr, ds_ptr, N, inv_nb,
+                        PRED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    s = tl.load(s_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    # grad_output is read on device: no .item(), no host sync.
+    scale = 2.0 * _coef_sq(alpha_ptr, b, PRED) * inv_nb * tl.load(g_ptr).to(tl.float32)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + b).to(tl.float32)
+    ds = (s - t) * scale
+    tl.store(ds_ptr + b * N + offs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host launchers (inputs already validated, contiguous, alpha/weight fp32)
+# ------------------------------------------------------------------------------------------------
+
+
+def _block_for(n: int) -> int:
+    return min(BLOCK, triton.next_power_of_2(max(n, 16)))
+
+
+def _triton_fwd(student, teacher, alpha, weight, pred: int) -> torch.Tensor:
+    bsz = student.shape[0]
+    n = student.numel() // bsz
+    blk = _block_for(n)
+    nblk = triton.cdiv(n, blk)
+    partials = torch.empty(bsz * nblk, device=student.device, dtype=torch.float32)
+    out = torch.empty((), device=student.device, dtype=torch.float32)
+    w = weight if weight is not None else alpha
+    _distill_fwd_kernel[(nblk, bsz)](student, teacher, alpha, w, partials, n, 1.0 / (n * bsz),
+                                     PRED=pred, HAS_WEIGHT=weight is not None, BLOCK=blk, num_warps=NUM_WARPS)
+    _sum_partials_kernel[(1,)](partials, out, partials.numel(), BLOCK=SUM_BLOCK, num_warps=4)
+    return out
+
+
+def _triton_bwd(grad, student, teacher, alpha, weight, pred: int) -> torch.Tensor:
+    bsz = student.shape[0]
+    n = student.numel() // bsz
+    blk = _block_for(n)
+    ds = torch.empty_like(student)
+    w = weight if weight is not None else alpha
+    _distill_bwd_kernel[(triton.cdiv(n, blk), bsz)](grad, student, teacher, alpha, w, ds, n, 1.0 / (n * bsz),
+                                                    PRED=pred, HAS_WEIGHT=weight is not None, BLOCK=blk,
+                                                    num_warps=NUM_WARPS)
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops + autograd
+# ------------------------------------------------------------------------------------------------
+
+
+def _pred_code(prediction_type: str) -> int:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return PREDICTION_TYPES.index(prediction_type)
+
+
+@torch.library.custom_op("ril_fast::distill_mse_fwd", mutates_args=())
+def distill_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, alpha_bar: torch.Tensor,
+                    weight: torch.Tensor | None, prediction_type: str, backend: str) -> torch.Tensor:
+    """Float32 scalar loss. Inputs contiguous (B, ...); alpha_bar/weight fp32 (B,)."""
+    pred = _pred_code(prediction_type)
+    if backend == "cuda":
+        from ril_fast.kernels import cuda_lib
+
+        return cuda_lib._distill_fwd(student, teacher, alpha_bar, weight, pred)
+    return _triton_fwd(student, teacher, alpha_bar, weight, pred)
+
+
+@distill_mse_fwd.register_fake
+def _(student, teacher, alpha_bar, weight, prediction_type, backend):
+    return student.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("ril_fast::distill_mse_bwd", mutates_args=())
+def distill_mse_bwd(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, alpha_bar: torch.Tensor,
+                    weight: torch.Tensor | None, prediction_type: str, backend: str) -> torch.Tensor:
+    """d loss / d student, shaped and typed like ``student``."""
+    pred = _pred_code(prediction_type)
+    grad = grad.to(torch.float32).contiguous()
+    if backend == "cuda":
+        from ril_fast.kernels import cuda_lib
+
+        return cuda_lib._distill_bwd(grad, student, teacher, alpha_bar, weight, pred)
+    return _triton_bwd(grad, student, teacher, alpha_bar, weight, pred)
+
+
+@distill_mse_bwd.register_fake
+def _(grad, student, teacher, alpha_bar, weight, prediction_type, backend):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, alpha_bar, weight, prediction_type, backend = inputs
+    ctx.save_for_backward(student, teacher, alpha_bar, weight)
+    ctx.prediction_type = prediction_type
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    student, teacher, alpha_bar, weight = ctx.saved_tensors
+    ds = None
+    if ctx.needs_input_grad[0]:
+        ds = distill_mse_bwd(grad, student, teacher, alpha_bar, weight, ctx.prediction_type, ctx.backend)
+    # The teacher is a constant; alpha_bar and weight are schedule values, not trained.
+    return ds, None, None, None, None, None
+
+
+distill_mse_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry
+# ------------------------------------------------------------------------------------------------
+
+
+def _check(student, teacher, x_t, alpha_bar, weight, backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"distill_mse backend must be one of {BACKENDS}, got {backend!r}")
+    for name, t in (("student_out", student), ("teacher_out", teacher)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"distill_mse: {name} has dtype {t.dtype}; supported {SUPPORTED_DTYPES}, cast it first")
+    if teacher.shape != student.shape or x_t.shape != student.shape:
+        raise ValueError(f"distill_mse: student_out {tuple(student.shape)}, teacher_out {tuple(teacher.shape)} and "
+                         f"x_t {tuple(x_t.shape)} must have the same shape")
+    if student.dim() < 1 or student.numel() == 0:
+        raise ValueError(f"distill_mse: need a non-empty (B, ...) tensor, got shape {tuple(student.shape)}")
+    bsz = student.shape[0]
+    for name, t in (("alpha_bar", alpha_bar), ("weight", weight)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (bsz,):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"distill_mse: {name} must be a ({bsz},) tensor (one per sample), got {got}")
+    for name, t in (("teacher_out", teacher), ("alpha_bar", alpha_bar), ("weight", weight)):
+        if t is not None and t.device != student.device:
+            raise ValueError(f"distill_mse: {name} is on {t.device} but student_out is on {student.device}; "
+                             "move it to the same device")
+
+
+def distill_mse(student_out: torch.Tensor, teacher_out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
+                prediction_type: str, weight: torch.Tensor | None = None, backend: str = "triton") -> torch.Tensor:
+    """Fused ``mean_b(w_b · mean((x0_s − x0_t)²))``; differentiable w.r.t. ``student_out`` only.
+
+    Args:
+        student_out, teacher_out, x_t: (B, ...) with the same shape; fp32, fp16 or bf16.
+        alpha_bar: (B,) device tensor, ᾱ at the timestep of ``x_t``.
+        prediction_type: ``epsilon`` | ``v_prediction`` | ``sample``.
+        weight: (B,) per-sample weights or None.
+        backend: ``triton`` or ``cuda`` (the CUDA C++ library).
+    Returns:
+        float32 scalar tensor.
+    Raises:
+        ValueError: bad shapes, dtypes, devices, prediction type or backend.
+    """
+    _check(student_out, teacher_out, x_t, alpha_bar, weight, backend)
+    _pred_code(prediction_type)
+    alpha = alpha_bar.detach().to(torch.float32).contiguous()
+    w = weight.detach().to(torch.float32).contiguous() if weight is not None else None
+    return distill_mse_fwd(student_out.contiguous(), teacher_out.detach().contiguous(), alpha, w,
+                           prediction_type, backend)

@@ -1,0 +1,459 @@
+"""Fused multi-adapter LoRA linear in Triton (forward + backward).
+
+Every token passes through all k adapters, so the group is one LoRA of rank ``R = Σ r_i``:
+``A_cat`` (R×d_in) and ``B_cat`` (d_out×R) are the concatenated adapters and the per-adapter
+scales become a per-rank vector ``rscale`` (R,) applied to ``S = X·A_catᵀ`` in fp32, so B stays
+the raw parameter. Tiles cover ``R_PAD`` = next power of two ≥ max(16, R); padding is masked.
+
+Forward: F1 ("fused", narrow layers) runs the shrink inside the base GEMM's K-loop and the
+expand in its epilogue; F2 ("split", wide layers or R > 64) computes S first, then the base
+GEMM with ``S·B_catᵀ`` in the epilogue. Backward (kernels-research §7.3): one read of dY gives
+dS and dB of the trainable slice; ``dX = dY·W + dS·A_cat`` is one GEMM with the LoRA term in
+the epilogue; dA of the trainable slice is a split-K reduction over M. Deterministic mode
+(``RIL_FAST_DETERMINISTIC=1`` or torch deterministic algorithms) uses fp32 partials and an
+ordered sum instead of atomics. Accumulation is fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_FUSED_R = 64  # F1 keeps the whole S tile in registers
+MAX_DSDB_R = 128  # the dS/dB kernel keeps the whole dS row tile in registers
+RB = 32  # R chunk of the EPI 1 epilogue (any R, one compiled variant)
+
+_GPU_MAIN = [
+    triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
+_GPU_DSDB = [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=3)]
+# The interpreter costs tens of ms per program instance: few, big tiles.
+_INTERP_MAIN = [triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+_INTERP_DSDB = [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=1)]
+MAIN_CONFIGS = _INTERP_MAIN if INTERPRET else _GPU_MAIN
+DSDB_CONFIGS = _INTERP_DSDB if INTERPRET else _GPU_DSDB
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+@triton.jit
+def _ld(ptrs, mask, UPCAST: tl.constexpr):
+    v = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:  # bf16 arithmetic is wrong in the interpreter: compute in fp32 there
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, out_dtype=acc.dtype)
+
+
+# Flags that only pick a branch are runtime ints (not specialised) to bound the compile count.
+@triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE", "ATOMIC"])
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, g_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr,
+    M, N, K, R, SPLIT_K, HAS_BIAS, ESCALE, CSCALE, ATOMIC,
+    s_am, s_ak, s_bk, s_bn, s_cz, s_cm, s_cn, s_gk, s_gr, s_em, s_er, s_fr, s_fn, s_sm, s_sr,
+    EPI: tl.constexpr,
+    R_PAD: tl.constexpr, RB: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A·B (+ LoRA epilogue) (+ bias), C is M×N, A is M×K, B is K×N (any strides).
+
+    EPI 1: ``+ (E·diag(escale))·F`` with E (M×R), F (R×N) in memory (R = 0: plain GEMM).
+    EPI 2: in-tile shrink ``S = A·G`` (G is K×R) alongside the main K-loop, then
+    ``+ (S·diag(escale))·F``; programs with pid_n == 0 store S. SPLIT_K > 1 splits K over
+    grid axis 1 into partial outputs (``s_cz`` apart) or fp32 atomics (ATOMIC).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mm = rm < M
+    mn = rn < N
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    if EPI == 2:
+        rr = tl.arange(0, R_PAD)
+        s_acc = tl.zeros((BM, R_PAD), dtype=ACC)
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_lo = pid_k * k_per
+    k_hi = tl.minimum(k_lo + k_per, K)
+    for k0 in range(k_lo, k_hi, BK):
+        kk = k0 + rk
+        mk = kk < k_hi
+        a = _ld(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak, mm[:, None] & mk[None, :], UPCAST)
+        b = _ld(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mk[:, None] & mn[None, :], UPCAST)
+        acc = _mma(a, b, acc, IEEE)
+        if EPI == 2:
+            g = _ld(g_ptr + kk[:, None] * s_gk + rr[None, :] * s_gr, mk[:, None] & (rr[None, :] < R), UPCAST)
+            s_acc = _mma(a, g, s_acc, IEEE)
+
+    if EPI == 2:
+        if pid_n == 0:
+            tl.store(s_ptr + rm[:, None] * s_sm + rr[None, :] * s_sr,
+                     s_acc.to(s_ptr.dtype.element_ty), mask=mm[:, None] & (rr[None, :] < R))
+        sc = tl.load(escale_ptr + rr, mask=rr < R, other=0.0).to(ACC)
+        s_q = (s_acc * sc[None, :]).to(f_ptr.dtype.element_ty)  # round S once, as the dot input
+        if UPCAST:
+            s_q = s_q.to(tl.float32)
+        f = _ld(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, (rr[:, None] < R) & mn[None, :], UPCAST)
+        acc = _mma(s_q, f, acc, IEEE)
+    if EPI == 1:
+        for r0 in range(0, R, RB):
+            rr1 = r0 + tl.arange(0, RB)
+            mr = rr1 < R
+            e = _ld(e_ptr + rm[:, None] * s_em + rr1[None, :] * s_er, mm[:, None] & mr[None, :], UPCAST)
+            if ESCALE:
+                sc1 = tl.load(escale_ptr + rr1, mask=mr, other=0.0)
+                e = (e.to(ACC) * sc1[None, :].to(ACC)).to(f_ptr.dtype.element_ty)
+                if UPCAST:
+                    e = e.to(tl.float32)
+            f = _ld(f_ptr + rr1[:, None] * s_fr + rn[None, :] * s_fn, mr[:, None] & mn[None, :], UPCAST)
+            acc = _mma(e, f, acc, IEEE)
+    if CSCALE:
+        acc = acc * tl.load(cscale_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]
+    c_ptrs = c_ptr + pid_k * s_cz + rm[:, None] * s_cm + rn[None, :] * s_cn
+    if ATOMIC:
+        tl.atomic_add(c_ptrs, acc, mask=mm[:, None] & mn[None, :])
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit(do_not_specialize=["NEED_DB"])
+def _ds_db_kernel(
+    dy_ptr, bc_ptr, s_ptr, rscale_ptr, ds_ptr, db_ptr,
+    M, N, R, LO, RT, NEED_DB,
+    s_dym, s_dyn, s_bn, s_br, s_sm, s_sr, s_dsm, s_dsr, s_dbn, s_dbr,
+    R_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """One read of dY per M-tile: ``dS = (dY·B_cat)·diag(rscale)`` for all R columns and
+    ``dB[:, LO:LO+RT] += dYᵀ·(S·diag(rscale))[:, LO:LO+RT]`` (fp32 atomics)."""
+    pid_m = tl.program_id(0)
+    rm = pid_m * BM + tl.arange(0, BM)
+    mm = rm < M
+    rr = tl.arange(0, R_PAD)
+    mr = rr < R
+    ds = tl.zeros((BM, R_PAD), dtype=ACC)
+    rt = tl.arange(0, R_PAD)
+    mt = (rt < RT) & (NEED_DB != 0)
+    st = _ld(s_ptr + rm[:, None] * s_sm + (LO + rt)[None, :] * s_sr, mm[:, None] & mt[None, :], UPCAST)
+    sct = tl.load(rscale_ptr + LO + rt, mask=mt, other=0.0).to(ACC)
+    st = (st.to(ACC) * sct[None, :]).to(s_ptr.dtype.element_ty)
+    if UPCAST:
+        st = st.to(tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        mn = rn < N
+        dy = _ld(dy_ptr + rm[:, None] * s_dym + rn[None, :] * s_dyn, mm[:, None] & mn[None, :], UPCAST)
+        bt = _ld(bc_ptr + rn[:, None] * s_bn + rr[None, :] * s_br, mn[:, None] & mr[None, :], UPCAST)
+        ds = _mma(dy, bt, ds, IEEE)
+        if NEED_DB:
+            part = _mma(tl.trans(dy), st, tl.zeros((BN, R_PAD), dtype=ACC), IEEE)
+            tl.atomic_add(db_ptr + rn[:, None] * s_dbn + rt[None, :] * s_dbr, part, mask=mn[:, None] & mt[None, :])
+    sc = tl.load(rscale_ptr + rr, mask=mr, other=0.0).to(ACC)
+    ds = ds * sc[None, :]
+    tl.store(ds_ptr + rm[:, None] * s_dsm + rr[None, :] * s_dsr, ds.to(ds_ptr.dtype.element_ty),
+             mask=mm[:, None] & mr[None, :])
+
+
+gemm_main = triton.autotune(configs=MAIN_CONFIGS, key=["M", "N", "K", "R"])(_gemm_kernel)
+ds_db_tuned = triton.autotune(configs=DSDB_CONFIGS, key=["M", "N", "R"], reset_to_zero=["db_ptr"])(_ds_db_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"lora_group_linear supports float16/bfloat16/float32/float64 inputs, got {dtype}; cast x first")
+    return {
+        "UPCAST": INTERPRET and dtype == torch.bfloat16,
+        "IEEE": dtype in (torch.float32, torch.float64),
+        "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
+    }
+
+
+def deterministic() -> bool:
+    return os.environ.get("RIL_FAST_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+def forward_mode(d_out: int, r: int) -> int:
+    """2 = F1 (shrink in the GEMM's K-loop), 1 = F2 (split). ``RIL_FAST_LORA_FWD=fused|split`` overrides."""
+    force = os.environ.get("RIL_FAST_LORA_FWD", "auto")
+    if force not in ("auto", "fused", "split"):
+        raise ValueError(f"RIL_FAST_LORA_FWD={force!r} is not one of auto|fused|split; unset it or pick one")
+    if r > MAX_FUSED_R or force == "split":
+        return 1
+    if force == "fused":
+        return 2
+    # recomputing the shrink per N-tile costs R/BN extra MMA work: cheap on narrow layers only
+    return 2 if (_pow2(r) <= 16 or d_out <= 640) else 1
+
+
+def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s=None, cscale=None,
+          epi=1, r=0, split_k=1, atomic=False, blocks=None, sa=None, sb=None, sc=None, se=None, sf=None, sg=None):
+    """Launch ``_gemm_kernel``; ``sa``.. are (row, col) strides of the logical operands."""
+    dummy = c
+    fl = _flags(a.dtype)
+    args = (a, b, c, bias if bias is not None else dummy, g if g is not None else dummy,
+            e if e is not None else dummy, f if f is not None else dummy,
+            escale if escale is not None else dummy, s if s is not None else dummy,
+            cscale if cscale is not None else dummy, M, N, K, r, split_k,
+            int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None), int(atomic),
+            *(sa or a.stride()), *(sb or b.stride()), *(sc or (c.stride() if c.dim() == 3 else (0, *c.stride()))), *(sg or (0, 0)),
+            *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)))
+    r_pad = _pow2(r)
+    # R_PAD only shapes EPI 2's register tile; EPI 1 walks R in RB-wide chunks
+    meta = dict(EPI=epi, R_PAD=r_pad if epi == 2 else 16, RB=RB, **fl)
+    if blocks is None:
+        grid = lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]), split_k)  # noqa: E731
+        gemm_main[grid](*args, **meta)
+    else:
+        bm, bn, bk, warps = blocks
+        _gemm_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)](
+            *args, **meta, BM=bm, BN=bn, BK=bk, GROUP_M=1, num_warps=warps, num_stages=1 if INTERPRET else 3)
+
+
+# Split-K reductions over M (dA, deterministic dB): rows/cols below 64 are masked (tiny dots).
+REDUCE_BLOCKS = (64, 64, 64, 4)
+
+
+def _split_for(M: int, tiles: int) -> int:
+    if INTERPRET:
+        return 1 if M <= 128 else 2
+    return max(1, min(64, triton.cdiv(264, max(tiles, 1)), triton.cdiv(M, 256)))
+
+
+@torch.library.custom_op("ril_fast::lora_group_fwd", mutates_args=())
+def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a_cat: torch.Tensor,
+             b_cat: torch.Tensor, rscale: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, d_in) -> (y (M, d_out), S = x·A_catᵀ (M, R)). mode 2 = F1 fused, 1 = F2 split."""
+    M, K = x.shape
+    N, R = weight.shape[0], a_cat.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    s = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    if mode == 1:  # F2: S = X·A_catᵀ, then the base GEMM with S·B_catᵀ in the epilogue
+        _gemm(x, a_cat, s, M=M, N=R, K=K, sb=(a_cat.stride(1), a_cat.stride(0)))
+        _gemm(x, weight, y, M=M, N=N, K=K, bias=bias, e=s, f=b_cat, escale=rscale, epi=1, r=R,
+              sb=(weight.stride(1), weight.stride(0)), se=s.stride(), sf=(b_cat.stride(1), b_cat.stride(0)))
+    else:
+        _gemm(x, weight, y, M=M, N=N, K=K, bias=bias, g=a_cat, f=b_cat, escale=rscale, s=s, epi=2, r=R,
+              sb=(weight.stride(1), weight.stride(0)), sg=(a_cat.stride(1), a_cat.stride(0)),
+              sf=(b_cat.stride(1), b_cat.stride(0)))
+    return y, s
+
+
+@lora_fwd.register_fake
+def _(x, weight, bias, a_cat, b_cat, rscale, mode):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a_cat.shape[0])
+
+
+@torch.library.custom_op("ril_fast::lora_group_bwd_ds_db", mutates_args=())
+def lora_bwd_ds_db(dy: torch.Tensor, b_cat: torch.Tensor, s: torch.Tensor, rscale: torch.Tensor, lo: int, hi: int,
+                   deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = (dY·B_cat)·diag(rscale) (M, R) in dY's dtype; dB of columns [lo, hi) in fp32 (d_out, hi-lo)."""
+    M, N = dy.shape
+    R, rt = b_cat.shape[1], hi - lo
+    ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
+    db = torch.zeros(N, rt, device=dy.device, dtype=torch.float32)
+    fused_db = rt > 0 and not deterministic
+    if _pow2(R) <= MAX_DSDB_R:
+        ds_db_tuned[lambda m: (triton.cdiv(M, m["BM"]),)](
+            dy, b_cat, s, rscale, ds, db, M, N, R, lo, rt, int(fused_db), *dy.stride(), *b_cat.stride(), *s.stride(),
+            *ds.stride(), *db.stride(), R_PAD=_pow2(R), **_flags(dy.dtype))
+    else:  # wide stacks: dS as a plain GEMM with the rank scale in the epilogue
+        _gemm(dy, b_cat, ds, M=M, N=R, K=N, cscale=rscale)
+        fused_db = False
+    if rt > 0 and not fused_db:  # dB = dYᵀ·(S·diag(rscale)) as a split-K reduction over M, ordered sum
+        blocks = REDUCE_BLOCKS
+        split = _split_for(M, triton.cdiv(N, blocks[0]) * triton.cdiv(rt, blocks[1]))
+        part = torch.empty(split, N, rt, device=dy.device, dtype=torch.float32)
+        s_t = s[:, lo:hi]
+        _gemm(dy, s_t, part, M=N, N=rt, K=M, cscale=rscale[lo:hi], split_k=split, blocks=blocks,
+              sa=(dy.stride(1), dy.stride(0)), sb=s_t.stride())
+        db = part.sum(0)
+    return ds, db
+
+
+@lora_bwd_ds_db.register_fake
+def _(dy, b_cat, s, rscale, lo, hi, deterministic):
+    return dy.new_empty(dy.shape[0], b_cat.shape[1]), dy.new_empty(dy.shape[1], hi - lo, dtype=torch.float32)
+
+
+@torch.library.custom_op("ril_fast::lora_group_bwd_dx", mutates_args=())
+def lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
+    """dX = dY·W + dS·A_cat (M, d_in); the LoRA term is the GEMM's epilogue."""
+    M, N = dy.shape
+    K, R = weight.shape[1], a_cat.shape[0]
+    dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
+    _gemm(dy, weight, dx, M=M, N=K, K=N, e=ds, f=a_cat, epi=1, r=R, se=ds.stride(), sf=a_cat.stride())
+    return dx
+
+
+@lora_bwd_dx.register_fake
+def _(dy, weight, ds, a_cat):
+    return dy.new_empty(dy.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("ril_fast::lora_group_bwd_da", mutates_args=())
+def lora_bwd_da(ds: torch.Tensor, x: torch.Tensor, lo: int, hi: int, deterministic: bool) -> torch.Tensor:
+    """dA of rank rows [lo, hi): dS[:, lo:hi]ᵀ·X (hi-lo, d_in) in fp32, split-K over M."""
+    M, K = x.shape
+    rt = hi - lo
+    blocks = REDUCE_BLOCKS
+    split = _split_for(M, triton.cdiv(rt, blocks[0]) * triton.cdiv(K, blocks[1]))
+    ds_t = ds[:, lo:hi]
+    if deterministic or split == 1:
+        part = torch.empty(split, rt, K, device=x.device, dtype=torch.float32)
+        _gemm(ds_t, x, part, M=rt, N=K, K=M, split_k=split, blocks=blocks, sa=(ds_t.stride(1), ds_t.stride(0)))
+        return part.sum(0) if split > 1 else part[0]
+    da = torch.zeros(rt, K, device=x.device, dtype=torch.float32)
+    _gemm(ds_t, x, da, M=rt, N=K, K=M, split_k=split, atomic=True, blocks=blocks,
+          sa=(ds_t.stride(1), ds_t.stride(0)), sc=(0, *da.stride()))
+    return da
+
+
+@lora_bwd_da.register_fake
+def _(ds, x, lo, hi, deterministic):
+    return x.new_empty(hi - lo, x.shape[1], dtype=torch.float32)
+
+
+class _LoraGroupFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, rscale, ranks, *ab):
+        k = len(ranks)
+        a_list, b_list = ab[:k], ab[k:]
+        d_in, d_out, dt = x.shape[-1], weight.shape[0], x.dtype
+        x2 = x.reshape(-1, d_in)
+        a_cat = a_list[0].to(dt) if k == 1 else torch.cat([a.to(dt) for a in a_list])
+        b_cat = b_list[0].to(dt) if k == 1 else torch.cat([b.to(dt) for b in b_list], dim=1)
+        y, s = lora_fwd(x2, weight.to(dt), None if bias is None else bias.to(dt), a_cat, b_cat, rscale,
+                        forward_mode(d_out, a_cat.shape[0]))
+        ctx.save_for_backward(x2, weight, a_cat, b_cat, s, rscale)
+        ctx.ranks, ctx.x_shape = ranks, x.shape
+        ctx.dtypes = [t.dtype for t in (weight, bias) if t is not None] + [t.dtype for t in ab]
+        return y.reshape(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, a_cat, b_cat, s, rscale = ctx.saved_tensors
+        ranks, k, need = ctx.ranks, len(ctx.ranks), ctx.needs_input_grad
+        offs = [sum(ranks[:i]) for i in range(k + 1)]
+        train = [i for i in range(k) if need[5 + i] or need[5 + k + i]]
+        lo, hi = (offs[min(train)], offs[max(train) + 1]) if train else (0, 0)
+        det = deterministic()
+        dy = gy.reshape(-1, gy.shape[-1]).to(x2.dtype).contiguous()
+        gx = gw = gb = None
+        grads_a, grads_b = [None] * k, [None] * k
+        if need[0] or train:
+            need_b = any(need[5 + k + i] for i in train)
+            ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
+            if need[0]:
+                gx = lora_bwd_dx(dy, weight.to(x2.dtype), ds, a_cat).reshape(ctx.x_shape)
+            da = lora_bwd_da(ds, x2, lo, hi, det) if any(need[5 + i] for i in train) else None
+            for i in train:
+                sl = slice(offs[i] - lo, offs[i + 1] - lo)
+                if need[5 + i]:
+                    grads_a[i] = da[sl].to(ctx.dtypes[-2 * k + i])
+                if need[5 + k + i]:
+                    grads_b[i] = db[:, sl].to(ctx.dtypes[-k + i])
+        if need[1]:  # W is frozen by contract; a trainable W still gets its exact gradient
+            gw = (dy.t().to(torch.float32) @ x2.to(torch.float32)).to(weight.dtype)
+        if need[2]:
+            gb = dy.to(torch.float32).sum(0).to(ctx.dtypes[1])
+        return (gx, gw, gb, None, None, *grads_a, *grads_b)
+
+
+_SCALE_CACHE: dict = {}
+
+
+def _rank_scale(ranks, scales, device) -> torch.Tensor:
+    """Per-rank scale vector, cached so steady-state calls do no host-to-device copy."""
+    key = (tuple(ranks), tuple(float(s) for s in scales), str(device))
+    t = _SCALE_CACHE.get(key)
+    if t is None:
+        t = torch.cat([torch.full((r,), float(s), dtype=torch.float32) for r, s in zip(ranks, scales)]).to(device)
+        _SCALE_CACHE[key] = t
+    return t
+
+
+def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scales: Sequence[float],
+                      backend: str = "triton") -> torch.Tensor:
+    """``y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ``; see :func:`ril_fast.kernels.lora_group_linear`."""
+    if backend == "cuda":
+        from ril_fast.kernels import cuda_lib
+
+        return cuda_lib.lora_group_linear(x, weight, bias, lora_a, lora_b, scales)
+    if backend != "triton":
+        raise ValueError(f"lora_group backend must be 'triton' or 'cuda', got {backend!r}; use the reference for 'torch'")
+    k = len(lora_a)
+    if k == 0 or len(lora_b) != k or len(scales) != k:
+        raise ValueError(f"need k >= 1 adapters with matching lists, got {k} A, {len(lora_b)} B, {len(scales)} scales")
+    d_out, d_in = weight.shape
+    for a, b in zip(lora_a, lora_b):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+            raise ValueError(f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit W {tuple(weight.shape)};"
+                             " A must be (r, d_in) and B (d_out, r)")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has last dim {x.shape[-1]} but W expects d_in={d_in}")
+    ranks = tuple(int(a.shape[0]) for a in lora_a)
+    rscale = _rank_scale(ranks, scales, x.device)
+    return _LoraGroupFn.apply(x, weight, bias, rscale, ranks, *lora_a, *lora_b)
+
+
+def gpu_launch_cases(dtype: str = "bf16") -> list:
+    """Every (kernel, pointer dtypes, constexprs, config) the GPU path may launch for one I/O dtype.
+
+    Used by the AOT compile gate (tests/test_kernels_compile_lora.py). Each item is
+    ``(jit_fn, ptr_types, constexprs, num_warps, num_stages)``; unnamed pointers take ``dtype``.
+    """
+    base = dict(UPCAST=False, IEEE=dtype == "fp32", ACC=tl.float32)
+    f32s = {"escale_ptr": "fp32", "cscale_ptr": "fp32"}
+    cases = []
+
+    def gemm(cfgs, ptrs, **meta):
+        for kw, warps, stages in cfgs:
+            m = dict(R_PAD=16, RB=RB, **base)
+            m.update(meta)
+            m.update(kw)
+            cases.append((_gemm_kernel, {**f32s, **ptrs}, m, warps, stages))
+
+    main = [(c.kwargs, c.num_warps, c.num_stages) for c in _GPU_MAIN]
+    gemm(main, {}, EPI=1)  # F2 shrink and main, dX, wide dS: runtime flags pick bias/scales, R = 0 skips LoRA
+    for r_pad in (16, 32, 64):
+        gemm(main, {}, EPI=2, R_PAD=r_pad)  # F1
+    bm, bn, bk, w = REDUCE_BLOCKS
+    gemm([({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 1}, w, 3)], {"c_ptr": "fp32"}, EPI=1)  # dA, dB partials
+    for c in _GPU_DSDB:
+        for r_pad in (16, 32, 64, 128):
+            m = dict(R_PAD=r_pad, **base, **c.kwargs)
+            cases.append((_ds_db_kernel, {"rscale_ptr": "fp32", "db_ptr": "fp32"}, m, c.num_warps, c.num_stages))
+    return cases

@@ -1,0 +1,96 @@
+"""One training batch: the only place the loss ``L = −α·mean(r_t) + λ·L_distill`` is built.
+
+Data flow (DESIGN.md §4): prompts -> cached text embeddings -> noise -> sampler (no-grad
+prefix, K-step grad window) -> [last step: student + teacher] -> x0 -> VAE decode -> reward ->
+loss. Backward, the optimizer step and the EMA update follow in ``ril_fast.engine`` / ``train.py``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from ril_fast.methods import distill as distill_losses
+from ril_fast.models.text import Conditioning
+from ril_fast.sampling import ddim_sample, decode, draw_window
+
+
+def step_seed(seed: int, task: int, step: int, salt: str = "train") -> int:
+    """A seed that depends only on (run seed, task, step): resuming needs no RNG replay."""
+    return zlib.crc32(f"{salt}:{seed}:{task}:{step}".encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class Batch:
+    prompts: list[str]
+    cond: Conditioning
+    uncond: Conditioning | None
+    z_T: torch.Tensor  # (B, C, h, w)
+    window: int  # K for this batch
+    seed: int  # seeds the sampler's own noise (eta > 0) and the teacher's chain
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    reward: torch.Tensor  # (B,) detached
+    distill: torch.Tensor | None  # scalar, detached
+    images: torch.Tensor  # (B, 3, H, W) detached
+
+
+def latent_shape(models, cfg, batch_size: int) -> tuple[int, int, int, int]:
+    height = cfg.sampling.height or models.sample_size
+    width = cfg.sampling.width or models.sample_size
+    f = models.vae_scale_factor
+    return (batch_size, models.latent_channels, height // f, width // f)
+
+
+def unconditional(cfg, prompt_cache, batch: int):
+    """CFG's unconditional branch: the negative prompt, or the pipeline's own empty-prompt convention."""
+    if cfg.sampling.guidance_scale == 1.0:
+        return None
+    if cfg.sampling.negative_prompt:
+        return prompt_cache.get([cfg.sampling.negative_prompt] * batch)
+    return prompt_cache.uncond(batch)
+
+
+def make_batch(models, cfg, prompt_cache, prompts: list[str], task: int, step: int, device) -> Batch:
+    """Draw the prompts, noise and K of one batch, all from ``step_seed(seed, task, step)``."""
+    seed = step_seed(cfg.seed, task, step)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(prompts), (cfg.train.batch_size,), generator=gen).tolist()
+    chosen = [prompts[i] for i in idx]
+    z_T = torch.randn(latent_shape(models, cfg, len(chosen)), generator=gen).to(device)
+    window = draw_window(cfg.sampling.grad_window, cfg.sampling.grad_window_max, gen)
+    cond = prompt_cache.get(chosen)
+    uncond = unconditional(cfg, prompt_cache, len(chosen))
+    return Batch(chosen, cond, uncond, z_T, window, seed)
+
+
+def compute_loss(models, layers, reward_fn, batch: Batch, cfg, use_distill: bool) -> StepOutput:
+    """Sample with gradients in the window, decode, score, and (optionally) distill from the teacher."""
+    s = cfg.sampling
+    gen = torch.Generator(batch.z_T.device).manual_seed(batch.seed) if s.eta > 0 else None
+    full = use_distill and cfg.method.distill_mode == "full"
+    sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=s.steps, guidance_scale=s.guidance_scale,
+                         eta=s.eta, window=batch.window, use_checkpoint=s.checkpoint_unet, generator=gen,
+                         record_window=full)
+    decode_kwargs = dict(use_checkpoint=cfg.memory.vae_checkpoint, slice_batch=cfg.memory.vae_slice)
+    images = decode(models, sample.latents, **decode_kwargs)
+    reward = reward_fn(images, batch.prompts).float()
+    loss = -cfg.method.reward_weight * reward.mean()
+    distill = None
+    if use_distill:
+        if full:
+            distill = distill_losses.full_chain_loss(
+                models, layers, sample, batch.z_T, batch.cond, batch.uncond, steps=s.steps,
+                guidance_scale=s.guidance_scale, eta=s.eta, generator_seed=batch.seed if s.eta > 0 else None)
+        else:
+            distill = distill_losses.last_step_loss(models, layers, sample, batch.cond, batch.uncond,
+                                                    s.guidance_scale, cfg.method.distill_target,
+                                                    student_images=images, decode_kwargs=decode_kwargs)
+        loss = loss + cfg.method.distill_weight * distill
+    return StepOutput(loss=loss, reward=reward.detach(), distill=None if distill is None else distill.detach(),
+                      images=images.detach())

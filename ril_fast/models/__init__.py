@@ -1,0 +1,29 @@
+"""Model loading (SD1.5 / SDXL / the embedded tiny model), text conditioning, and tiny test models."""
+
+from ril_fast.models.sd import Models, check_model_path, load_models
+from ril_fast.models.text import (
+    KEEP_TEXT_ENCODERS,
+    Conditioning,
+    PromptCache,
+    cat_conditionings,
+    encode_prompts,
+    free_text_encoders,
+    unet_forward,
+)
+from ril_fast.models.tiny import build_tiny_pipeline, save_tiny_pipeline, tiny_tokenizer
+
+__all__ = [
+    "KEEP_TEXT_ENCODERS",
+    "Conditioning",
+    "Models",
+    "PromptCache",
+    "build_tiny_pipeline",
+    "cat_conditionings",
+    "check_model_path",
+    "encode_prompts",
+    "free_text_encoders",
+    "load_models",
+    "save_tiny_pipeline",
+    "tiny_tokenizer",
+    "unet_forward",
+]

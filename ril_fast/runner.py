@@ -1,0 +1,387 @@
+"""The task loop: build the run, then for each task: begin -> train -> evaluate -> export -> checkpoint.
+
+State machine saved in every checkpoint (``meta.json``): ``task`` (0-based) and ``phase``:
+``train`` (``step`` optimizer steps of that task done), ``trained`` (training done, evaluation
+pending) or ``done`` (evaluated and exported). Row 0 (the base model) is evaluated first and
+stored as task -1 / ``done``. All randomness of a training step comes from
+``step_seed(seed, task, step)``, so a resumed run replays the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ril_fast import checkpoint as ckpt
+from ril_fast import engine as eng
+from ril_fast import lora, report, rewards
+from ril_fast.config import Config, ConfigError, read_prompts
+from ril_fast.evaluate import evaluate_all_tasks, structure_drift
+from ril_fast.evaluate_metrics import forgetting
+from ril_fast.methods.objective import compute_loss, latent_shape, make_batch, step_seed
+from ril_fast.metrics_log import MetricsLog
+
+_log = logging.getLogger("ril_fast")
+
+# Keys whose change between a saved run and the current config does not change what was trained.
+_RESUME_NEUTRAL = {"overwrite", "deepspeed", "memory", "eval", "train.log_every", "train.checkpoint_every",
+                   "train.keep_checkpoints", "model.device"}
+
+
+class FatalRunError(RuntimeError):
+    """A run that cannot go on (too many non-finite steps, corrupt checkpoints); checkpoints stay intact."""
+
+
+def _diff_keys(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix]
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that need no model: output dir writable with space, and not holding another config's run."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError([f"output_dir: {cfg.output_dir!r} is not writable ({exc.strerror})"]) from None
+    free_mib = shutil.disk_usage(out).free / 2**20
+    if free_mib < 64:
+        raise ConfigError([f"output_dir: only {free_mib:.0f} MiB free on {cfg.output_dir!r}; need at least 64 MiB"])
+    saved = out / "config.json"
+    if saved.is_file():
+        try:
+            old = json.loads(saved.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        changed = [k for k in _diff_keys(old, cfg.to_dict())
+                   if not any(k == n or k.startswith(n + ".") for n in _RESUME_NEUTRAL)]
+        if changed and not cfg.overwrite:
+            raise ConfigError([f"output_dir: {cfg.output_dir!r} holds a run of a different config (changed: "
+                               f"{', '.join(changed[:5])}); use another output_dir or --set overwrite=true"])
+        if changed:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            for name in ("metrics.jsonl", "results.json"):
+                (out / name).unlink(missing_ok=True)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    device: torch.device
+    models: object
+    layers: list
+    prompt_cache: object
+    rewards: list
+    train_prompts: list[list[str]]
+    eval_prompts: list[list[str]]
+    log: MetricsLog
+    is_main: bool
+    results: dict = field(default_factory=dict)
+    base_images: dict = field(default_factory=dict)
+    seq: int = 0  # checkpoint sequence number
+    adherence_fn: object = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    def shape(self, n: int):
+        return latent_shape(self.models, self.cfg, n)
+
+
+def _adherence_fn(cfg, models):
+    if not cfg.eval.adherence or not (Path(models.path) / "classifier").is_dir():
+        return None
+    try:
+        from ril_fast.rewards.adherence import adherence_accuracy
+    except ImportError:
+        return None
+    return lambda images, prompts: adherence_accuracy(images, prompts, classifier_path=Path(models.path) / "classifier")
+
+
+def build_run(cfg: Config) -> Run:
+    from ril_fast.models import load_models
+    from ril_fast.models.text import PromptCache, free_text_encoders
+
+    torch.manual_seed(cfg.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = eng.pick_device(cfg)
+    models = load_models(cfg.model.path, dtype=eng.DTYPES[cfg.model.dtype], device=device)
+    if cfg.memory.attention == "xformers":
+        if device.type != "cuda":
+            raise ConfigError(["memory.attention: xformers needs a CUDA device; use 'sdpa' on CPU"])
+        models.unet.enable_xformers_memory_efficient_attention()
+    if cfg.memory.unet_block_checkpoint:
+        models.unet.enable_gradient_checkpointing()
+    layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    height = cfg.sampling.height or models.sample_size
+    width = cfg.sampling.width or models.sample_size
+    cache = PromptCache(models, device=device, height=height, width=width)
+    train_prompts = [read_prompts(t.train_prompts, f"tasks.{i}.train_prompts") for i, t in enumerate(cfg.tasks)]
+    eval_prompts = [read_prompts(t.eval_prompts, f"tasks.{i}.eval_prompts") for i, t in enumerate(cfg.tasks)]
+    # Text encoders run once per unique prompt; afterwards they are moved off the device or freed.
+    unique = sorted({p for ps in train_prompts + eval_prompts for p in ps} | {cfg.sampling.negative_prompt})
+    cache.warm(unique)
+    free_text_encoders(models, cfg.memory.text_encoders)
+    reward_fns = [rewards.build(t.reward, **t.reward_options) for t in cfg.tasks]
+    is_main = eng.rank() == 0
+    return Run(cfg=cfg, device=device, models=models, layers=layers, prompt_cache=cache, rewards=reward_fns,
+               train_prompts=train_prompts, eval_prompts=eval_prompts, log=MetricsLog(cfg.output_dir, is_main),
+               is_main=is_main, adherence_fn=_adherence_fn(cfg, models))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters per task
+
+
+def adapters_for_task(cfg: Config, task: int) -> int:
+    """How many adapter pairs exist while training task ``task`` (0-based)."""
+    return task + 1 if cfg.method.adapter_per_task else 1
+
+
+def ensure_adapters(run: Run, n: int) -> None:
+    have = run.layers[0].num_tasks if run.layers else 0
+    for i in range(have, n):
+        lora.add_task(run.layers, run.cfg.lora.rank, run.cfg.lora.alpha, seed=step_seed(run.cfg.seed, i, 0, "adapter"),
+                      init=run.cfg.lora.init)
+
+
+def begin_task(run: Run, task: int) -> None:
+    """New pair (A random, B = 0) for group methods; the EMA teacher starts as the current model."""
+    ensure_adapters(run, adapters_for_task(run.cfg, task))
+    lora.reset_ema(run.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save(run: Run, task: int, phase: str, step: int, engine=None) -> None:
+    run.seq += 1
+    meta = {"task": task, "phase": phase, "step": step, "results": run.results, "config": run.cfg.to_dict(),
+            "metrics_lines": run.log.lines()}
+    if run.is_main:
+        state = lora.group_state_dict(run.layers) or {"_empty": torch.zeros(1)}
+        ckpt.save_checkpoint(run.out, run.seq, state, meta, engine.optimizer_state() if engine else None,
+                             keep=run.cfg.train.keep_checkpoints)
+    if engine is not None:
+        engine.barrier()
+
+
+def resume(run: Run):
+    """Restore from the newest good checkpoint. Returns (task, phase, step, optimizer state) or None."""
+    try:
+        loaded = ckpt.load_latest(run.out, rank=eng.rank())
+    except ckpt.CheckpointError as exc:
+        raise FatalRunError(f"cannot resume from {run.out}: {exc}") from None
+    if loaded is None:
+        return None
+    meta, state, optim, rng = loaded
+    task, phase = meta["task"], meta["phase"]
+    if task >= 0:
+        ensure_adapters(run, adapters_for_task(run.cfg, task))
+        lora.load_group_state_dict(run.layers, state)
+    if rng is not None:
+        ckpt.restore_rng(rng)
+    run.results = meta["results"]
+    run.seq = meta["seq"]
+    run.log.truncate(meta["metrics_lines"])
+    base = run.out / "eval" / "base_images.safetensors"
+    if base.is_file():
+        from safetensors.torch import load_file
+
+        run.base_images = load_file(base)
+    _log.warning("resuming from checkpoint %d: task %d, phase %s, step %d", run.seq, task, phase, meta["step"])
+    return task, phase, meta["step"], optim
+
+
+# ---------------------------------------------------------------------------------------------
+# Train and evaluate
+
+
+def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | None) -> None:
+    cfg, tcfg = run.cfg, run.cfg.tasks[task]
+    params = lora.trainable_parameters(run.layers)
+    engine = eng.Engine(run.models.unet, params, cfg, lr=tcfg.lr or cfg.train.lr)
+    if optimizer_state is not None:
+        engine.load_optimizer_state(optimizer_state)
+    use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
+    bad = 0
+    bar = tqdm(range(start_step, tcfg.steps), desc=f"task {task + 1}/{len(cfg.tasks)} {tcfg.name}",
+               disable=not run.is_main, initial=start_step, total=tcfg.steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        rewards_, distills, finite = [], [], True
+        for micro in range(cfg.train.grad_accum):
+            batch = make_batch(run.models, cfg, run.prompt_cache, run.train_prompts[task], task,
+                               (step * cfg.train.grad_accum + micro) * eng.world_size() + eng.rank(), run.device)
+            out = compute_loss(run.models, run.layers, run.rewards[task], batch, cfg, use_distill)
+            if not engine.loss_is_finite(out.loss):
+                finite = False
+                break
+            engine.backward(out.loss)
+            rewards_.append(out.reward.mean())
+            if out.distill is not None:
+                distills.append(out.distill)
+        grad_norm, stepped = engine.step() if finite else (None, False)
+        if not finite:
+            engine.zero_grad()
+        if stepped and finite:
+            bad = 0
+            if cfg.method.distill:
+                lora.ema_update(run.layers, cfg.method.ema_decay)
+        else:
+            bad += 1
+            _log.warning("task %d step %d: non-finite loss or gradient, step skipped (%d in a row)", task, step, bad)
+        record = {"kind": "train", "task": task, "step": step + 1, "skipped": not (stepped and finite),
+                  "bad_in_a_row": bad, "step_seconds": time.perf_counter() - t0,
+                  "global_step": sum(t.steps for t in cfg.tasks[:task]) + step + 1}
+        if rewards_:  # host sync at the log point only
+            record["reward"] = float(torch.stack(rewards_).mean())
+        if distills:
+            record["distill"] = float(torch.stack(distills).mean())
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if (step + 1) % cfg.train.log_every == 0 or record["skipped"]:
+            run.log.write(record, tb_step=record["global_step"])
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("reward", "distill") if k in record})
+        if bad >= cfg.train.max_bad_steps:
+            raise FatalRunError(f"{bad} non-finite steps in a row in task {task + 1} ({tcfg.name}) at step {step + 1};"
+                                " stopping. The last good checkpoint is intact; lower train.lr or check the reward")
+        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < tcfg.steps:
+            save(run, task, "train", step + 1, engine)
+    bar.close()
+    save(run, task, "trained", tcfg.steps)
+
+
+def evaluate_row(run: Run, row: int) -> None:
+    """Evaluate every task with the current model; row 0 is the base model."""
+    cfg = run.cfg
+    n_images = sum(len(p) for p in run.eval_prompts) * len(cfg.eval.seeds)
+    with tqdm(total=n_images, desc=f"eval row {row}", disable=not run.is_main) as bar:
+        result = evaluate_all_tasks(run.models, cfg, run.prompt_cache, run.eval_prompts, run.rewards, run.device,
+                                    run.shape, adherence_fn=run.adherence_fn, progress=bar)
+    res = run.results
+    res.setdefault("tasks", [t.name for t in cfg.tasks])
+    res.setdefault("reward_matrix", []).append(result.rewards)
+    if row == 0:
+        run.base_images = {k: v.clone() for k, v in result.images.items()}
+        if run.is_main:
+            (run.out / "eval").mkdir(parents=True, exist_ok=True)
+            ckpt.save_tensors_atomic(run.out / "eval" / "base_images.safetensors", run.base_images)
+    res.setdefault("structure_drift", []).append(structure_drift(result.images, run.base_images))
+    if result.adherence is not None:
+        res.setdefault("prompt_adherence", []).append(result.adherence)
+    if run.is_main:
+        label = "base" if row == 0 else f"after_task_{row:02d}"
+        images = torch.cat(list(result.images.values()))
+        captions = [p for ps in result.prompts.values() for p in ps]
+        report.save_image_grid(images, run.out / "grids" / f"{label}.png", nrow=len(cfg.eval.seeds) * 2,
+                               captions=captions)
+        run.log.write({"kind": "eval", "row": row, **{f"reward/{t.name}": r for t, r in zip(cfg.tasks, result.rewards)},
+                       "structure_drift": res["structure_drift"][-1]}, tb_step=row)
+
+
+def write_results(run: Run, wall: float) -> dict:
+    res = dict(run.results)
+    rows = len(res["reward_matrix"])  # mid-run: rows 0..t over the t tasks trained so far
+    res["forgetting"] = forgetting([r[: rows - 1] for r in res["reward_matrix"]]) if rows > 1 else None
+    res["wall_seconds"] = wall
+    res["method"] = run.cfg.method.name
+    res["config"] = run.cfg.to_dict()
+    if run.is_main:
+        report.write_json_atomic(run.out / "results.json", res)
+    return res
+
+
+def run_all(cfg: Config) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    t_start = time.time()
+    run = build_run(cfg)
+    if run.is_main:
+        report.write_json_atomic(run.out / "config.json", cfg.to_dict())
+    resumed = resume(run)
+    print_header(run)
+    wall_before = run.results.get("wall_seconds_so_far", 0.0)
+    if resumed is None:
+        evaluate_row(run, 0)
+        save(run, -1, "done", 0)
+        task, phase, step, optim = 0, "start", 0, None
+    else:
+        task, phase, step, optim = resumed
+        if phase == "done":
+            task, phase, step, optim = task + 1, "start", 0, None
+    n = len(cfg.tasks)
+    while task < n:
+        if phase == "start":
+            begin_task(run, task)
+        if phase in ("start", "train"):
+            train_task(run, task, step, optim)
+        evaluate_row(run, task + 1)
+        if run.is_main:
+            lora.export_task_adapter(run.models.unet, run.layers, adapters_for_task(cfg, task) if cfg.method.adapter_per_task
+                                     else 1, run.out / "adapters" / f"task_{task + 1:02d}")
+            write_results(run, wall_before + time.time() - t_start)
+            report.plot_reward_curves([m for m in _read_metrics(run) if m.get("kind") == "train"],
+                                      run.out / "plots" / "reward_curves.png", keys=["reward", "distill"])
+        run.results["wall_seconds_so_far"] = wall_before + time.time() - t_start
+        save(run, task, "done", cfg.tasks[task].steps)
+        task, phase, step, optim = task + 1, "start", 0, None
+    res = write_results(run, wall_before + time.time() - t_start)
+    if run.is_main:
+        report.plot_reward_heatmap(res["reward_matrix"], res["tasks"], run.out / "plots" / "reward_matrix.png")
+        print(report.results_table_markdown(table_view(res)))
+    run.log.close()
+    return res
+
+
+def table_view(res: dict) -> dict:
+    """The results in the shape ``report.results_table_markdown`` takes."""
+    return {"title": f"method {res['method']}", "task_names": res["tasks"], "reward_matrix": res["reward_matrix"],
+            "forgetting": res["forgetting"], "drift": {"SSIM to base": res["structure_drift"]},
+            "wall_time_s": res["wall_seconds"]}
+
+
+def _read_metrics(run: Run) -> list[dict]:
+    from ril_fast.metrics_log import read_metrics
+
+    return read_metrics(run.out)
+
+
+def print_header(run: Run) -> None:
+    if not run.is_main:
+        return
+    cfg = run.cfg
+    from ril_fast.kernels import select_backend
+
+    trainable = sum(cfg.lora.rank * (layer.in_features + layer.out_features) for layer in run.layers)
+    frozen = sum(p.numel() for p in run.models.unet.parameters() if not p.requires_grad)
+    lines = [
+        "***** ril_fast *****",
+        f"  model: {cfg.model.path} ({run.models.kind}, base {cfg.model.dtype}) on {run.device}",
+        f"  method: {cfg.method.name} (adapter per task: {cfg.method.adapter_per_task}, distill: {cfg.method.distill}"
+        f" {cfg.method.distill_mode}/{cfg.method.distill_target}, ema {cfg.method.ema_decay})",
+        f"  tasks: {' -> '.join(f'{t.name}[{t.reward}]x{t.steps}' for t in cfg.tasks)}",
+        f"  batch: {cfg.train.batch_size} per rank x {eng.world_size()} ranks x {cfg.train.grad_accum} accumulation",
+        f"  sampling: {cfg.sampling.steps} DDIM steps, CFG {cfg.sampling.guidance_scale}, K = {cfg.sampling.grad_window}"
+        + (f"..{cfg.sampling.grad_window_max}" if cfg.sampling.grad_window_max else ""),
+        f"  LoRA: rank {cfg.lora.rank} on {len(run.layers)} layers; {trainable:,} trainable per task / {frozen:,} frozen",
+        f"  engine: {'deepspeed zero' + str(cfg.deepspeed.zero_stage) if eng.use_deepspeed(cfg) else 'plain'},"
+        f" optimizer {cfg.train.optimizer}; kernels: {select_backend('lora_group_linear', run.device)}",
+    ]
+    print("\n".join(lines), flush=True)

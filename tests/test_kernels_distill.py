@@ -1,0 +1,218 @@
+"""Fused distillation MSE (Triton, and the CUDA library when built) against diffusers' DDIM math.
+
+The oracle is independent of ril_fast: ``DDIMScheduler.step(...).pred_original_sample`` with the
+scheduler's own ``alphas_cumprod``, then ``F.mse_loss`` and torch autograd. On CPU the Triton
+kernels run in the interpreter (conftest sets TRITON_INTERPRET=1); on a GPU machine the same tests
+run on CUDA tensors, for the 'cuda' backend too when the library is built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from diffusers import DDIMScheduler
+except ImportError:  # the GPU image ships without diffusers; see _InlineDDIM
+    DDIMScheduler = None
+
+import ril_fast.kernels as K
+from ril_fast.kernels import distill as D
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PREDS = ("epsilon", "v_prediction", "sample")
+# (dtype, rtol on the loss, rtol on the gradient): the oracle works in fp32 on the same low-precision
+# inputs, so the loss is near exact; the gradient is rounded once to the input dtype.
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-4, 2e-3), (torch.bfloat16, 1e-4, 1.6e-2)]
+
+
+def _cuda_lib_ok() -> tuple[bool, str]:
+    if DEVICE != "cuda":
+        return False, "needs a CUDA device"
+    from ril_fast.kernels import cuda_lib
+
+    return cuda_lib.available()
+
+
+BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _skip_unavailable(backend: str) -> None:
+    if backend == "cuda":
+        ok, why = _cuda_lib_ok()
+        if not ok:
+            pytest.skip(f"CUDA library unavailable: {why}")
+
+
+class _InlineDDIM:
+    """diffusers' DDIMScheduler x0 math written out (scheduling_ddim.py, step(): pred_original_sample),
+    used only where diffusers is not installed. Independent of ril_fast's own code."""
+
+    def __init__(self, pred):
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.timesteps = torch.arange(0, 1000, 20).flip(0)  # 50 steps, "leading" spacing
+        self.pred = pred
+
+    def step(self, out, t, x):
+        a = self.alphas_cumprod[t]
+        b = 1 - a
+        if self.pred == "epsilon":
+            x0 = (x - b**0.5 * out) / a**0.5
+        elif self.pred == "v_prediction":
+            x0 = a**0.5 * x - b**0.5 * out
+        else:
+            x0 = out
+        return type("Out", (), {"pred_original_sample": x0})
+
+
+def _scheduler(pred: str):
+    if DDIMScheduler is None:
+        return _InlineDDIM(pred)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, prediction_type=pred, clip_sample=False)
+    sched.set_timesteps(50)
+    return sched
+
+
+def _oracle(sched, student, teacher, x_t, timesteps, weight):
+    """Loss and d loss / d student from diffusers' step() + F.mse_loss, all in fp32."""
+    s = student.detach().float().cpu().requires_grad_(True)
+    t, x = teacher.float().cpu(), x_t.float().cpu()
+    per = []
+    for b, ts in enumerate(timesteps):
+        x0_s = sched.step(s[b:b + 1], int(ts), x[b:b + 1]).pred_original_sample
+        x0_t = sched.step(t[b:b + 1], int(ts), x[b:b + 1]).pred_original_sample
+        per.append(F.mse_loss(x0_s, x0_t))
+    per = torch.stack(per)
+    loss = (per * weight.float().cpu()).mean() if weight is not None else per.mean()
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+def _inputs(shape, dtype, weighted, pred):
+    sched = _scheduler(pred)
+    bsz = shape[0]
+    timesteps = sched.timesteps[torch.randint(0, len(sched.timesteps), (bsz,))]
+    alpha_bar = sched.alphas_cumprod[timesteps].to(DEVICE)
+    student = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_(True)
+    teacher = (student.detach().float() + 0.3 * torch.randn(shape, device=DEVICE)).to(dtype)
+    x_t = torch.randn(shape, device=DEVICE).to(dtype)
+    weight = (torch.rand(bsz, device=DEVICE) + 0.5) if weighted else None
+    return sched, timesteps, alpha_bar, student, teacher, x_t, weight
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,rtol_loss,rtol_grad", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("shape,weighted", [((3, 4, 9, 7), True), ((2, 3, 50, 61), False)], ids=["odd", "multiblock"])
+def test_matches_ddim_scheduler(backend, pred, dtype, rtol_loss, rtol_grad, shape, weighted):
+    _skip_unavailable(backend)
+    sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs(shape, dtype, weighted, pred)
+    loss = D.distill_mse(student, teacher, x_t, alpha_bar, pred, weight, backend=backend)
+    loss.backward()
+    ref_loss, ref_grad = _oracle(sched, student, teacher, x_t, timesteps, weight)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss.detach().cpu(), ref_loss, rtol=rtol_loss, atol=1e-7)
+    assert student.grad.dtype == dtype and student.grad.shape == student.shape
+    scale = ref_grad.abs().max()
+    torch.testing.assert_close(student.grad.float().cpu(), ref_grad, rtol=rtol_grad, atol=rtol_grad * scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_gets_no_grad_and_grad_output_scales(backend):
+    _skip_unavailable(backend)
+    sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs((2, 4, 5, 5), torch.float32, True, "epsilon")
+    teacher.requires_grad_(True)
+    loss = D.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight, backend=backend)
+    (3.5 * loss).backward()
+    assert teacher.grad is None
+    _, ref_grad = _oracle(sched, student, teacher.detach(), x_t, timesteps, weight)
+    torch.testing.assert_close(student.grad.cpu(), 3.5 * ref_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitwise_deterministic(backend):
+    _skip_unavailable(backend)
+    _, _, alpha_bar, student, teacher, x_t, weight = _inputs((3, 4, 40, 50), torch.float16, True, "v_prediction")
+    runs = []
+    for _ in range(2):
+        student.grad = None
+        loss = D.distill_mse(student, teacher, x_t, alpha_bar, "v_prediction", weight, backend=backend)
+        loss.backward()
+        runs.append((loss.detach().clone(), student.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_public_op_dispatches_to_triton(monkeypatch):
+    monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs((2, 4, 6, 6), torch.float32, True, "epsilon")
+    calls = []
+    orig = D._triton_fwd
+    monkeypatch.setattr(D, "_triton_fwd", lambda *a: calls.append(1) or orig(*a))
+    loss = K.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight)
+    assert calls == [1]
+    ref_loss, _ = _oracle(sched, student, teacher, x_t, timesteps, weight)
+    torch.testing.assert_close(loss.detach().cpu(), ref_loss, rtol=1e-5, atol=0)
+
+
+def test_opcheck():
+    _, _, alpha_bar, student, teacher, _, weight = _inputs((2, 3, 5, 7), torch.float32, True, "v_prediction")
+    for w in (weight, None):
+        torch.library.opcheck(torch.ops.ril_fast.distill_mse_fwd.default,
+                              (student, teacher, alpha_bar.float(), w, "v_prediction", "triton"))
+    grad = torch.tensor(1.5, device=DEVICE)
+    torch.library.opcheck(torch.ops.ril_fast.distill_mse_bwd.default,
+                          (grad, student.detach(), teacher, alpha_bar.float(), weight, "epsilon", "triton"))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(prediction_type="x0"), "prediction_type must be one of"),
+    (dict(teacher_out=torch.zeros(2, 3)), "same shape"),
+    (dict(alpha_bar=torch.ones(3)), r"alpha_bar must be a \(2,\) tensor"),
+    (dict(weight=torch.ones(2, 1)), r"weight must be a \(2,\) tensor"),
+    (dict(student_out=torch.zeros(2, 4, dtype=torch.float64)), "dtype torch.float64"),
+    (dict(backend="cpu"), "backend must be one of"),
+])
+def test_rejects_bad_arguments(bad, match):
+    args = dict(student_out=torch.zeros(2, 4), teacher_out=torch.zeros(2, 4), x_t=torch.zeros(2, 4),
+                alpha_bar=torch.ones(2), prediction_type="epsilon", weight=None, backend="triton")
+    args.update(bad)
+    if "student_out" in bad:
+        args["teacher_out"] = args["x_t"] = torch.zeros_like(bad["student_out"])
+    with pytest.raises(ValueError, match=match):
+        D.distill_mse(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_capture_without_host_sync(backend):
+    _skip_unavailable(backend)
+    sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs((4, 4, 64, 64), torch.bfloat16, True,
+                                                                         "epsilon")
+    leaf = student.detach().clone().requires_grad_(True)
+
+    def step():
+        leaf.grad = None
+        loss = D.distill_mse(leaf, teacher, x_t, alpha_bar, "epsilon", weight, backend=backend)
+        loss.backward()
+        return loss
+
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside the op raises
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up compiles and loads everything outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_loss, ref_grad = _oracle(sched, leaf, teacher, x_t, timesteps, weight)
+    torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-4, atol=0)
+    torch.testing.assert_close(leaf.grad.float().cpu(), ref_grad, rtol=1.6e-2, atol=1.6e-2 * ref_grad.abs().max())

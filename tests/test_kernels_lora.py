@@ -1,0 +1,243 @@
+"""Fused LoRA group linear (Triton) against an fp64 torch reference and against PEFT.
+
+On CPU the kernels run under TRITON_INTERPRET=1 with tiny shapes; with CUDA present the same
+tests run on cuda tensors, plus real SD-sized bf16 shapes (``gpu`` marker).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ril_fast import kernels
+from ril_fast.kernels import lora_group, reference
+
+EPS = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _devices():
+    out = []
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        out.append("cpu")
+    out.append(pytest.param("cuda", marks=pytest.mark.gpu))
+    return out
+
+
+@pytest.fixture(params=_devices())
+def device(request, monkeypatch):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    monkeypatch.delenv("RIL_FAST_DETERMINISTIC", raising=False)
+    monkeypatch.delenv("RIL_FAST_LORA_FWD", raising=False)
+    return request.param
+
+
+def _make(device, dtype, lead, d_in, d_out, ranks, train, bias=True):
+    """Random layer; adapter ``train`` (an index or a set) requires grad, the rest are frozen."""
+    train = {train} if isinstance(train, int) else set(train)
+    x = torch.randn(*lead, d_in, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(d_out, d_in, device=device) / d_in**0.5).to(dtype)
+    b = torch.randn(d_out, device=device).to(dtype) if bias else None
+    a = [(torch.randn(r, d_in, device=device) / d_in**0.5).to(dtype).requires_grad_(i in train) for i, r in enumerate(ranks)]
+    bb = [(torch.randn(d_out, r, device=device) / r**0.5).to(dtype).requires_grad_(i in train) for i, r in enumerate(ranks)]
+    scales = [0.5 + 0.75 * i for i in range(len(ranks))]
+    return x, w, b, a, bb, scales
+
+
+def _run(fn, x, w, b, a, bb, scales, gy):
+    """Output and the grads of x and of every adapter tensor that requires grad."""
+    y = fn(x, w, b, a, bb, scales)
+    y.backward(gy)
+    out = {"y": y.detach(), "dx": x.grad}
+    for i, (ai, bi) in enumerate(zip(a, bb)):
+        if ai.requires_grad:
+            out[f"dA{i}"] = ai.grad
+        if bi.requires_grad:
+            out[f"dB{i}"] = bi.grad
+    return out
+
+
+def _leaf(t, dtype):
+    return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+def _compare(device, dtype, lead, d_in, d_out, ranks, train, bias=True):
+    x, w, b, a, bb, scales = _make(device, dtype, lead, d_in, d_out, ranks, train, bias)
+    gy = torch.randn(*lead, d_out, device=device).to(dtype)
+    got = _run(kernels.lora_group_linear, x, w, b, a, bb, scales, gy)
+    c64 = lambda t: _leaf(t, torch.float64)  # noqa: E731
+    ref = _run(reference.lora_group_linear, c64(x), c64(w), c64(b), [c64(t) for t in a], [c64(t) for t in bb],
+               scales, gy.double())
+    if dtype == torch.float32:
+        own = {k: torch.zeros_like(v) for k, v in ref.items()}
+    else:  # the reference's own error in this dtype sets the bar
+        cl = lambda t: _leaf(t, dtype)  # noqa: E731
+        low = _run(reference.lora_group_linear, cl(x), cl(w), cl(b), [cl(t) for t in a], [cl(t) for t in bb],
+                   scales, gy)
+        own = {k: (low[k].double() - ref[k]) for k in ref}
+    assert set(got) == set(ref), (sorted(got), sorted(ref))
+    for k in ref:
+        scale = ref[k].abs().max().item()
+        err = (got[k].double() - ref[k]).abs().max().item() / scale
+        own_err = own[k].abs().max().item() / scale
+        tol = 2 * own_err + (1e-5 if dtype == torch.float32 else 2 * EPS[dtype])
+        assert got[k].dtype == dtype and torch.isfinite(got[k]).all(), k
+        assert err <= tol, f"{k}: rel err {err:.3e} > tol {tol:.3e} (reference's own {own_err:.3e})"
+    frozen = [t for i, t in enumerate(a + bb) if not t.requires_grad]
+    assert all(t.grad is None for t in frozen) and w.grad is None and (b is None or b.grad is None)
+    return got
+
+
+@pytest.mark.parametrize(
+    "lead,d_in,d_out,ranks,train,bias,mode",
+    [
+        ((200,), 96, 80, (4, 8, 5), 1, True, "auto"),  # R=17 (not a multiple of 16), middle adapter
+        ((64,), 160, 160, (16,), 0, False, "auto"),  # single adapter, R=16 exactly, no bias
+        ((2, 37), 71, 133, (8, 4, 4, 2), 3, True, "split"),  # 3-D input, odd dims, last adapter, F2
+        ((129,), 33, 47, (3, 5), 0, True, "fused"),  # first adapter, F1, M not a multiple of the tile
+        ((96,), 48, 40, (48, 40), 1, True, "auto"),  # R=88 > 64: split forward, 128-wide dS tile
+        ((64,), 40, 24, (64, 64, 16), (0, 2), False, "auto"),  # R=144: wide dS GEMM, two trainable adapters
+    ],
+)
+def test_matches_fp64_reference(device, monkeypatch, lead, d_in, d_out, ranks, train, bias, mode):
+    monkeypatch.setenv("RIL_FAST_LORA_FWD", mode)
+    _compare(device, torch.float32, lead, d_in, d_out, ranks, train, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_half_precision(device, monkeypatch, dtype, mode):
+    monkeypatch.setenv("RIL_FAST_LORA_FWD", mode)
+    _compare(device, dtype, (150,), 64, 72, (4, 12), 1)
+
+
+def _peft_layer(d_in, d_out, ranks, alphas, dtype, device):
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear
+
+    base = torch.nn.Linear(d_in, d_out, bias=True)
+    names = [f"task{i}" for i in range(len(ranks))]
+    layer = Linear(base, names[0], LoraConfig(r=ranks[0], lora_alpha=alphas[0]), r=ranks[0], lora_alpha=alphas[0])
+    for n, r, al in zip(names[1:], ranks[1:], alphas[1:]):
+        layer.update_layer(n, r, al, LoraConfig(r=r, lora_alpha=al))
+    layer.set_adapter(names)
+    with torch.no_grad():
+        for n in names:  # PEFT zero-inits B; non-zero B makes every adapter count
+            layer.lora_B[n].weight.normal_(0, 0.5)
+    return layer.to(device=device, dtype=dtype), names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_peft_multi_adapter(device, dtype):
+    ranks, alphas, trained = (4, 8, 6), (8, 4, 12), 2
+    ref_layer, names = _peft_layer(48, 56, ranks, alphas, torch.float64, device)
+    low_layer, _ = _peft_layer(48, 56, ranks, alphas, dtype, device)
+    low_layer.load_state_dict(ref_layer.state_dict())
+    x = torch.randn(3, 41, 48, device=device)
+    gy = torch.randn(3, 41, 56, device=device)
+
+    def peft_run(layer, dt):
+        for i, n in enumerate(names):
+            for mod in (layer.lora_A[n], layer.lora_B[n]):
+                mod.weight.requires_grad_(i == trained)
+        xi = x.to(dt).requires_grad_()
+        y = layer(xi)
+        y.backward(gy.to(dt))
+        return y.detach(), xi.grad, layer.lora_A[names[trained]].weight.grad, layer.lora_B[names[trained]].weight.grad
+
+    ref = peft_run(ref_layer, torch.float64)
+    own = peft_run(low_layer, dtype)
+    base = low_layer.base_layer
+    a = [low_layer.lora_A[n].weight.detach().clone().requires_grad_(i == trained) for i, n in enumerate(names)]
+    b = [low_layer.lora_B[n].weight.detach().clone().requires_grad_(i == trained) for i, n in enumerate(names)]
+    scales = [low_layer.scaling[n] for n in names]
+    assert scales == [al / r for al, r in zip(alphas, ranks)]
+    xi = x.to(dtype).requires_grad_()
+    y = kernels.lora_group_linear(xi, base.weight.detach(), base.bias.detach(), a, b, scales)
+    y.backward(gy.to(dtype))
+    got = (y.detach(), xi.grad, a[trained].grad, b[trained].grad)
+    floor = 1e-5 if dtype == torch.float32 else 2 * EPS[dtype]
+    for name, g, o, r in zip(("y", "dx", "dA", "dB"), got, own, ref):
+        scale = r.abs().max().item()
+        err, own_err = ((g.double() - r).abs().max().item() / scale, (o.double() - r).abs().max().item() / scale)
+        assert err <= 2 * own_err + floor, f"{name}: rel err {err:.3e} vs PEFT's own {own_err:.3e}"
+    assert all(t.grad is None for i, t in enumerate(a + b) if i % len(names) != trained)
+
+
+def test_dispatch_routes_to_triton(device, monkeypatch):
+    calls = []
+    real = lora_group._LoraGroupFn.apply
+    monkeypatch.setattr(lora_group._LoraGroupFn, "apply", lambda *a: calls.append(1) or real(*a))
+    _compare(device, torch.float32, (16,), 16, 16, (4,), 0)
+    assert calls == [1]
+
+
+def test_only_x_or_only_adapter_requires_grad(device):
+    x, w, b, a, bb, s = _make(device, torch.float32, (70,), 32, 24, (4, 4), 1)
+    x.requires_grad_(False)
+    kernels.lora_group_linear(x, w, b, a, bb, s).sum().backward()
+    assert a[1].grad is not None and bb[1].grad is not None and a[0].grad is None and x.grad is None
+    x2, w2, b2, a2, bb2, s2 = _make(device, torch.float32, (70,), 32, 24, (4, 4), ())
+    y = kernels.lora_group_linear(x2, w2, b2, a2, bb2, s2)
+    y.sum().backward()
+    ref = torch.ones(70, 24, device=device) @ (w2 + sum(sc * bi @ ai for ai, bi, sc in zip(a2, bb2, s2)))
+    torch.testing.assert_close(x2.grad, ref, rtol=1e-5, atol=1e-5)
+    assert all(t.grad is None for t in a2 + bb2)
+
+
+def test_gradcheck_fp64(device):
+    if device == "cuda":
+        pytest.skip("fp64 gradcheck runs in the CPU interpreter")
+    x, w, b, a, bb, s = _make(device, torch.float64, (5,), 16, 8, (2, 3), 1)
+    fn = lambda x_, a1, b1: kernels.lora_group_linear(x_, w, b, [a[0], a1], [bb[0], b1], s)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a[1], bb[1]), fast_mode=True)
+
+
+def test_deterministic_mode_is_bitwise_repeatable(device, monkeypatch):
+    monkeypatch.setenv("RIL_FAST_DETERMINISTIC", "1")
+    first = _compare(device, torch.float32, (300,), 40, 48, (8, 8), 1)
+    torch.manual_seed(0)
+    second = _compare(device, torch.float32, (300,), 40, 48, (8, 8), 1)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_bad_shapes_raise_one_line_errors(device):
+    x, w, b, a, bb, s = _make(device, torch.float32, (4,), 16, 8, (2,), 0)
+    with pytest.raises(ValueError, match="do not fit W"):
+        kernels.lora_group_linear(x, w, b, [a[0].t()], bb, s)
+    with pytest.raises(ValueError, match="matching lists"):
+        kernels.lora_group_linear(x, w, b, a, bb, [1.0, 2.0])
+
+
+def test_custom_ops_pass_opcheck(device):
+    m, d_in, d_out, r = 40, 24, 20, 6
+    t = lambda *sh: torch.randn(*sh, device=device)  # noqa: E731
+    x, w, bias, a, b = t(m, d_in), t(d_out, d_in), t(d_out), t(r, d_in), t(d_out, r)
+    rs = torch.full((r,), 0.5, device=device)
+    y, s = lora_group.lora_fwd(x, w, bias, a, b, rs, 2)
+    torch.testing.assert_close(y, reference.lora_group_linear(x, w, bias, [a], [b], [0.5]), rtol=1e-4, atol=1e-4)
+    dy = t(m, d_out)
+    ds, _ = lora_group.lora_bwd_ds_db(dy, b, s, rs, 0, r, False)
+    for op, args in [
+        (lora_group.lora_fwd, (x, w, bias, a, b, rs, 1)),
+        (lora_group.lora_fwd, (x, w, None, a, b, rs, 2)),
+        (lora_group.lora_bwd_ds_db, (dy, b, s, rs, 2, 5, True)),
+        (lora_group.lora_bwd_dx, (dy, w, ds, a)),
+        (lora_group.lora_bwd_da, (ds, x, 0, 4, True)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,d_in,d_out,ranks",
+    [(8192, 320, 320, (16, 16, 16, 16)), (4096, 640, 640, (64,)), (4096, 320, 2560, (4, 8)), (2048, 1280, 1280, (64,) * 8)],
+)
+def test_real_shapes_bf16_cuda(monkeypatch, m, d_in, d_out, ranks):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    _compare("cuda", torch.bfloat16, (m,), d_in, d_out, ranks, len(ranks) - 1)
