@@ -121,7 +121,8 @@ def build_run(cfg: Config) -> Run:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = eng.pick_device(cfg)
-    models = load_models(cfg.model.path, dtype=eng.DTYPES[cfg.model.dtype], device=device)
+    # The VAE decodes in fp32: the SD/SDXL VAEs overflow in fp16 and lose detail in bf16.
+    models = load_models(cfg.model.path, dtype=eng.DTYPES[cfg.model.dtype], device=device, vae_dtype=torch.float32)
     if cfg.memory.attention == "xformers":
         if device.type != "cuda":
             raise ConfigError(["memory.attention: xformers needs a CUDA device; use 'sdpa' on CPU"])

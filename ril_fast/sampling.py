@@ -99,7 +99,7 @@ def ddim_sample(models, cond: Conditioning, uncond: Conditioning | None, z_T: to
     last = None
     for i, t in enumerate(timesteps):
         in_window = i >= steps - window
-        if in_window and i == steps - window:
+        if in_window and i == steps - window and window < steps:
             x = x.detach()  # DRaFT-K: nothing flows back past the window
         with torch.set_grad_enabled(in_window and torch.is_grad_enabled()):
             out = guided_output(models, x, t, cond, uncond, guidance_scale, use_checkpoint and in_window)

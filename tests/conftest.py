@@ -7,13 +7,16 @@ CPU, so only tests that force ``RIL_FAST_KERNELS=triton`` run the interpreter.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# On a GPU machine the Triton kernels run for real; the interpreter is for CPU-only machines.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,3 +32,12 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """Saved tiny random SD and SDXL diffusers folders, built once per session."""
+    from ril_fast.models.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {kind: save_tiny_pipeline(root / kind, kind) for kind in ("sd", "sdxl")}

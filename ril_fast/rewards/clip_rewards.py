@@ -212,14 +212,26 @@ class _ClipImageText(_ClipReward):
         self.tokenizer = tokenizer
         self.scale = scale
         self.max_length = model.config.text_config.max_position_embeddings
+        # prompt -> normalised text embedding: training prompt sets are small and repeat every epoch, and the
+        # ViT-H text tower is 350M parameters. Bounded so an endless prompt stream cannot grow it forever.
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.text_cache_size = 8192
 
     @torch.no_grad()
-    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         # no attention mask: open_clip and the CLIP reference attend causally over the padded sequence
         feats = _features(self.model.get_text_features(input_ids=tok.input_ids.to(self.device))).float()
         return feats / feats.norm(dim=-1, keepdim=True)
+
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            if len(self._text_cache) + len(missing) > self.text_cache_size:
+                self._text_cache.clear()
+            self._text_cache.update(zip(missing, self._encode_text(missing)))
+        return torch.stack([self._text_cache[p] for p in prompts])
 
     def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
         prompts = _check_batch(images, prompts)

@@ -15,7 +15,8 @@ Calibration (tests/test_rewards_jpeg.py, 120 procedural 64x64 images: noise of v
 and frequency, smoothed noise, gradients, shapes, checkerboards): Spearman correlation with the real
 PIL size 0.956 at quality 95 (0.946 at 80, 0.940 at 50). ``_BITS_SCALE`` and ``_HEADER_BYTES`` are a
 least-squares fit of real bytes on estimated bits on that set, so the estimate reads in approximately
-real kB (median error 0.14 kB at q95 there); the ranking is what the tests hold it to.
+real kB (median error 0.14 kB at q95 there; at 256 px a spot check gave Spearman 0.966 and a median
+estimate/real ratio of 1.12); the ranking is what the tests hold it to.
 """
 
 from __future__ import annotations

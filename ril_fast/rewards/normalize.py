@@ -24,8 +24,10 @@ TYPICAL: dict[str, tuple[float, float]] = {
     "hpsv2": (0.27, 0.02),  # HPS v2/v2.1 cosine, SD1.5 ~0.27
     "pickscore": (21.0, 1.0),  # PickScore v1, ~18-23
     "imagereward": (0.0, 1.0),  # ImageReward is already standardised
-    "jpeg_compressibility": (-15.0, 5.0),  # -kB at q95, 512 px SD images ~10-25 kB (64 px: ~1-5)
-    "jpeg_incompressibility": (15.0, 5.0),
+    # rough: q95 spends ~1-3 bits/pixel on photographic content, 512 px -> ~30-100 kB. Not measured on SD
+    # samples here; prefer mode="ema" (or measure the base model) for the JPEG rewards.
+    "jpeg_compressibility": (-60.0, 20.0),
+    "jpeg_incompressibility": (60.0, 20.0),
 }
 
 

@@ -23,7 +23,7 @@ _LOCK = threading.Lock()
 
 
 def _download_hint(repo_id: str, filename: str | None) -> str:
-    cmd = f"huggingface-cli download {repo_id}" + (f" {filename}" if filename else "")
+    cmd = f"hf download {repo_id}" + (f" {filename}" if filename else "")
     return (f"run `{cmd}` on a machine with internet (fills the HF cache; copy ~/.cache/huggingface here) "
             "or pass a local path")
 
@@ -51,7 +51,8 @@ def resolve_dir(spec: str | os.PathLike, option: str) -> Path:
     if _looks_local(str(spec)):
         raise ValueError(f"{option}={str(spec)!r}: no such folder; pass an existing model folder or a hub repo "
                          "'owner/repo' that is in the local HF cache")
-    repo_id, filename = _split_spec(str(spec))
+    # legacy un-namespaced repos ("bert-base-uncased") are one component
+    repo_id, filename = (str(spec), None) if "/" not in str(spec) else _split_spec(str(spec))
     if filename is not None:
         raise ValueError(f"{option}={str(spec)!r} names a file; give a folder or a hub repo 'owner/repo'")
     from huggingface_hub import snapshot_download

@@ -1,0 +1,392 @@
+"""Fake-tensor memory planner: "will this config fit on N GiB?" without a GPU or any weights.
+
+    python -m ril_fast.memory --config configs/sdxl.json [--json] [--set k=v ...]
+
+The configured models are built on the ``meta`` device from their architecture configs (the model
+folder's own configs when ``model.path`` is a local diffusers folder, else the shipped
+``ril_fast/models/arch/{sd15,sdxl}_*.json``: a hub id containing "xl" maps to SDXL, anything else
+to SD1.5). Then ONE whole training step runs under ``FakeTensorMode`` on fake CPU tensors, through
+the trainer's own code: ``compute_loss`` (no-grad sampling prefix, checkpointed grad window,
+teacher last-step forward, VAE decode with grad, reward), ``Engine`` backward, the optimizer step
+and ``ema_update``. :class:`MemoryTracker` adds the bytes of every new output storage and
+subtracts them when the storage is freed, so the peak is what the allocator would be asked for.
+
+Not modelled: CUDA context (~0.5 GiB), allocator caching/fragmentation, cuBLAS/cuDNN workspaces,
+the fused Triton/CUDA LoRA kernels' own saved tensors (the torch reference path is traced),
+DeepSpeed's bucket buffers, evaluation (no-grad, batch ``eval.batch_size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = 2**30
+ARCH_DIR = Path(__file__).resolve().parent / "models" / "arch"
+# reward name -> vision tower arch file; the rest of the registry is model-free (costs only its ops).
+REWARD_TOWERS = {"aesthetic": "clip_vit_l14", "hpsv2": "clip_vit_h14", "pickscore": "clip_vit_h14",
+                 "imagereward": "clip_vit_l14"}  # ImageReward (BLIP ViT-L/16 + BERT) approximated by ViT-L/14
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte tracking
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live bytes of every tensor storage created inside the mode (fake or real), with a peak.
+
+    Each new output storage is counted once under the current tag and uncounted by a weakref
+    finalizer when the storage dies. ``peak_by_tag`` is the per-tag split at the moment of the peak.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.by_tag: dict[str, int] = defaultdict(int)
+        self.peak_by_tag: dict[str, int] = {}
+        self.tags = ["other"]
+        self._seen: dict[int, tuple[int, str]] = {}
+
+    def push(self, tag: str) -> None:
+        self.tags.append(tag)
+
+    def pop(self) -> None:
+        self.tags.pop()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._seen:
+            return
+        nbytes, tag = storage.nbytes(), self.tags[-1]
+        self._seen[key] = (nbytes, tag)
+        self.live += nbytes
+        self.by_tag[tag] += nbytes
+        weakref.finalize(storage, self._free, key)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.peak_by_tag = {k: v for k, v in self.by_tag.items() if v}
+
+    def _free(self, key: int) -> None:
+        nbytes, tag = self._seen.pop(key, (0, ""))
+        self.live -= nbytes
+        if tag:
+            self.by_tag[tag] -= nbytes
+
+
+def tag_module(module: nn.Module, tracker: MemoryTracker, tag: str) -> None:
+    """Attribute allocations inside ``module``'s forward (and its checkpoint recompute) to ``tag``."""
+    module.register_forward_pre_hook(lambda *_: tracker.push(tag))
+    module.register_forward_hook(lambda *_: tracker.pop())
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture
+
+
+def _read(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def memory_arch(model_path: str) -> str:
+    """``sdxl`` or ``sd15`` for a model path without local configs (hub id): "xl" in the name -> SDXL."""
+    return "sdxl" if "xl" in Path(model_path).name.lower() or "xl" in model_path.lower() else "sd15"
+
+
+@dataclass
+class Arch:
+    kind: str  # "sd" or "sdxl" (as Models.kind)
+    unet: dict
+    vae: dict
+    text_encoders: list[tuple[str, dict]]  # (class name, config)
+    scheduler: dict
+    source: str
+    force_zeros_for_empty_prompt: bool = False
+
+
+def resolve_arch(model_path: str) -> Arch:
+    """Architecture configs: the local folder's when present, else the shipped SD1.5 / SDXL ones."""
+    p = Path(model_path).expanduser()
+    if (p / "unet" / "config.json").is_file():
+        index = json.loads((p / "model_index.json").read_text())
+        unet = _read(p / "unet" / "config.json")
+        kind = "sdxl" if (index.get("text_encoder_2") and index["text_encoder_2"][0]) or \
+            unet.get("addition_embed_type") == "text_time" else "sd"
+        encoders = []
+        for name in ("text_encoder", "text_encoder_2"):
+            if index.get(name) and index[name][0] and (p / name / "config.json").is_file():
+                cls = "CLIPTextModelWithProjection" if kind == "sdxl" and name == "text_encoder_2" else "CLIPTextModel"
+                encoders.append((cls, _read(p / name / "config.json")))
+        return Arch(kind, unet, _read(p / "vae" / "config.json"), encoders,
+                    _read(p / "scheduler" / "scheduler_config.json"), str(p),
+                    bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")))
+    name = memory_arch(model_path)
+    files = {k: ARCH_DIR / f"{name}_{k}.json" for k in ("unet", "vae", "scheduler", "text_encoder", "text_encoder_2")}
+    encoders = [("CLIPTextModel", _read(files["text_encoder"]))]
+    if name == "sdxl":
+        encoders.append(("CLIPTextModelWithProjection", _read(files["text_encoder_2"])))
+    return Arch("sdxl" if name == "sdxl" else "sd", _read(files["unet"]), _read(files["vae"]), encoders,
+                _read(files["scheduler"]), f"ril_fast/models/arch/{name}_*.json", name == "sdxl")
+
+
+def build_meta_models(arch: Arch, dtype: torch.dtype):
+    """``Models`` with every weight on the meta device, as ``load_models`` would build them."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from ril_fast.models.sd import Models
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(arch.unet).to(dtype)
+        vae = AutoencoderKL.from_config(arch.vae).to(dtype)
+    for m in (unet, vae):
+        m.requires_grad_(False)
+        m.eval()
+    scheduler = DDIMScheduler.from_config(arch.scheduler)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return Models(kind=arch.kind, unet=unet, vae=vae, text_encoders=[], tokenizers=[], scheduler=scheduler,
+                  vae_scale_factor=vae_scale, latent_channels=unet.config.in_channels,
+                  sample_size=unet.config.sample_size * vae_scale, prediction_type=scheduler.config.prediction_type,
+                  vae_scaling_factor=float(vae.config.scaling_factor),
+                  vae_shift_factor=getattr(vae.config, "shift_factor", None),
+                  force_zeros_for_empty_prompt=arch.force_zeros_for_empty_prompt, path=arch.source)
+
+
+def text_encoder_bytes(arch: Arch, dtype: torch.dtype) -> int:
+    import transformers
+
+    total = 0
+    for cls, config in arch.text_encoders:
+        conf = transformers.CLIPTextConfig(**config)
+        with torch.device("meta"):
+            model = getattr(transformers, cls)(conf)
+        total += sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Switches shared with the trainer (so the planner and the trainer read the config the same way)
+
+
+def apply_memory_features(models, cfg) -> None:
+    """Model-side memory switches: UNet block checkpointing and the attention backend."""
+    if cfg.memory.unet_block_checkpoint:
+        models.unet.enable_gradient_checkpointing()
+
+
+def reward_build_options(cfg, task) -> dict:
+    """The options ``rewards.build`` gets for ``task``: its own, plus memory.reward_dtype and
+    memory.reward_checkpoint for model-based rewards (explicit reward_options win)."""
+    options = dict(task.reward_options)
+    if task.reward in REWARD_TOWERS:
+        options.setdefault("dtype", cfg.memory.reward_dtype)
+        options.setdefault("gradient_checkpointing", cfg.memory.reward_checkpoint)
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# Materialising meta modules as fake (or real) tensors inside the tracker
+
+
+def materialize(module: nn.Module, tracker: MemoryTracker, tag_of) -> None:
+    """Replace every meta parameter/buffer of ``module`` by a fresh tensor of the same shape/dtype.
+
+    ``tag_of(module, name, is_param)`` names the tracker tag. Called inside FakeTensorMode the new
+    tensors are fake: no memory is touched, but the tracker still counts their bytes.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if id(p) not in memo:
+                tracker.push(tag_of(mod, name, True))
+                memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                tracker.pop()
+            mod._parameters[name] = memo[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is None or b.device.type != "meta":
+                continue
+            if id(b) not in memo:
+                tracker.push(tag_of(mod, name, False))
+                memo[id(b)] = torch.zeros(b.shape, dtype=b.dtype)
+                tracker.pop()
+            mod._buffers[name] = memo[id(b)]
+
+
+def _unet_tag(mod, name, is_param):
+    from ril_fast.lora.group import LoRAGroupLinear
+
+    if isinstance(mod, LoRAGroupLinear):
+        return "adapters"  # the EMA copies (ema_a / ema_b buffers)
+    if isinstance(mod, nn.ParameterList):
+        return "adapters"
+    return "weights_unet"
+
+
+class _FakeTokenizer:
+    """Stands in for the reward's tokenizer: only the shape of ``input_ids`` matters here."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, prompts, **_):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.zeros(len(prompts), self.length, dtype=torch.long))
+
+
+def build_reward(name: str, options: dict, tracker: MemoryTracker):
+    """The reward ``name`` with its tower built from the arch JSONs (random weights) inside the mode.
+
+    CLIP rewards reuse the reward classes' own forward (preprocess, tower, head / text cosine);
+    model-free rewards are the registered ones themselves.
+    """
+    from ril_fast import rewards
+    from ril_fast.rewards import clip_rewards as cr
+    from ril_fast.rewards.weights import enable_checkpointing, parse_dtype
+
+    if name not in REWARD_TOWERS:
+        return rewards.build(name, **options), None
+    import transformers
+
+    dtype = parse_dtype(options.get("dtype") or "float32")
+    ckpt = bool(options.get("gradient_checkpointing", False))
+    config = _read(ARCH_DIR / f"{REWARD_TOWERS[name]}.json")
+    with torch.device("meta"):
+        if "vision_config" in config:
+            model = transformers.CLIPModel(transformers.CLIPConfig(**config))
+        else:
+            model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**config))
+    model = model.to(dtype).requires_grad_(False).eval()
+    if ckpt:
+        enable_checkpointing(model)
+    if name in ("aesthetic", "imagereward"):
+        with torch.device("meta"):
+            head = cr.MLPHead(model.config.projection_dim).requires_grad_(False).eval()  # fp32, as the trainer
+        reward = cr.AestheticReward.__new__(cr.AestheticReward)
+        cr._ClipReward.__init__(reward, model, dtype=dtype, device=torch.device("cpu"), crop_rounding="floor",
+                                resize_mode="shortest", gradient_checkpointing=ckpt)
+        reward.__dict__["head"] = head
+        parts = [model, head]
+    else:
+        reward = cr._ClipImageText.__new__(cr._ClipImageText)
+        cr._ClipImageText.__init__(reward, model, _FakeTokenizer(model.config.text_config.max_position_embeddings),
+                                   "logit_scale" if name == "pickscore" else "none", dtype=dtype,
+                                   device=torch.device("cpu"), crop_rounding="floor", resize_mode="shortest",
+                                   gradient_checkpointing=ckpt)
+        parts = [model]
+    for part in parts:
+        materialize(part, tracker, lambda *_: "reward_model")
+        tag_module(part, tracker, "activations_reward")
+    return reward, parts
+
+
+class _FakePromptCache:
+    """``PromptCache`` stand-in: same entry shapes/dtypes, one entry per unique prompt of the run."""
+
+    def __init__(self, models, arch: Arch, dtype, n_unique: int, height: int, width: int):
+        self.models, self.dtype = models, dtype
+        self.width_d = sum(c["hidden_size"] for _, c in arch.text_encoders)
+        self.length = arch.text_encoders[0][1].get("max_position_embeddings", 77)
+        self.pooled_d = arch.text_encoders[-1][1].get("projection_dim") if arch.kind == "sdxl" else None
+        self.hw = (height, width)
+        self._cache = {}
+        self.n_unique = n_unique
+
+    def _entry(self, prompt: str):
+        from ril_fast.models.text import Conditioning
+
+        if prompt not in self._cache:
+            embeds = torch.zeros(1, self.length, self.width_d, dtype=self.dtype)
+            if self.pooled_d is None:
+                self._cache[prompt] = Conditioning(embeds)
+            else:
+                h, w = self.hw
+                ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype)
+                self._cache[prompt] = Conditioning(embeds, torch.zeros(1, self.pooled_d, dtype=self.dtype), ids)
+        return self._cache[prompt]
+
+    def fill(self, prompts: list[str]) -> None:
+        for p in prompts:
+            self._entry(p)
+
+    def get(self, prompts):
+        from ril_fast.models.text import cat_conditionings
+
+        return cat_conditionings([self._entry(p) for p in prompts])
+
+    def uncond(self, batch: int):
+        from dataclasses import replace
+
+        if self.models.force_zeros_for_empty_prompt and self.models.kind == "sdxl":
+            key = "\0zeros"
+            if key not in self._cache:
+                empty = self._entry("")
+                self._cache[key] = replace(empty, prompt_embeds=torch.zeros_like(empty.prompt_embeds),
+                                           pooled=torch.zeros_like(empty.pooled))
+            return self._cache[key].repeat(batch)
+        return self.get([""]).repeat(batch)
+
+
+def all_prompts(cfg) -> list[str]:
+    """Every prompt the trainer caches (train + eval of every task, the negative prompt)."""
+    from ril_fast.config import read_prompts
+
+    out = set()
+    for i, t in enumerate(cfg.tasks):
+        out |= set(read_prompts(t.train_prompts, f"tasks.{i}.train_prompts"))
+        out |= set(read_prompts(t.eval_prompts, f"tasks.{i}.eval_prompts"))
+    return sorted(out | {cfg.sampling.negative_prompt})
+
+
+def _adamw8bit_state(params, tracker: MemoryTracker) -> list[torch.Tensor]:
+    """bitsandbytes AdamW8bit state (its C kernels cannot run on fake tensors): per tensor of
+    >= 4096 elements two uint8 moments + fp32 absmax per 256-block + two 256-entry fp32 qmaps;
+    smaller tensors keep two fp32 moments."""
+    state = []
+    tracker.push("optimizer_state")
+    for p in params:
+        n = p.numel()
+        if n >= 4096:
+            blocks = (n + 255) // 256
+            state += [torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8),
+                      torch.zeros(blocks), torch.zeros(blocks), torch.zeros(256), torch.zeros(256)]
+        else:
+            state += [torch.zeros(n), torch.zeros(n)]
+        state.append(torch.zeros(1))  # step
+    tracker.pop()
+    return state
+
+
+def optimizer_offloaded(cfg) -> bool:
+    return cfg.deepspeed.zero_stage >= 1 and cfg.deepspeed.offload_optimizer
+
+
+@dataclass
+class StepPlan:
+    task: int
+    peak_bytes: int
+    breakdown: dict[str, int]  # live bytes per tag at the peak
+    static_bytes: int  # live before the step (weights, adapters, rewards, cache)
+    cpu_bytes: int  # what ZeRO offload keeps on the host (optimizer state + fp32 grads)
