@@ -41,7 +41,7 @@ GPU_SHAPES = [
 GPU_ADAPTERS = [(r, k) for r in (4, 16, 64) for k in (1, 2, 4, 8)]
 QUICK_SHAPES = ["sd15_l1_attn", "sdxl_l2_attn", "sdxl_l3_attn"]
 QUICK_ADAPTERS = [(4, 1), (16, 4), (64, 1), (16, 8)]
-CPU_SHAPES = [("sd15_l1_attn_b1_small", 1024, 320, 320), ("sd15_l1_ff_out_small", 1024, 1280, 320)]
+CPU_SHAPES = [("sd15_l1_attn_m512", 512, 320, 320), ("sd15_l1_ff_out_m512", 512, 1280, 320)]
 CPU_ADAPTERS = [(4, 1), (4, 4), (16, 4)]
 MODES = ("forward", "backward", "full")
 
@@ -100,7 +100,7 @@ def build_case(m, d_in, d_out, r, k, dtype, device):
 def time_provider(fn, mode, grads, device, quick):
     warm, rep = (10, 30) if quick else (25, 100)
     if torch.device(device).type == "cpu":
-        warm, rep = 5, 60
+        warm, rep = 5, 40
     if mode == "forward":
         return bench(fn, device, warmup_ms=warm, rep_ms=rep)
     if mode == "full":

@@ -38,7 +38,8 @@ def env_info(device: torch.device | str) -> dict:
     except Exception:  # pragma: no cover - triton is pinned
         triton_version = None
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
                                     timeout=10).stdout.strip())
     except Exception:

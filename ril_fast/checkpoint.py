@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,24 @@ from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 _log = logging.getLogger(__name__)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test hook: ``RIL_FAST_FAULT=<point>:<n>`` SIGKILLs this process the n-th time it reaches ``name``.
+
+    Points: ``step`` (after a step is logged, before its checkpoint), ``eval`` (an evaluation row is
+    logged, not yet checkpointed), ``ckpt_write`` (between the files of a checkpoint being written),
+    ``task_boundary`` (a task is done and checkpointed, the next not begun). Unset in normal runs.
+    """
+    spec = os.environ.get("RIL_FAST_FAULT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fsync_dir(path: Path) -> None:
@@ -147,15 +166,23 @@ def save_checkpoint(root: str | Path, seq: int, state: dict[str, torch.Tensor], 
     files = {}
     save_tensors_atomic(tmp / "state.safetensors", state)
     files["state.safetensors"] = sha256(tmp / "state.safetensors")
+    fault_point("ckpt_write")
     meta = dict(meta)
     if optimizer_state is not None:
         tensors, info = flatten_optimizer_state(optimizer_state)
         save_tensors_atomic(tmp / "optimizer.safetensors", tensors)
         files["optimizer.safetensors"] = sha256(tmp / "optimizer.safetensors")
         meta["optimizer"] = info
+        fault_point("ckpt_write")
     save_tensors_atomic(tmp / f"rng-rank{rank}.safetensors", rng_tensors())
     files[f"rng-rank{rank}.safetensors"] = sha256(tmp / f"rng-rank{rank}.safetensors")
+    staged = ckroot / f".rng-{seq:06d}"  # other ranks' RNG files, written by stage_rank_rng before a barrier
+    for path in sorted(staged.glob("rng-rank*.safetensors")) if staged.is_dir() else []:
+        os.replace(path, tmp / path.name)
+        files[path.name] = sha256(tmp / path.name)
+    shutil.rmtree(staged, ignore_errors=True)
     meta.update(format_version=FORMAT_VERSION, seq=seq, files=files)
+    fault_point("ckpt_write")
     write_json_atomic(tmp / "meta.json", meta)
     fsync_dir(tmp)
     if final.exists():
@@ -166,6 +193,13 @@ def save_checkpoint(root: str | Path, seq: int, state: dict[str, torch.Tensor], 
     for old in sorted(ckroot.glob("ckpt-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def stage_rank_rng(root: str | Path, seq: int, rank: int) -> None:
+    """A rank other than 0 leaves its RNG state for rank 0's ``save_checkpoint(seq)`` to pick up."""
+    staged = Path(root) / "checkpoints" / f".rng-{seq:06d}"
+    staged.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(staged / f"rng-rank{rank}.safetensors", rng_tensors())
 
 
 def _verify(folder: Path) -> dict:

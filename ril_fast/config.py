@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import inspect
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -199,6 +202,8 @@ def _convert(value: Any, tp, path: str, errors: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {type(value).__name__} {value!r}")
             return value
+        if not math.isfinite(value):  # json.loads accepts NaN and Infinity
+            errors.append(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -321,12 +326,36 @@ def read_prompts(spec: list[str] | str, where: str) -> list[str]:
             raise ConfigError([f"{where}: prompts file {spec!r} not found"]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"{where}: prompts file {spec!r} is not UTF-8 text"]) from None
-        except OSError as exc:
-            raise ConfigError([f"{where}: prompts file {spec!r} cannot be read ({exc.strerror})"]) from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError([f"{where}: prompts file {spec!r} cannot be read ({why})"]) from None
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError([f"{where}: no prompts (give a non-empty list or a file with one prompt per line)"])
     return prompts
+
+
+def _check_reward_target(name: str, options: dict) -> None:
+    """Up front: a user reward's module imports and has the function; options fit the factory."""
+    from ril_fast import rewards
+
+    if rewards.is_user_reward(name):
+        module, _, attr = name.partition(":")
+        try:  # only the module the config names is imported; the config itself is never executed
+            obj = getattr(importlib.import_module(module), attr, None)
+        except Exception as exc:  # noqa: BLE001 - any import failure of user code is a config error
+            raise ValueError(f"cannot import module {module!r} of {name!r} ({type(exc).__name__}: {exc}); "
+                             "put it on PYTHONPATH") from None
+        if not callable(obj):
+            raise ValueError(f"module {module!r} has no callable {attr!r}; give 'module:function'")
+        return
+    if options:
+        module, attr = rewards._REGISTRY[name]
+        factory = getattr(importlib.import_module(module), attr)
+        try:
+            inspect.signature(factory).bind(**options)
+        except TypeError as exc:
+            raise ValueError(f"reward {name!r} does not take the options {sorted(options)} ({exc})") from None
 
 
 def _positive(errors, where, value, allow_zero=False):
@@ -360,6 +389,7 @@ def validate(cfg: Config) -> None:
         else:
             try:
                 rewards.check_name(task.reward)
+                _check_reward_target(task.reward, task.reward_options)
             except ValueError as exc:
                 errors.append(f"{where}.reward: {exc}")
         for key in ("train_prompts", "eval_prompts"):
@@ -394,6 +424,9 @@ def validate(cfg: Config) -> None:
     _positive(errors, "train.max_bad_steps", t.max_bad_steps)
     if not cfg.eval.seeds:
         errors.append("eval.seeds: give at least one seed")
+    for where, seed in [("seed", cfg.seed)] + [(f"eval.seeds.{i}", v) for i, v in enumerate(cfg.eval.seeds)]:
+        if isinstance(seed, int) and not 0 <= seed < 2**63:  # torch generators take 0 .. 2**63 - 1 here
+            errors.append(f"{where}: must be in 0 .. 2**63 - 1, got {seed}")
     _positive(errors, "eval.batch_size", cfg.eval.batch_size)
     _positive(errors, "memory.budget_gib", cfg.memory.budget_gib)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):

@@ -51,6 +51,35 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def dist_ready() -> bool:
+    """True once a process group spans more than one rank (DeepSpeed initialises it with the first Engine)."""
+    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier_all() -> None:
+    if dist_ready():
+        torch.distributed.barrier()
+
+
+def replica_fingerprints(params: Sequence[torch.Tensor]) -> list[int]:
+    """One 60-bit hash of the exact bytes of ``params`` per rank (rank order); a single entry without ranks.
+
+    Data-parallel replicas must hold bitwise-identical trainable weights after every step; differing
+    fingerprints mean the ranks drifted apart (a missed all-reduce, rank-dependent code).
+    """
+    import hashlib
+
+    flat = torch.cat([p.detach().float().flatten().cpu() for p in params]) if params else torch.zeros(0)
+    mine = torch.tensor([int(hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:15], 16)], dtype=torch.int64)
+    if not dist_ready():
+        return [int(mine)]
+    if torch.distributed.get_backend() == "nccl":  # nccl gathers device tensors only
+        mine = mine.to(torch.device("cuda", torch.cuda.current_device()))
+    gathered = [torch.zeros_like(mine) for _ in range(world_size())]
+    torch.distributed.all_gather(gathered, mine)
+    return [int(t) for t in gathered]
+
+
 def pick_device(cfg) -> torch.device:
     if cfg.model.device != "auto":
         return torch.device(cfg.model.device)

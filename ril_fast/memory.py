@@ -156,9 +156,16 @@ def build_meta_models(arch: Arch, dtype: torch.dtype):
 
     from ril_fast.models.sd import Models
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(arch.unet).to(dtype)
-        vae = AutoencoderKL.from_config(arch.vae).to(dtype)
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # "modules that should be kept in float32: []" on every .to(dtype)
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(arch.unet).to(dtype)
+            vae = AutoencoderKL.from_config(arch.vae).to(dtype)
+    finally:
+        dlog.set_verbosity(level)
     for m in (unet, vae):
         m.requires_grad_(False)
         m.eval()
@@ -390,3 +397,285 @@ class StepPlan:
     breakdown: dict[str, int]  # live bytes per tag at the peak
     static_bytes: int  # live before the step (weights, adapters, rewards, cache)
     cpu_bytes: int  # what ZeRO offload keeps on the host (optimizer state + fp32 grads)
+
+
+def _real_timesteps(scheduler) -> None:
+    """The sampler calls ``int(t)`` on the scheduler's timesteps, which FakeTensorMode cannot answer
+    (iterating even a real tensor yields fake ones): hold them as Python ints instead."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    original = scheduler.set_timesteps
+
+    def set_timesteps(*args, **kwargs):
+        with unset_fake_temporarily():
+            original(*args, **kwargs)
+            scheduler.timesteps = [int(t) for t in scheduler.timesteps]
+
+    scheduler.set_timesteps = set_timesteps
+
+
+def traced_config(cfg):
+    """``cfg`` with the no-grad sampling prefix cut to one step (last-step distillation only).
+
+    Prefix steps run without grad and keep nothing but the latent, so each one has the same
+    transient peak: tracing one of them gives the same plan as tracing all, in far less time.
+    Full-step distillation records every teacher step, so it is traced at its real length.
+    """
+    import copy
+
+    if cfg.method.distill and cfg.method.distill_mode == "full":
+        return cfg
+    k = cfg.sampling.grad_window_max or cfg.sampling.grad_window
+    out = copy.deepcopy(cfg)
+    out.sampling.steps = min(cfg.sampling.steps, k + 1)
+    return out
+
+
+def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -> StepPlan:
+    """Peak bytes of one training step of task ``task`` (0-based), traced through the trainer's code.
+
+    ``fake=False`` runs the same trace on real CPU tensors (tests compare the two). The caller
+    passes ``traced_config(cfg)`` to shorten the no-grad prefix.
+    """
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ril_fast import engine as eng
+    from ril_fast import lora
+    from ril_fast.methods.objective import Batch, compute_loss, latent_shape, unconditional, step_seed
+
+    arch = arch or resolve_arch(cfg.model.path)
+    dtype = DTYPES[cfg.model.dtype]
+    models = build_meta_models(arch, dtype)
+    _real_timesteps(models.scheduler)
+    apply_memory_features(models, cfg)
+    layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    n_adapters = task + 1 if cfg.method.adapter_per_task else 1
+    for i in range(n_adapters):
+        lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i, init=cfg.lora.init)
+    use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
+    height = cfg.sampling.height or models.sample_size
+    width = cfg.sampling.width or models.sample_size
+
+    tracker = MemoryTracker()
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode, tracker:
+        materialize(models.unet, tracker, _unet_tag)
+        materialize(models.vae, tracker, lambda *_: "weights_vae")
+        lora.reset_ema(layers)  # as begin_task: the teacher starts as the current model
+        tag_module(models.unet, tracker, "activations_unet")
+        tag_module(models.vae.decoder, tracker, "activations_vae")
+        tag_module(models.vae.post_quant_conv, tracker, "activations_vae")
+        keep = []
+        if cfg.memory.text_encoders == "keep":
+            tracker.push("text_encoders")
+            keep.append(torch.empty(text_encoder_bytes(arch, dtype), dtype=torch.uint8))
+            tracker.pop()
+        # the trainer builds every task's reward up front (rewards.weights caches identical ones)
+        built: dict[str, object] = {}
+        for t in cfg.tasks:
+            key = json.dumps([t.reward, reward_build_options(cfg, t)], sort_keys=True, default=str)
+            if key not in built:
+                built[key] = build_reward(t.reward, reward_build_options(cfg, t), tracker)[0]
+            if t is cfg.tasks[task]:
+                reward_fn = built[key]
+        tracker.push("inputs")
+        prompts = all_prompts(cfg)
+        cache = _FakePromptCache(models, arch, dtype, len(prompts), height, width)
+        cache.fill(prompts)
+        chosen = [prompts[i % len(prompts)] for i in range(cfg.train.batch_size)]
+        z_T = torch.randn(latent_shape(models, cfg, len(chosen)))
+        window = cfg.sampling.grad_window_max or cfg.sampling.grad_window  # the worst K
+        batch = Batch(chosen, cache.get(chosen), unconditional(cfg, cache, len(chosen)), z_T, window,
+                      step_seed(cfg.seed, task, 0))
+        tracker.pop()
+        static = tracker.live
+
+        params = lora.trainable_parameters(layers)
+        engine = eng.Engine.__new__(eng.Engine)  # Engine's own backward/zero_grad; no DeepSpeed under fake tensors
+        engine.cfg, engine.params, engine.deepspeed, engine.ds_engine = cfg, params, False, None
+        engine.optimizer = eng.make_optimizer(params, "adamw", cfg.train.lr, cfg.train.weight_decay)
+
+        tracker.push("activations_unet")
+        out = compute_loss(models, layers, reward_fn, batch, cfg, use_distill)
+        tracker.pop()
+        tracker.push("backward")
+        engine.backward(out.loss)
+        del out
+        tracker.pop()
+        tracker.push("optimizer_state")
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # Engine.step, minus its host sync
+        if optimizer_offloaded(cfg):
+            pass  # ZeRO offload: the step and its state live on the host
+        elif cfg.train.optimizer == "adamw8bit":
+            keep += _adamw8bit_state(params, tracker)
+        else:
+            engine.optimizer.step()
+        engine.zero_grad()
+        tracker.pop()
+        if cfg.method.distill:
+            lora.ema_update(layers, cfg.method.ema_decay)
+    n_params = sum(p.numel() for p in params)
+    cpu = n_params * 16 if optimizer_offloaded(cfg) else 0  # fp32 master + 2 moments + fp32 grads
+    return StepPlan(task, tracker.peak, dict(tracker.peak_by_tag), static, cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan, the budget check, the CLI
+
+GROUPS = {  # breakdown shown to users -> tracker tags
+    "weights": ("weights_unet",),
+    "adapters": ("adapters",),
+    "optimizer_state": ("optimizer_state",),
+    "activations": ("activations_unet", "backward", "inputs", "other"),
+    "vae": ("weights_vae", "activations_vae"),
+    "reward_model": ("reward_model", "activations_reward"),
+    "text_encoders": ("text_encoders",),
+}
+
+
+@dataclass
+class MemoryPlan:
+    """Planned device memory of a training step; the peak is the worst task's."""
+
+    peak_bytes: int
+    task: int  # 0-based task whose step peaks
+    detail: dict[str, int]  # tracker tag -> live bytes at that peak
+    tasks: list[dict] = field(default_factory=list)  # per traced task: task, name, reward, peak_gib
+    cpu_bytes: int = 0  # host memory of offloaded optimizer state
+    arch: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    @property
+    def breakdown(self) -> dict[str, float]:
+        """GiB per component at the peak (weights, adapters, optimizer state, activations, VAE, reward, ...)."""
+        return {g: sum(self.detail.get(t, 0) for t in tags) / GIB for g, tags in GROUPS.items()}
+
+    def to_dict(self) -> dict:
+        r = lambda x: round(x, 3)  # noqa: E731
+        return {"peak_gib": r(self.peak_gib), "breakdown": {k: r(v) for k, v in self.breakdown.items()},
+                "detail_gib": {k: r(v / GIB) for k, v in sorted(self.detail.items())}, "peak_task": self.task,
+                "tasks": self.tasks, "cpu_offload_gib": r(self.cpu_bytes / GIB), "arch": self.arch,
+                "notes": self.notes}
+
+
+def _signatures(cfg) -> dict[tuple, int]:
+    """Tasks with the same reward and distillation have the same step; keep the one with most adapters."""
+    out: dict[tuple, int] = {}
+    for i, t in enumerate(cfg.tasks):
+        key = (t.reward, json.dumps(reward_build_options(cfg, t), sort_keys=True, default=str),
+               cfg.method.distill and (i > 0 or cfg.method.distill_first_task))
+        out[key] = i  # later tasks hold more adapters
+    return out
+
+
+def plan(cfg, tasks: list[int] | None = None) -> MemoryPlan:
+    """Plan the peak device memory of ``cfg``'s training step (every distinct task, or ``tasks``)."""
+    arch = resolve_arch(cfg.model.path)
+    traced = traced_config(cfg)
+    indices = sorted(_signatures(cfg).values()) if tasks is None else list(tasks)
+    steps = [plan_step(traced, i, arch) for i in indices]
+    worst = max(steps, key=lambda s: s.peak_bytes)
+    notes = []
+    if traced.sampling.steps != cfg.sampling.steps:
+        notes.append(f"no-grad prefix traced for 1 of {cfg.sampling.steps - traced.sampling.steps + 1} steps "
+                     "(identical steps, same peak)")
+    if optimizer_offloaded(cfg):
+        notes.append("ZeRO offload: optimizer state and fp32 gradients on the host (cpu_offload_gib)")
+    if cfg.train.optimizer == "adamw8bit" and not optimizer_offloaded(cfg):
+        notes.append("adamw8bit state sized as bitsandbytes allocates it (its kernels cannot run on fake tensors)")
+    for t in cfg.tasks:
+        if t.reward == "imagereward":
+            notes.append("imagereward planned with a CLIP ViT-L/14 tower + MLP head (BLIP ViT-L/16 + BERT in reality)")
+    per_task = [{"task": s.task, "name": cfg.tasks[s.task].name, "reward": cfg.tasks[s.task].reward,
+                 "peak_gib": round(s.peak_bytes / GIB, 3)} for s in steps]
+    return MemoryPlan(worst.peak_bytes, worst.task, worst.breakdown, per_task, worst.cpu_bytes,
+                      f"{arch.kind} ({arch.source})", notes)
+
+
+def suggested_fixes(cfg, memory_plan: MemoryPlan | None = None) -> list[str]:
+    """``--set`` overrides that lower the planned peak for this config, biggest component first."""
+    m, fixes = cfg.memory, []
+    model_reward = any(t.reward in REWARD_TOWERS for t in cfg.tasks)
+    by_part = {
+        "vae": ([] if m.vae_checkpoint else ["memory.vae_checkpoint=true"])
+        + (["memory.vae_slice=true"] if not m.vae_slice and cfg.train.batch_size > 1 else []),
+        "reward_model": ((["memory.reward_dtype=bfloat16"] if m.reward_dtype == "float32" else [])
+                         + ([] if m.reward_checkpoint else ["memory.reward_checkpoint=true"])) if model_reward else [],
+        "activations": ([] if cfg.sampling.checkpoint_unet else ["sampling.checkpoint_unet=true"])
+        + ([] if m.unet_block_checkpoint else ["memory.unet_block_checkpoint=true"])
+        + (["sampling.grad_window=1 sampling.grad_window_max=null"]
+           if cfg.sampling.grad_window > 1 or cfg.sampling.grad_window_max else [])
+        + (["train.batch_size=1 (raise train.grad_accum instead)"] if cfg.train.batch_size > 1 else []),
+        "optimizer_state": [] if optimizer_offloaded(cfg) or cfg.train.optimizer == "adamw8bit"
+        else ["train.optimizer=adamw8bit", "deepspeed.zero_stage=2 deepspeed.offload_optimizer=true"],
+        "adapters": ["lora.targets=attn"] if cfg.lora.targets != "attn" else [],
+        "weights": ["model.dtype=bfloat16"] if cfg.model.dtype == "float32" else [],
+        "text_encoders": ["memory.text_encoders=cpu"] if m.text_encoders == "keep" else [],
+    }
+    order = sorted(by_part, key=lambda g: -(memory_plan.breakdown.get(g, 0) if memory_plan else 0))
+    for g in order:
+        fixes += by_part[g]
+    return fixes
+
+
+def check_budget(cfg, memory_plan: MemoryPlan | None = None) -> str | None:
+    """None when ``memory.budget_gib`` is unset or the planned peak fits; else a one-line refusal."""
+    budget = cfg.memory.budget_gib
+    if budget is None:
+        return None
+    p = memory_plan or plan(cfg)
+    if p.peak_gib <= budget:
+        return None
+    top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p.breakdown.items(), key=lambda kv: -kv[1])[:3])
+    fixes = suggested_fixes(cfg, p)
+    return (f"memory.budget_gib: planned peak {p.peak_gib:.1f} GiB (task {p.task + 1}: {top} GiB) exceeds the budget "
+            f"of {budget:g} GiB; try --set " + ("; ".join(fixes) if fixes else "a smaller sampling size/batch")
+            + " (check with python -m ril_fast.memory)")
+
+
+def format_plan(p: MemoryPlan, cfg) -> str:
+    lines = [f"planned peak: {p.peak_gib:.2f} GiB (task {p.task + 1} '{cfg.tasks[p.task].name}', arch {p.arch})"]
+    lines += [f"  {k:<16} {v:8.3f} GiB" for k, v in p.breakdown.items()]
+    lines += [f"  task {t['task'] + 1} {t['name']} [{t['reward']}]: {t['peak_gib']:.2f} GiB" for t in p.tasks]
+    if p.cpu_bytes:
+        lines.append(f"  host (offloaded optimizer): {p.cpu_bytes / GIB:.3f} GiB")
+    lines += [f"  note: {n}" for n in p.notes]
+    if cfg.memory.budget_gib is not None:
+        msg = check_budget(cfg, p)
+        lines.append(msg or f"fits the budget of {cfg.memory.budget_gib:g} GiB")
+    lines.append("not included: CUDA context (~0.5 GiB), allocator caching/fragmentation, library workspaces")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ril_fast.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m ril_fast.memory", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="run config JSON")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--task", type=int, action="append", help="plan only this task (1-based); repeatable")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    bad = [t for t in args.task or [] if not 1 <= t <= len(cfg.tasks)]
+    if bad:
+        print(f"--task {bad[0]}: the config has tasks 1..{len(cfg.tasks)}", file=sys.stderr)
+        return 2
+    p = plan(cfg, [t - 1 for t in args.task] if args.task else None)
+    print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p, cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -53,11 +54,12 @@ def preflight(cfg: Config) -> None:
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
+        probe = out / f".write-probe-{os.getpid()}"  # per process: ranks run preflight at the same time
         probe.write_bytes(b"ok")
         probe.unlink()
-    except OSError as exc:
-        raise ConfigError([f"output_dir: {cfg.output_dir!r} is not writable ({exc.strerror})"]) from None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError([f"output_dir: {cfg.output_dir!r} is not writable ({why}); give a writable folder"]) from None
     free_mib = shutil.disk_usage(out).free / 2**20
     if free_mib < 64:
         raise ConfigError([f"output_dir: only {free_mib:.0f} MiB free on {cfg.output_dir!r}; need at least 64 MiB"])
@@ -122,7 +124,10 @@ def build_run(cfg: Config) -> Run:
         torch.use_deterministic_algorithms(True)
     device = eng.pick_device(cfg)
     # The VAE decodes in fp32: the SD/SDXL VAEs overflow in fp16 and lose detail in bf16.
-    models = load_models(cfg.model.path, dtype=eng.DTYPES[cfg.model.dtype], device=device, vae_dtype=torch.float32)
+    try:  # a broken weights file is a config problem (exit 2), not a traceback
+        models = load_models(cfg.model.path, dtype=eng.DTYPES[cfg.model.dtype], device=device, vae_dtype=torch.float32)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
     if cfg.memory.attention == "xformers":
         if device.type != "cuda":
             raise ConfigError(["memory.attention: xformers needs a CUDA device; use 'sdpa' on CPU"])
@@ -139,7 +144,10 @@ def build_run(cfg: Config) -> Run:
     unique = sorted({p for ps in train_prompts + eval_prompts for p in ps} | {cfg.sampling.negative_prompt})
     cache.warm(unique)
     free_text_encoders(models, cfg.memory.text_encoders)
-    reward_fns = [rewards.build(t.reward, **t.reward_options) for t in cfg.tasks]
+    try:
+        reward_fns = [rewards.build(t.reward, **t.reward_options) for t in cfg.tasks]
+    except (ValueError, ImportError, AttributeError) as exc:
+        raise ConfigError([f"tasks: a reward cannot be built: {exc}"]) from None
     is_main = eng.rank() == 0
     return Run(cfg=cfg, device=device, models=models, layers=layers, prompt_cache=cache, rewards=reward_fns,
                train_prompts=train_prompts, eval_prompts=eval_prompts, log=MetricsLog(cfg.output_dir, is_main),
@@ -176,12 +184,14 @@ def save(run: Run, task: int, phase: str, step: int, engine=None) -> None:
     run.seq += 1
     meta = {"task": task, "phase": phase, "step": step, "results": run.results, "config": run.cfg.to_dict(),
             "metrics_lines": run.log.lines()}
+    if not run.is_main and eng.dist_ready():  # every rank's RNG state goes into the checkpoint
+        ckpt.stage_rank_rng(run.out, run.seq, eng.rank())
+    eng.barrier_all()
     if run.is_main:
         state = lora.group_state_dict(run.layers) or {"_empty": torch.zeros(1)}
         ckpt.save_checkpoint(run.out, run.seq, state, meta, engine.optimizer_state() if engine else None,
                              keep=run.cfg.train.keep_checkpoints)
-    if engine is not None:
-        engine.barrier()
+    eng.barrier_all()
 
 
 def resume(run: Run):
@@ -190,7 +200,8 @@ def resume(run: Run):
         loaded = ckpt.load_latest(run.out, rank=eng.rank())
     except ckpt.CheckpointError as exc:
         raise FatalRunError(f"cannot resume from {run.out}: {exc}") from None
-    if loaded is None:
+    if loaded is None:  # killed before the first checkpoint: start over, metrics included
+        run.log.truncate(0)
         return None
     meta, state, optim, rng = loaded
     task, phase = meta["task"], meta["phase"]
@@ -258,8 +269,14 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
             record["distill"] = float(torch.stack(distills).mean())
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
-        if (step + 1) % cfg.train.log_every == 0 or record["skipped"]:
+        if eng.dist_ready() and cfg.deepspeed.zero_stage < 3:  # ZeRO-3 ranks hold shards, not replicas
+            record["replica_fingerprints"] = eng.replica_fingerprints(params)
+        if (step + 1) % cfg.train.log_every == 0 or record["skipped"] or "replica_fingerprints" in record:
             run.log.write(record, tb_step=record["global_step"])
+        if len(set(record.get("replica_fingerprints", [0]))) > 1:
+            raise FatalRunError(f"ranks hold different adapters after step {step + 1} of task {task + 1} "
+                                f"(fingerprints {record['replica_fingerprints']}); the run is not data-parallel")
+        ckpt.fault_point("step")
         bar.set_postfix({k: f"{record[k]:.4g}" for k in ("reward", "distill") if k in record})
         if bad >= cfg.train.max_bad_steps:
             raise FatalRunError(f"{bad} non-finite steps in a row in task {task + 1} ({tcfg.name}) at step {step + 1};"
@@ -296,6 +313,7 @@ def evaluate_row(run: Run, row: int) -> None:
                                captions=captions)
         run.log.write({"kind": "eval", "row": row, **{f"reward/{t.name}": r for t, r in zip(cfg.tasks, result.rewards)},
                        "structure_drift": res["structure_drift"][-1]}, tb_step=row)
+    ckpt.fault_point("eval")
 
 
 def write_results(run: Run, wall: float) -> dict:
@@ -342,6 +360,7 @@ def run_all(cfg: Config) -> dict:
                                       run.out / "plots" / "reward_curves.png", keys=["reward", "distill"])
         run.results["wall_seconds_so_far"] = wall_before + time.time() - t_start
         save(run, task, "done", cfg.tasks[task].steps)
+        ckpt.fault_point("task_boundary")
         task, phase, step, optim = task + 1, "start", 0, None
     res = write_results(run, wall_before + time.time() - t_start)
     if run.is_main:

@@ -50,6 +50,10 @@ def main(argv=None) -> int:
 
     try:
         run_all(cfg)
+    except ConfigError as exc:  # found while loading the model or building rewards, before training
+        for problem in exc.problems:
+            print(f"ril_fast: config error: {problem}", file=sys.stderr)
+        return 2
     except FatalRunError as exc:
         print(f"ril_fast: {exc}", file=sys.stderr)
         return 1

@@ -41,8 +41,10 @@ def _make(device, dtype, lead, d_in, d_out, ranks, train, bias=True):
     x = torch.randn(*lead, d_in, device=device).to(dtype).requires_grad_()
     w = (torch.randn(d_out, d_in, device=device) / d_in**0.5).to(dtype)
     b = torch.randn(d_out, device=device).to(dtype) if bias else None
-    a = [(torch.randn(r, d_in, device=device) / d_in**0.5).to(dtype).requires_grad_(i in train) for i, r in enumerate(ranks)]
-    bb = [(torch.randn(d_out, r, device=device) / r**0.5).to(dtype).requires_grad_(i in train) for i, r in enumerate(ranks)]
+    a = [(torch.randn(r, d_in, device=device) / d_in**0.5).to(dtype).requires_grad_(i in train)
+         for i, r in enumerate(ranks)]
+    bb = [(torch.randn(d_out, r, device=device) / r**0.5).to(dtype).requires_grad_(i in train)
+          for i, r in enumerate(ranks)]
     scales = [0.5 + 0.75 * i for i in range(len(ranks))]
     return x, w, b, a, bb, scales
 
@@ -234,7 +236,8 @@ def test_custom_ops_pass_opcheck(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "m,d_in,d_out,ranks",
-    [(8192, 320, 320, (16, 16, 16, 16)), (4096, 640, 640, (64,)), (4096, 320, 2560, (4, 8)), (2048, 1280, 1280, (64,) * 8)],
+    [(8192, 320, 320, (16, 16, 16, 16)), (4096, 640, 640, (64,)), (4096, 320, 2560, (4, 8)),
+     (2048, 1280, 1280, (64,) * 8)],
 )
 def test_real_shapes_bf16_cuda(monkeypatch, m, d_in, d_out, ranks):
     if not torch.cuda.is_available():

@@ -192,7 +192,8 @@ ds_db_tuned = triton.autotune(configs=DSDB_CONFIGS, key=["M", "N", "R"], reset_t
 
 def _flags(dtype: torch.dtype) -> dict:
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"lora_group_linear supports float16/bfloat16/float32/float64 inputs, got {dtype}; cast x first")
+        raise ValueError(f"lora_group_linear supports float16/bfloat16/float32/float64 inputs, got {dtype}; "
+                         "cast x first")
     return {
         "UPCAST": INTERPRET and dtype == torch.bfloat16,
         "IEEE": dtype in (torch.float32, torch.float64),
@@ -227,8 +228,8 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
             escale if escale is not None else dummy, s if s is not None else dummy,
             cscale if cscale is not None else dummy, M, N, K, r, split_k,
             int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None), int(atomic),
-            *(sa or a.stride()), *(sb or b.stride()), *(sc or (c.stride() if c.dim() == 3 else (0, *c.stride()))), *(sg or (0, 0)),
-            *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)))
+            *(sa or a.stride()), *(sb or b.stride()), *(sc or (c.stride() if c.dim() == 3 else (0, *c.stride()))),
+            *(sg or (0, 0)), *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)))
     r_pad = _pow2(r)
     # R_PAD only shapes EPI 2's register tile; EPI 1 walks R in RB-wide chunks
     meta = dict(EPI=epi, R_PAD=r_pad if epi == 2 else 16, RB=RB, **fl)
@@ -413,15 +414,16 @@ def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
         return cuda_lib.lora_group_linear(x, weight, bias, lora_a, lora_b, scales)
     if backend != "triton":
-        raise ValueError(f"lora_group backend must be 'triton' or 'cuda', got {backend!r}; use the reference for 'torch'")
+        raise ValueError(f"lora_group backend must be 'triton' or 'cuda', got {backend!r}; "
+                         "use the reference for 'torch'")
     k = len(lora_a)
     if k == 0 or len(lora_b) != k or len(scales) != k:
         raise ValueError(f"need k >= 1 adapters with matching lists, got {k} A, {len(lora_b)} B, {len(scales)} scales")
     d_out, d_in = weight.shape
     for a, b in zip(lora_a, lora_b):
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
-            raise ValueError(f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit W {tuple(weight.shape)};"
-                             " A must be (r, d_in) and B (d_out, r)")
+            raise ValueError(f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit W "
+                             f"{tuple(weight.shape)}; A must be (r, d_in) and B (d_out, r)")
     if x.shape[-1] != d_in:
         raise ValueError(f"x has last dim {x.shape[-1]} but W expects d_in={d_in}")
     ranks = tuple(int(a.shape[0]) for a in lora_a)
