@@ -263,11 +263,12 @@ class _FakeTokenizer:
         return SimpleNamespace(input_ids=torch.zeros(len(prompts), self.length, dtype=torch.long))
 
 
-def build_reward(name: str, options: dict, tracker: MemoryTracker):
-    """The reward ``name`` with its tower built from the arch JSONs (random weights) inside the mode.
+def build_reward(name: str, options: dict):
+    """(reward, modules): the reward ``name`` with its tower built on meta from the arch JSONs.
 
     CLIP rewards reuse the reward classes' own forward (preprocess, tower, head / text cosine);
-    model-free rewards are the registered ones themselves.
+    model-free rewards are the registered ones themselves (no modules). ``materialize`` the
+    modules inside the tracker.
     """
     from ril_fast import rewards
     from ril_fast.rewards import clip_rewards as cr
@@ -303,9 +304,6 @@ def build_reward(name: str, options: dict, tracker: MemoryTracker):
                                    device=torch.device("cpu"), crop_rounding="floor", resize_mode="shortest",
                                    gradient_checkpointing=ckpt)
         parts = [model]
-    for part in parts:
-        materialize(part, tracker, lambda *_: "reward_model")
-        tag_module(part, tracker, "activations_reward")
     return reward, parts
 
 
@@ -457,6 +455,14 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
     height = cfg.sampling.height or models.sample_size
     width = cfg.sampling.width or models.sample_size
+    # the trainer builds every task's reward up front (rewards.weights caches identical ones)
+    built: dict[str, tuple] = {}
+    for t in cfg.tasks:
+        key = json.dumps([t.reward, reward_build_options(cfg, t)], sort_keys=True, default=str)
+        if key not in built:
+            built[key] = build_reward(t.reward, reward_build_options(cfg, t))
+        if t is cfg.tasks[task]:
+            reward_fn = built[key][0]
 
     tracker = MemoryTracker()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
@@ -472,14 +478,10 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
             tracker.push("text_encoders")
             keep.append(torch.empty(text_encoder_bytes(arch, dtype), dtype=torch.uint8))
             tracker.pop()
-        # the trainer builds every task's reward up front (rewards.weights caches identical ones)
-        built: dict[str, object] = {}
-        for t in cfg.tasks:
-            key = json.dumps([t.reward, reward_build_options(cfg, t)], sort_keys=True, default=str)
-            if key not in built:
-                built[key] = build_reward(t.reward, reward_build_options(cfg, t), tracker)[0]
-            if t is cfg.tasks[task]:
-                reward_fn = built[key]
+        for _, parts in built.values():
+            for part in parts or []:
+                materialize(part, tracker, lambda *_: "reward_model")
+                tag_module(part, tracker, "activations_reward")
         tracker.push("inputs")
         prompts = all_prompts(cfg)
         cache = _FakePromptCache(models, arch, dtype, len(prompts), height, width)

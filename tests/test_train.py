@@ -1,0 +1,107 @@
+"""End to end: the CLI trains a tiny 2-task RID run; its outputs are complete and consistent."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ril_fast.metrics_log import read_metrics
+from ril_fast.train import main
+
+
+def write_cfg(path, model_dir, out, **method):
+    path.write_text(json.dumps({
+        "output_dir": str(out),
+        "seed": 3,
+        "model": {"path": str(model_dir)},
+        "method": {"name": "rid", **method},
+        "sampling": {"steps": 2, "guidance_scale": 2.0},
+        "train": {"batch_size": 1, "lr": 5e-2},
+        "tasks": [
+            {"name": "bright", "reward": "brightness", "train_prompts": ["a red circle"],
+             "eval_prompts": ["a blue square"], "steps": 2},
+            {"name": "smooth", "reward": "smoothness", "train_prompts": ["a green star"],
+             "eval_prompts": ["a blue square"], "steps": 2},
+        ],
+        "eval": {"seeds": [5]},
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = write_cfg(root / "cfg.json", tiny_model_dirs["sd"], root / "run")
+    assert main(["--config", str(cfg)]) == 0
+    return root / "run", cfg
+
+
+def test_results_json(finished_run):
+    run, _ = finished_run
+    res = json.loads((run / "results.json").read_text())
+    assert res["tasks"] == ["bright", "smooth"]
+    R = np.array(res["reward_matrix"])
+    assert R.shape == (3, 2) and np.isfinite(R).all()
+    f = res["forgetting"]
+    # Independent recomputation of DESIGN.md §3's F_j for the one earlier task.
+    assert f["per_task"][0] == pytest.approx(R[:2, 0].max() - R[2, 0])
+    assert "mean" in f and "mean_normalized" in f
+    assert len(res["structure_drift"]) == 3 and res["structure_drift"][0] == pytest.approx(1.0)
+    assert res["wall_seconds"] > 0 and res["config"]["method"]["name"] == "rid"
+
+
+def test_metrics_and_artefacts(finished_run):
+    run, _ = finished_run
+    metrics = read_metrics(run)
+    train = [m for m in metrics if m["kind"] == "train"]
+    assert [(m["task"], m["step"]) for m in train] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all("distill" not in m for m in train if m["task"] == 0)  # no teacher on task 1 by default
+    assert all("distill" in m for m in train if m["task"] == 1)
+    assert [m["row"] for m in metrics if m["kind"] == "eval"] == [0, 1, 2]
+    for name in ("base", "after_task_01", "after_task_02"):
+        Image.open(run / "grids" / f"{name}.png").verify()
+    for name in ("reward_curves", "reward_matrix"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 1000
+    for task in (1, 2):
+        assert (run / "adapters" / f"task_{task:02d}" / "pytorch_lora_weights.safetensors").is_file()
+    assert list((run / "tensorboard").iterdir())
+
+
+def test_rerun_resumes_instead_of_retraining(finished_run, capsys):
+    run, cfg = finished_run
+    before = (run / "results.json").read_text()
+    n_lines = len(read_metrics(run))
+    assert main(["--config", str(cfg)]) == 0
+    assert len(read_metrics(run)) == n_lines  # nothing trained or evaluated again
+    after = json.loads((run / "results.json").read_text())
+    assert after["reward_matrix"] == json.loads(before)["reward_matrix"]
+
+
+def test_other_config_in_same_dir_is_refused(finished_run, tmp_path, capsys):
+    run, cfg = finished_run
+    data = json.loads(cfg.read_text())
+    data["method"]["name"] = "baseline"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    assert main(["--config", str(other)]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_load_pipeline_reproduces_trainer_images(finished_run):
+    """The exported adapters in a stock diffusers pipeline draw the trainer's final eval image."""
+    from diffusers import DDIMScheduler
+
+    import ril_fast
+    from ril_fast.evaluate import eval_noise
+
+    run, _ = finished_run
+    pipe = ril_fast.load_pipeline(run, task=2)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    z = eval_noise(None, lambda n: (n, 4, 16, 16), 5)
+    image = pipe(["a blue square"], num_inference_steps=2, guidance_scale=2.0, latents=z, output_type="pt").images
+    grid = np.asarray(Image.open(run / "grids" / "after_task_02.png").convert("RGB")).astype(np.float32) / 255
+    h, w = image.shape[-2:]
+    tile = torch.from_numpy(grid[2 : 2 + h, 2 : 2 + w]).permute(2, 0, 1)
+    assert (image[0] - tile).abs().max() <= 2 / 255
