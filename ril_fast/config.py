@@ -258,6 +258,8 @@ def apply_override(data: dict, assignment: str) -> None:
     for i, part in enumerate(parts[:-1]):
         node = _step_into(node, part, parts[: i + 1], assignment, create=True)
     last = parts[-1]
+    if not isinstance(node, (dict, list)):  # e.g. train.lr.x=1: train.lr holds a number
+        raise ConfigError([f"--set {assignment!r}: {'.'.join(parts[:-1])} is not an object"])
     if isinstance(node, list):
         idx = _index(last, node, assignment)
         node[idx] = _parse_value(text)

@@ -176,9 +176,16 @@ class Engine:
     def step(self) -> tuple[float | None, bool]:
         """Clip and step. Returns (grad norm or None, stepped); a non-finite grad norm skips the step."""
         if self.ds_engine is not None:
+            # Stage 0 keeps .grad on the parameters (already all-reduced by engine.backward); ZeRO 1/2
+            # reduce into partitions and report the norm themselves after the step.
+            grads = [p.grad for p in self.params if p.grad is not None]
+            pre = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else None
+            if pre is not None and not math.isfinite(pre):
+                self.zero_grad()
+                return pre, False
             self.ds_engine.step()
             norm = self.ds_engine.get_global_grad_norm()
-            norm = None if norm is None else float(norm)
+            norm = pre if norm is None else float(norm)
             return norm, norm is None or math.isfinite(norm)
         clip = self.cfg.train.grad_clip
         grads = [p.grad for p in self.params if p.grad is not None]
