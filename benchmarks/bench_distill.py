@@ -68,11 +68,18 @@ def providers(cuda_ok: bool):
 
 
 def make_inputs(shape, dtype, device):
-    s = torch.randn(shape, device=device, dtype=dtype).requires_grad_(True)
-    t = torch.randn(shape, device=device, dtype=dtype)
-    x = torch.randn(shape, device=device, dtype=dtype)
-    ab = alphas_cumprod().to(device)[torch.randint(0, 1000, (shape[0],), device=device)]
-    w = torch.rand(shape[0], device=device) + 0.5
+    # Drawn on the CPU: a failed CUDA-graph capture earlier in the run leaves the CUDA generator
+    # unusable ("Offset increment outside graph capture"), seen on an H100 (torch 2.11).
+    gen = torch.Generator().manual_seed(hash(tuple(shape)) & 0xFFFF)
+
+    def draw(*size, fn=torch.randn):
+        return fn(*size, generator=gen)
+
+    s = draw(*shape).to(device, dtype).requires_grad_(True)
+    t = draw(*shape).to(device, dtype)
+    x = draw(*shape).to(device, dtype)
+    ab = alphas_cumprod()[torch.randint(0, 1000, (shape[0],), generator=gen)].to(device)
+    w = (draw(shape[0], fn=torch.rand) + 0.5).to(device)
     return s, t, x, ab, w
 
 

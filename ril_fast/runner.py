@@ -46,6 +46,8 @@ def _diff_keys(a, b, prefix="") -> list[str]:
         for key in sorted(set(a) | set(b)):
             out += _diff_keys(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
         return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):  # name the task that changed
+        return [k for i, (x, y) in enumerate(zip(a, b)) for k in _diff_keys(x, y, f"{prefix}.{i}")]
     return [] if a == b else [prefix]
 
 

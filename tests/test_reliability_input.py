@@ -202,8 +202,9 @@ def test_model_folder_problems(model, tmp_path, capsys):
     _assert_config_error(rc, err, "lacks the subfolder(s) unet")
 
 
-def test_truncated_weights_exit_2_in_cli(model, tmp_path):
+def test_truncated_weights_exit_2_in_cli(model, tmp_path, monkeypatch):
     """Weights that pass the cheap folder check but fail to load: exit 2 from the real CLI (forked child)."""
+    monkeypatch.undo()  # the real run_all: loading the model is where this fails
     broken = tmp_path / "broken"
     shutil.copytree(model, broken)
     weights = next((broken / "unet").glob("*.safetensors"))
@@ -289,14 +290,18 @@ def test_cli_subprocess_bad_override(model, tmp_path):
     """The real entry point in a fresh interpreter: one line per problem, exit 2, no traceback."""
     conf = rs.write_config(base(model, tmp_path / "out"), tmp_path / "c.json")
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{Path(__file__).parent}")
-    proc = subprocess.run([sys.executable, "-m", "ril_fast.train", "--config", conf, "--set", "train.lr=NaN",
-                           "--set", "method.name=ridd", "--set", "tasks.0.reward=nomod_zz:f"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("ril_fast:")]
-    assert len(lines) == 3 and all(line.startswith(PREFIX) for line in lines), proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    # type problems first (both at once), then cross-field ones (both at once)
+    for sets, needles in ((["train.lr=NaN", "method.name=ridd"], ["train.lr", "method.name"]),
+                          (["tasks.0.reward=nomod_zz:f", "model.path=/no/such/model"], ["nomod_zz", "model.path"])):
+        argv = [a for x in sets for a in ("--set", x)]
+        proc = subprocess.run([sys.executable, "-m", "ril_fast.train", "--config", conf, *argv],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("ril_fast:")]
+        assert len(lines) == 2 and all(line.startswith(PREFIX) for line in lines), proc.stderr
+        assert all(any(n in line for line in lines) for n in needles), lines
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +332,8 @@ def test_config_values_are_never_executed(model, tmp_path, capsys):
     """A reward string is a name; a value that looks like code is reported, not run."""
     marker = tmp_path / "pwned"
     payload = f"__import__('os').system('touch {marker}')"
-    rc, err = _run(rs.write_config(base(model, tmp_path / "out"), tmp_path / "c.json"),
-                   [f"tasks.0.reward={payload}", f"method.name={payload}"], capsys)
-    _assert_config_error(rc, err, "tasks.0.reward", "method.name")
+    conf = rs.write_config(base(model, tmp_path / "out"), tmp_path / "c.json")
+    for key in ("tasks.0.reward", "method.name", "lora.targets"):
+        rc, err = _run(conf, [f"{key}={payload}"], capsys)
+        _assert_config_error(rc, err, key)
     assert not marker.exists()

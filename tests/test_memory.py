@@ -1,0 +1,172 @@
+"""The fake-tensor memory planner against the same step on real CPU tensors, and its switches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ril_fast import memory
+from ril_fast.config import config_from_dict, load_config
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from ril_fast.models import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd", kind="sd")
+
+
+def tiny_cfg(path, **overrides):
+    data = {
+        "model": {"path": str(path), "dtype": "float32"},
+        "method": {"name": "rid", "distill_first_task": True},
+        "sampling": {"steps": 3, "grad_window": 1, "guidance_scale": 5.0},
+        "train": {"batch_size": 2},
+        "memory": {"text_encoders": "free", "vae_checkpoint": True},
+        "deepspeed": {"enabled": "off"},
+        "tasks": [{"name": "b", "reward": "brightness", "train_prompts": ["a red cat", "a blue dog"],
+                   "eval_prompts": ["a green bird"]}],
+    }
+    for key, value in overrides.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return config_from_dict(data)
+
+
+def _storages(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+def real_trainer_step(cfg) -> int:
+    """Peak bytes of one step run by the trainer's own objects on real CPU tensors (no planner code
+    but the tracker): load_models, PromptCache, rewards.build, make_batch, compute_loss, Engine, ema_update."""
+    from ril_fast import engine as eng
+    from ril_fast import lora, rewards
+    from ril_fast.methods.objective import compute_loss, make_batch
+    from ril_fast.models import PromptCache, free_text_encoders, load_models
+
+    models = load_models(cfg.model.path)
+    memory.apply_memory_features(models, cfg)
+    layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=0)
+    lora.reset_ema(layers)
+    cache = PromptCache(models)
+    cache.warm(memory.all_prompts(cfg))
+    free_text_encoders(models, "free")
+    reward = rewards.build(cfg.tasks[0].reward)
+    tensors = [*models.unet.parameters(), *models.unet.buffers(), *models.vae.parameters(), *models.vae.buffers()]
+    tensors += [x for c in cache._cache.values() for x in (c.prompt_embeds, c.pooled, c.time_ids)]
+    static = _storages(tensors)
+    params = lora.trainable_parameters(layers)
+    engine = eng.Engine(models.unet, params, cfg, lr=cfg.train.lr)
+    tracker = memory.MemoryTracker()
+    with tracker:
+        batch = make_batch(models, cfg, cache, cfg.tasks[0].train_prompts, 0, 0, torch.device("cpu"))
+        out = compute_loss(models, layers, reward, batch, cfg, use_distill=True)
+        engine.backward(out.loss)
+        del out
+        engine.step()
+        lora.ema_update(layers, cfg.method.ema_decay)
+    return static + tracker.peak
+
+
+def test_fake_plan_matches_the_real_trainer_step(tiny_path):
+    cfg = tiny_cfg(tiny_path)
+    planned = memory.plan_step(cfg, 0, fake=True)
+    real = real_trainer_step(cfg)
+    # a few KiB differ (scalar timestep tensors, the RNG index, one CPU attention buffer): < 0.1 %
+    assert abs(planned.peak_bytes - real) <= 1e-3 * real, (planned.peak_bytes, real)
+    # the prefix cut (traced_config) changes nothing: no-grad steps are identical
+    longer = tiny_cfg(tiny_path, **{"sampling.steps": 6})
+    assert memory.plan_step(memory.traced_config(longer), 0).peak_bytes == planned.peak_bytes
+
+
+def test_switches_move_the_plan(tiny_path):
+    base = memory.plan_step(tiny_cfg(tiny_path), 0).peak_bytes
+    no_vae_ckpt = memory.plan_step(tiny_cfg(tiny_path, **{"memory.vae_checkpoint": False}), 0).peak_bytes
+    no_unet_ckpt = memory.plan_step(tiny_cfg(tiny_path, **{"sampling.checkpoint_unet": False}), 0).peak_bytes
+    k2 = memory.plan_step(tiny_cfg(tiny_path, **{"sampling.grad_window": 2}), 0).peak_bytes
+    assert no_vae_ckpt > base
+    assert no_unet_ckpt > base
+    assert k2 > base
+
+
+def test_reward_dtype_and_offload(tiny_path):
+    aest = {"tasks": [{"name": "a", "reward": "aesthetic", "train_prompts": ["a red cat"], "eval_prompts": ["a dog"]}]}
+    fp32 = memory.plan_step(tiny_cfg(tiny_path, **aest, **{"memory.reward_dtype": "float32"}), 0)
+    bf16 = memory.plan_step(tiny_cfg(tiny_path, **aest, **{"memory.reward_dtype": "bfloat16"}), 0)
+    # the ViT-L/14 tower + projection: 303.2M + 0.8M params (openai/clip-vit-large-patch14 vision half)
+    assert 0.30e9 * 4 < fp32.breakdown["reward_model"] < 0.31e9 * 4
+    assert bf16.breakdown["reward_model"] * 2 == pytest.approx(fp32.breakdown["reward_model"], rel=5e-3)
+    assert bf16.peak_bytes < fp32.peak_bytes
+    offload = {"deepspeed.zero_stage": 2, "deepspeed.offload_optimizer": True}
+    on_device = memory.plan_step(tiny_cfg(tiny_path), 0)
+    off = memory.plan_step(tiny_cfg(tiny_path, **offload), 0)
+    assert on_device.breakdown.get("optimizer_state", 0) > 0
+    assert off.breakdown.get("optimizer_state", 0) == 0 and off.cpu_bytes > 0
+
+
+def test_check_budget_lists_fixes(tiny_path):
+    cfg = tiny_cfg(tiny_path, **{"memory.budget_gib": 1e-4, "memory.vae_checkpoint": False})
+    p = memory.plan(cfg)
+    msg = memory.check_budget(cfg, p)
+    assert msg and "exceeds the budget" in msg and "memory.vae_checkpoint=true" in msg
+    assert "train.optimizer=adamw8bit" in msg
+    roomy = tiny_cfg(tiny_path, **{"memory.budget_gib": 100.0})
+    assert memory.check_budget(roomy, p) is None
+    assert memory.check_budget(tiny_cfg(tiny_path), p) is None  # no budget set
+    d = p.to_dict()
+    assert d["peak_gib"] == round(p.peak_bytes / GIB, 3) and set(d["breakdown"]) == set(memory.GROUPS)
+
+
+def test_cli_json(tiny_path, tmp_path, capsys):
+    cfg = tiny_cfg(tiny_path)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert memory.main(["--config", str(path), "--json", "--set", "train.batch_size=1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_gib"] > 0 and out["tasks"][0]["reward"] == "brightness"
+
+
+@pytest.mark.parametrize("name, unet_m, vae_m, text_m", [
+    # public parameter counts: SD1.5 UNet 859.5M, SDXL UNet 2567.5M; KL-f8 VAE 83.7M;
+    # CLIP ViT-L/14 text 123.1M; OpenCLIP bigG text + projection 694.7M
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", 859.5, 83.7, [123.1]),
+    ("stabilityai/stable-diffusion-xl-base-1.0", 2567.5, 83.7, [123.1, 694.7]),
+])
+def test_shipped_arch_matches_public_sizes(name, unet_m, vae_m, text_m):
+    import transformers
+
+    arch = memory.resolve_arch(name)
+    models = memory.build_meta_models(arch, torch.bfloat16)
+    assert sum(p.numel() for p in models.unet.parameters()) / 1e6 == pytest.approx(unet_m, abs=0.1)
+    assert sum(p.numel() for p in models.vae.parameters()) / 1e6 == pytest.approx(vae_m, abs=0.1)
+    for (cls, conf), want in zip(arch.text_encoders, text_m):
+        with torch.device("meta"):
+            te = getattr(transformers, cls)(transformers.CLIPTextConfig(**conf))
+        assert sum(p.numel() for p in te.parameters()) / 1e6 == pytest.approx(want, abs=0.1)
+    assert models.sample_size == (1024 if "xl" in name else 512)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_shipped_configs_validate(name, monkeypatch):
+    from ril_fast import rewards
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # hub ids are accepted when the hub may be reached
+    cfg = load_config(f"configs/{name}.json")
+    assert [t.reward for t in cfg.tasks] == ["aesthetic", "hpsv2", "jpeg_compressibility"]
+    assert all(t.reward in rewards.names() for t in cfg.tasks)
+    assert cfg.method.name == "rid" and cfg.model.dtype == "bfloat16"
+    assert memory.memory_arch(cfg.model.path) == ("sdxl" if name == "sdxl" else "sd15")
