@@ -80,6 +80,17 @@ def replica_fingerprints(params: Sequence[torch.Tensor]) -> list[int]:
     return [int(t) for t in gathered]
 
 
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """Mean of a scalar over all ranks (a collective: every rank must call it), as a float for logging."""
+    if dist_ready():
+        value = value.detach().float().clone()
+        if torch.distributed.get_backend() == "nccl":
+            value = value.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(value)
+        value = value / world_size()
+    return float(value)
+
+
 def pick_device(cfg) -> torch.device:
     if cfg.model.device != "auto":
         return torch.device(cfg.model.device)

@@ -265,10 +265,10 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
         record = {"kind": "train", "task": task, "step": step + 1, "skipped": not (stepped and finite),
                   "bad_in_a_row": bad, "step_seconds": time.perf_counter() - t0,
                   "global_step": sum(t.steps for t in cfg.tasks[:task]) + step + 1}
-        if rewards_:  # host sync at the log point only
-            record["reward"] = float(torch.stack(rewards_).mean())
+        if rewards_:  # host sync at the log point only; the mean over every rank's batch
+            record["reward"] = eng.mean_over_ranks(torch.stack(rewards_).mean())
         if distills:
-            record["distill"] = float(torch.stack(distills).mean())
+            record["distill"] = eng.mean_over_ranks(torch.stack(distills).mean())
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if eng.dist_ready() and cfg.deepspeed.zero_stage < 3:  # ZeRO-3 ranks hold shards, not replicas

@@ -164,3 +164,20 @@ def test_adapters_per_method(tiny_model_dirs):
     for name, expect in (("baseline", [1, 1, 1]), ("distill", [1, 1, 1]), ("group", [1, 2, 3]), ("rid", [1, 2, 3])):
         cfg = make_cfg(tiny_model_dirs["sd"], name=name)
         assert [adapters_for_task(cfg, t) for t in range(3)] == expect, name
+
+
+def test_stacked_torch_path_equals_plain_reference():
+    from ril_fast.kernels import reference
+
+    x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(16, 24, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    a = [torch.randn(r, 24, dtype=torch.float64, requires_grad=True) for r in (2, 3, 4)]
+    bb = [torch.randn(16, r, dtype=torch.float64, requires_grad=True) for r in (2, 3, 4)]
+    scales = [0.5, 1.0, 2.0]
+    y1 = reference.lora_group_linear(x, w, b, a, bb, scales)
+    y2 = reference.lora_group_linear_stacked(x, w, b, a, bb, scales)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, a[1], bb[2]])
+    g2 = torch.autograd.grad(y2.square().sum(), [x, a[1], bb[2]])
+    for p, q in zip(g1, g2):
+        torch.testing.assert_close(p, q)

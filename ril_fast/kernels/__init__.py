@@ -24,7 +24,7 @@ def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
     """
     backend = select_backend("lora_group_linear", x.device)
     if backend == "torch":
-        return reference.lora_group_linear(x, weight, bias, lora_a, lora_b, scales)
+        return reference.lora_group_linear_stacked(x, weight, bias, lora_a, lora_b, scales)
     from ril_fast.kernels import lora_group
 
     return lora_group.lora_group_linear(x, weight, bias, lora_a, lora_b, scales, backend=backend)

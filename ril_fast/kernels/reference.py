@@ -87,3 +87,23 @@ def distill_mse(
     if weight is not None:
         per_sample = per_sample * weight.to(torch.float32)
     return per_sample.mean()
+
+
+def lora_group_linear_stacked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """The same function as :func:`lora_group_linear`, as one LoRA of rank R = Σ r_i.
+
+    ``A_cat`` (R, d_in) and ``B_cat`` (d_out, R) with the scales folded into B: two GEMMs instead
+    of 2k, which is the torch path's speed on CPU (k ≥ 2). Tested against the plain reference.
+    """
+    if len(lora_a) <= 1:
+        return lora_group_linear(x, weight, bias, lora_a, lora_b, scales)
+    a_cat = torch.cat([a.to(x.dtype) for a in lora_a])  # (R, d_in)
+    b_cat = torch.cat([b.to(x.dtype) * s for b, s in zip(lora_b, scales)], dim=1)  # (d_out, R)
+    return F.linear(x, weight, bias) + F.linear(F.linear(x, a_cat), b_cat)
