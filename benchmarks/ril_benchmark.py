@@ -72,8 +72,8 @@ def aggregate(results: dict[str, list[dict]]) -> tuple[dict, str]:
         if has_adh:
             adh = []
             for i in range(n + 1):
-                shape = [r["prompt_adherence"][i].get("shape_acc", float("nan")) for r in runs]
-                colour = [r["prompt_adherence"][i].get("colour_acc", float("nan")) for r in runs]
+                shape = [r["prompt_adherence"][i].get("shape", float("nan")) for r in runs]
+                colour = [r["prompt_adherence"][i].get("colour", float("nan")) for r in runs]
                 adh.append(f"{statistics.fmean(shape):.2f}/{statistics.fmean(colour):.2f}")
             entry["adherence"] = adh
             row += " | " + " → ".join(adh)

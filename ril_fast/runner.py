@@ -108,13 +108,14 @@ class Run:
 
 
 def _adherence_fn(cfg, models):
-    if not cfg.eval.adherence or not (Path(models.path) / "classifier").is_dir():
+    """Prompt-adherence metric when the model folder ships the shapes classifier (the embedded model)."""
+    folder = Path(models.path) / "classifier"
+    if not cfg.eval.adherence or not folder.is_dir():
         return None
-    try:
-        from ril_fast.rewards.adherence import adherence_accuracy
-    except ImportError:
-        return None
-    return lambda images, prompts: adherence_accuracy(images, prompts, classifier_path=Path(models.path) / "classifier")
+    from ril_fast.rewards.adherence import adherence_accuracy, load_classifier
+
+    classifier = load_classifier(folder)
+    return lambda images, prompts: adherence_accuracy(images, prompts, classifier=classifier)
 
 
 def build_run(cfg: Config) -> Run:
