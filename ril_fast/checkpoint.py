@@ -73,10 +73,6 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
-
-
 def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -183,7 +179,7 @@ def save_checkpoint(root: str | Path, seq: int, state: dict[str, torch.Tensor], 
     shutil.rmtree(staged, ignore_errors=True)
     meta.update(format_version=FORMAT_VERSION, seq=seq, files=files)
     fault_point("ckpt_write")
-    write_json_atomic(tmp / "meta.json", meta)
+    write_bytes_atomic(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)

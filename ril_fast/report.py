@@ -11,31 +11,15 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ril_fast.checkpoint import write_bytes_atomic
+
 GRID_PADDING = 2  # pixels between tiles and around the border (torchvision's make_grid default)
 GRID_BACKGROUND = 255  # white, so captions (drawn in black) stay readable
-
-
-def _write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _to_jsonable(obj):
@@ -70,7 +54,8 @@ def write_json_atomic(path: str | os.PathLike, obj) -> Path:
         text = json.dumps(_to_jsonable(obj), indent=2, allow_nan=False)
     except TypeError as e:
         raise ValueError(f"cannot write {path} as JSON: {e}; pass dicts/lists of numbers, strings, arrays") from e
-    return _write_bytes_atomic(path, (text + "\n").encode())
+    write_bytes_atomic(path, (text + "\n").encode())
+    return Path(path)
 
 
 def _images_uint8(images) -> np.ndarray:
@@ -142,7 +127,8 @@ def save_image_grid(images, path: str | os.PathLike, nrow: int, captions: Sequen
             draw.text((x, y + 1), text, fill=(0, 0, 0), font=font)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
+    return Path(path)
 
 
 def _save_figure(fig, path: str | os.PathLike) -> Path:
@@ -151,7 +137,8 @@ def _save_figure(fig, path: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
+    return Path(path)
 
 
 def plot_reward_curves(

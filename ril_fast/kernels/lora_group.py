@@ -143,17 +143,22 @@ def _gemm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
-@triton.jit(do_not_specialize=["NEED_DB"])
+@triton.jit
 def _ds_db_kernel(
     dy_ptr, bc_ptr, s_ptr, rscale_ptr, ds_ptr, db_ptr,
-    M, N, R, LO, RT, NEED_DB,
+    M, N, R, LO, RT,
     s_dym, s_dyn, s_bn, s_br, s_sm, s_sr, s_dsm, s_dsr, s_dbn, s_dbr,
-    R_PAD: tl.constexpr,
+    NEED_DB: tl.constexpr, R_PAD: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
     """One read of dY per M-tile: ``dS = (dY·B_cat)·diag(rscale)`` for all R columns and
-    ``dB[:, LO:LO+RT] += dYᵀ·(S·diag(rscale))[:, LO:LO+RT]`` (fp32 atomics)."""
+    ``dB[:, LO:LO+RT] += dYᵀ·(S·diag(rscale))[:, LO:LO+RT]`` (fp32 atomics).
+
+    NEED_DB must stay a constexpr: as a runtime ``if`` around the second dot, Triton's
+    pipeliner (num_stages ≥ 2) issued the prefetch of tile n+2 into the dY shared-memory slot
+    before the branch read ``trans(dy)`` from it, so dB summed the wrong (often zero) tiles on
+    GPU while the interpreter, which does not pipeline, was right."""
     pid_m = tl.program_id(0)
     rm = pid_m * BM + tl.arange(0, BM)
     mm = rm < M
@@ -161,7 +166,7 @@ def _ds_db_kernel(
     mr = rr < R
     ds = tl.zeros((BM, R_PAD), dtype=ACC)
     rt = tl.arange(0, R_PAD)
-    mt = (rt < RT) & (NEED_DB != 0)
+    mt = rt < RT
     st = _ld(s_ptr + rm[:, None] * s_sm + (LO + rt)[None, :] * s_sr, mm[:, None] & mt[None, :], UPCAST)
     sct = tl.load(rscale_ptr + LO + rt, mask=mt, other=0.0).to(ACC)
     st = (st.to(ACC) * sct[None, :]).to(s_ptr.dtype.element_ty)
