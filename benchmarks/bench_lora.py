@@ -8,8 +8,9 @@ Only the newest adapter trains; W, bias and older adapters are frozen.
 
     python benchmarks/bench_lora.py [--quick] [--out DIR_OR_JSON]
 
-On CPU only the torch providers run, on a reduced grid (< 2 min), fp32; the summary reports the
-torch_stacked vs peft_eager ratio for k=4 forward+backward.
+On GPU every forward / full step is also timed as a CUDA-graph replay (``graph: true`` rows; GPU
+time without launch overhead). On CPU only the torch providers run, on a reduced grid (< 2 min),
+fp32, and the summary is empty (it compares the fused provider).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench, env_info, results_path, write_record  # noqa: E402
+from common import bench, bench_graph, env_info, results_path, write_record  # noqa: E402
 
 # (name, M = batch·tokens, d_in, d_out); batch 2 (CFG / training pairs)
 GPU_SHAPES = [
@@ -37,9 +38,13 @@ GPU_SHAPES = [
     ("sdxl_l2_attn", 8192, 640, 640),
     ("sdxl_l3_attn", 2048, 1280, 1280),
     ("sdxl_l3_ff_in", 2048, 1280, 10240),
+    # large M (SDXL 128×128 latents × batch): the GEMMs are no longer launch-bound
+    ("sd15_l1_attn_m32k", 32768, 320, 320),
+    ("sdxl_l2_attn_m32k", 32768, 640, 640),
+    ("sdxl_l2_attn_m64k", 65536, 640, 640),
 ]
 GPU_ADAPTERS = [(r, k) for r in (4, 16, 64) for k in (1, 2, 4, 8)]
-QUICK_SHAPES = ["sd15_l1_attn", "sdxl_l2_attn", "sdxl_l3_attn"]
+QUICK_SHAPES = ["sd15_l1_attn", "sdxl_l3_attn", "sdxl_l2_attn_m32k", "sdxl_l2_attn_m64k"]
 QUICK_ADAPTERS = [(4, 1), (16, 4), (64, 1), (16, 8)]
 CPU_SHAPES = [("sd15_l1_attn_m512", 512, 320, 320), ("sd15_l1_ff_out_m512", 512, 1280, 320)]
 CPU_ADAPTERS = [(4, 1), (4, 4), (16, 4)]
@@ -97,11 +102,18 @@ def build_case(m, d_in, d_out, r, k, dtype, device):
     return providers, grads
 
 
-def time_provider(fn, mode, grads, device, quick):
+def time_provider(fn, mode, grads, device, quick, graph=False):
+    """``graph``: time a CUDA-graph replay of the forward / full step (GPU time, no launch cost)."""
     warm, rep = (10, 30) if quick else (25, 100)
     if torch.device(device).type == "cpu":
         warm, rep = 5, 40
+    timer = bench_graph if graph else bench
     if mode == "forward":
+        if graph:
+            def fwd():
+                with torch.no_grad():
+                    fn()
+            return timer(fwd, device, warmup_ms=warm, rep_ms=rep)
         return bench(fn, device, warmup_ms=warm, rep_ms=rep)
     if mode == "full":
         def step():
@@ -112,7 +124,7 @@ def time_provider(fn, mode, grads, device, quick):
         def step():
             y.backward(gy, retain_graph=True)
     gy = torch.randn_like(fn().detach())
-    return bench(step, device, grad_to_none=grads, warmup_ms=warm, rep_ms=rep)
+    return timer(step, device, grad_to_none=grads, warmup_ms=warm, rep_ms=rep)
 
 
 def main(argv=None):
@@ -120,12 +132,16 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small subset of shapes and adapter counts")
     ap.add_argument("--out", default=None, help="results directory, or a .json file path")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timings")
+    ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: the grid)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:
         os.environ.setdefault("RIL_FAST_KERNELS", "triton")
         shapes = [s for s in GPU_SHAPES if not args.quick or s[0] in QUICK_SHAPES]
+        if args.shapes:
+            shapes = [s for s in GPU_SHAPES if s[0] in args.shapes.split(",")]
         adapters = QUICK_ADAPTERS if args.quick else GPU_ADAPTERS
         dtype = torch.bfloat16
     else:
@@ -134,51 +150,83 @@ def main(argv=None):
     record = {"name": "bench_lora", "env": env_info(device), "dtype": str(dtype), "quick": args.quick,
               "modes": list(MODES), "results": [], "summary": {}}
     t0 = time.time()
+    variants = [("forward", False), ("backward", False), ("full", False)]
+    if gpu and not args.no_graph:
+        variants += [("forward", True), ("full", True)]
     for name, m, d_in, d_out in shapes:
         for r, k in adapters:
             providers, grads = build_case(m, d_in, d_out, r, k, dtype, device)
             base_t = {}
-            for mode in MODES:
+            for mode, graph in variants:
                 for prov, fn in providers.items():
                     try:
-                        t = time_provider(fn, mode, grads, device, args.quick)
+                        t = time_provider(fn, mode, grads, device, args.quick, graph=graph)
                     except Exception as exc:  # one failing provider must not lose the run
                         t = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                     if prov == "base":
-                        base_t[mode] = t.get("median_ms")
-                    if "median_ms" in t and base_t.get(mode):
-                        t["ratio_to_base"] = t["median_ms"] / base_t[mode]
+                        base_t[(mode, graph)] = t.get("median_ms")
+                    if "median_ms" in t and base_t.get((mode, graph)):
+                        t["ratio_to_base"] = t["median_ms"] / base_t[(mode, graph)]
                     row = {"shape": name, "M": m, "d_in": d_in, "d_out": d_out, "r": r, "k": k, "R": r * k,
-                           "mode": mode, "provider": prov, "backend": prov, **t}
+                           "mode": mode, "graph": graph, "provider": prov, "backend": prov, **t}
                     record["results"].append(row)
-                    print(f"{name:22s} r={r:<3d} k={k} {mode:8s} {prov:14s} "
+                    print(f"{name:22s} r={r:<3d} k={k} {mode:8s}{'/graph' if graph else '':6s} {prov:14s} "
                           + (f"{t['median_ms']:.4f} ms  x{t.get('ratio_to_base', float('nan')):.2f}"
                              if "median_ms" in t else t["error"]), flush=True)
             record["summary"] = summarize(record["results"])
             record["elapsed_s"] = round(time.time() - t0, 1)
             write_record(path, record)  # after every case: a timeout keeps what was measured
+            del providers, grads
+            if gpu:
+                torch.cuda.empty_cache()
+    print(table(record["summary"]))
     print("summary:", record["summary"])
     print("wrote", path)
     return record
 
 
 def summarize(rows):
-    """Speed-ups of the stacked/fused paths over PEFT eager and over torch_stacked (full step)."""
-    idx = {(r["shape"], r["r"], r["k"], r["mode"], r["provider"]): r.get("median_ms") for r in rows}
-    out = {"stacked_vs_peft_full_k4": {}, "fused_vs_peft_full": {}, "fused_vs_stacked_full": {}}
-    for (shape, r, k, mode, prov), t in idx.items():
-        if mode != "full" or t is None:
+    """Per case (shape/r/k) and timing (plain, graph): fused time over base, PEFT and torch_stacked.
+
+    ``fwd_x_base`` = fused / base forward (target ≤ 1.10 for R ≤ 16); ``full_x_base`` = fused /
+    base full step (base full = forward + dX; target ≤ 1.35 for R ≤ 64); ``peft_speedup`` =
+    PEFT / fused full (target ≥ 2 for k ≥ 2); ``stacked_speedup`` = torch_stacked / fused full
+    (target ≥ 1.2 for C ≤ 640). Plain timings include host launch cost; graph ones do not.
+    """
+    idx = {(r["shape"], r["r"], r["k"], r["mode"], r.get("graph", False), r["provider"]): r.get("median_ms")
+           for r in rows}
+    out = {}
+    for (shape, r, k, mode, graph, prov), t in idx.items():
+        if prov != "fused" or t is None:
             continue
-        key = f"{shape}/r{r}/k{k}"
-        peft = idx.get((shape, r, k, mode, "peft_eager"))
-        stacked = idx.get((shape, r, k, mode, "torch_stacked"))
-        if prov == "torch_stacked" and k == 4 and peft:
-            out["stacked_vs_peft_full_k4"][key] = round(peft / t, 3)  # > 1: stacked is faster
-        if prov == "fused" and peft:
-            out["fused_vs_peft_full"][key] = round(peft / t, 3)
-        if prov == "fused" and stacked:
-            out["fused_vs_stacked_full"][key] = round(stacked / t, 3)
+        row = out.setdefault(f"{shape}/r{r}/k{k}", {})
+        tag = "graph" if graph else "plain"
+        get = lambda p: idx.get((shape, r, k, mode, graph, p))  # noqa: E731
+        if mode == "forward" and get("base"):
+            row[f"fwd_x_base_{tag}"] = round(t / get("base"), 3)
+        if mode == "full":
+            if get("base"):
+                row[f"full_x_base_{tag}"] = round(t / get("base"), 3)
+            if get("peft_eager"):
+                row[f"peft_speedup_{tag}"] = round(get("peft_eager") / t, 3)
+            if get("torch_stacked"):
+                row[f"stacked_speedup_{tag}"] = round(get("torch_stacked") / t, 3)
+            row[f"full_ms_{tag}"] = round(t, 4)
     return out
+
+
+def table(summary) -> str:
+    """Compact text table of :func:`summarize` (plain / graph)."""
+    cols = ["fwd_x_base", "full_x_base", "peft_speedup", "stacked_speedup", "full_ms"]
+    head = f"{'case':32s}" + "".join(f"{c + ' p/g':>22s}" for c in cols)
+    lines = [head]
+    for case, row in summary.items():
+        cells = []
+        for c in cols:
+            p, g = row.get(f"{c}_plain"), row.get(f"{c}_graph")
+            cells.append(f"{'-' if p is None else p:>10}/{'-' if g is None else g:<11}")
+        lines.append(f"{case:32s}" + "".join(f"{x:>22s}" for x in cells))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,14 @@ class MemoryTracker(TorchDispatchMode):
         self.tags = ["other"]
         self._seen: dict[int, tuple[int, str]] = {}
 
+    def adopt(self, tensors, tag: str) -> None:
+        """Count tensors that exist already (e.g. loaded weights), so views of them are not new."""
+        self.push(tag)
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        self.pop()
+
     def push(self, tag: str) -> None:
         self.tags.append(tag)
 
@@ -153,10 +161,9 @@ def resolve_arch(model_path: str) -> Arch:
 def build_meta_models(arch: Arch, dtype: torch.dtype):
     """``Models`` with every weight on the meta device, as ``load_models`` would build them."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as dlog
 
     from ril_fast.models.sd import Models
-
-    from diffusers.utils import logging as dlog
 
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # "modules that should be kept in float32: []" on every .to(dtype)
@@ -404,6 +411,7 @@ class StepPlan:
     breakdown: dict[str, int]  # live bytes per tag at the peak
     static_bytes: int  # live before the step (weights, adapters, rewards, cache)
     cpu_bytes: int  # what ZeRO offload keeps on the host (optimizer state + fp32 grads)
+    resident: dict[str, int] = field(default_factory=dict)  # live bytes per tag after the step
 
 
 def _real_timesteps(scheduler) -> None:
@@ -450,7 +458,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
 
     from ril_fast import engine as eng
     from ril_fast import lora
-    from ril_fast.methods.objective import Batch, compute_loss, latent_shape, unconditional, step_seed
+    from ril_fast.methods.objective import Batch, compute_loss, latent_shape, step_seed, unconditional
 
     arch = arch or resolve_arch(cfg.model.path)
     dtype = DTYPES[cfg.model.dtype]
@@ -478,7 +486,9 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     with mode, tracker:
         materialize(models.unet, tracker, _unet_tag)
         materialize(models.vae, tracker, lambda *_: "weights_vae")
+        tracker.push("adapters")
         lora.reset_ema(layers)  # as begin_task: the teacher starts as the current model
+        tracker.pop()
         tag_module(models.unet, tracker, "activations_unet")
         tag_module(models.vae.decoder, tracker, "activations_vae")
         tag_module(models.vae.post_quant_conv, tracker, "activations_vae")
@@ -530,7 +540,8 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
             lora.ema_update(layers, cfg.method.ema_decay)
     n_params = sum(p.numel() for p in params)
     cpu = n_params * 16 if optimizer_offloaded(cfg) else 0  # fp32 master + 2 moments + fp32 grads
-    return StepPlan(task, tracker.peak, dict(tracker.peak_by_tag), static, cpu)
+    resident = {k: v for k, v in tracker.by_tag.items() if v}
+    return StepPlan(task, tracker.peak, dict(tracker.peak_by_tag), static, cpu, resident)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +580,7 @@ class MemoryPlan:
         return {g: sum(self.detail.get(t, 0) for t in tags) / GIB for g, tags in GROUPS.items()}
 
     def to_dict(self) -> dict:
-        r = lambda x: round(x, 3)  # noqa: E731
+        r = lambda x: round(x, 3)
         return {"peak_gib": r(self.peak_gib), "breakdown": {k: r(v) for k, v in self.breakdown.items()},
                 "detail_gib": {k: r(v / GIB) for k, v in sorted(self.detail.items())}, "peak_task": self.task,
                 "tasks": self.tasks, "cpu_offload_gib": r(self.cpu_bytes / GIB), "arch": self.arch,

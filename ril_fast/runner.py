@@ -97,6 +97,7 @@ class Run:
     results: dict = field(default_factory=dict)
     base_images: dict = field(default_factory=dict)
     seq: int = 0  # checkpoint sequence number
+    bad_in_a_row: int = 0  # non-finite steps in a row, carried across a resume
     adherence_fn: object = None
 
     @property
@@ -122,6 +123,12 @@ def build_run(cfg: Config) -> Run:
     from ril_fast.models import load_models
     from ril_fast.models.text import PromptCache, free_text_encoders
 
+    if cfg.memory.budget_gib is not None:
+        from ril_fast import memory
+
+        message = memory.check_budget(cfg)  # planned on fake tensors, before any weight loads
+        if message:
+            raise ConfigError([message])
     torch.manual_seed(cfg.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -135,8 +142,9 @@ def build_run(cfg: Config) -> Run:
         if device.type != "cuda":
             raise ConfigError(["memory.attention: xformers needs a CUDA device; use 'sdpa' on CPU"])
         models.unet.enable_xformers_memory_efficient_attention()
-    if cfg.memory.unet_block_checkpoint:
-        models.unet.enable_gradient_checkpointing()
+    from ril_fast import memory
+
+    memory.apply_memory_features(models, cfg)  # the same switches the planner traced
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
     height = cfg.sampling.height or models.sample_size
     width = cfg.sampling.width or models.sample_size
@@ -148,7 +156,7 @@ def build_run(cfg: Config) -> Run:
     cache.warm(unique)
     free_text_encoders(models, cfg.memory.text_encoders)
     try:
-        reward_fns = [rewards.build(t.reward, **t.reward_options) for t in cfg.tasks]
+        reward_fns = [rewards.build(t.reward, **memory.reward_build_options(cfg, t)) for t in cfg.tasks]
     except (ValueError, ImportError, AttributeError) as exc:
         raise ConfigError([f"tasks: a reward cannot be built: {exc}"]) from None
     is_main = eng.rank() == 0
@@ -186,14 +194,18 @@ def begin_task(run: Run, task: int) -> None:
 def save(run: Run, task: int, phase: str, step: int, engine=None) -> None:
     run.seq += 1
     meta = {"task": task, "phase": phase, "step": step, "results": run.results, "config": run.cfg.to_dict(),
-            "metrics_lines": run.log.lines()}
+            "metrics_lines": run.log.lines(), "bad_in_a_row": run.bad_in_a_row}
     if not run.is_main and eng.dist_ready():  # every rank's RNG state goes into the checkpoint
         ckpt.stage_rank_rng(run.out, run.seq, eng.rank())
     eng.barrier_all()
     if run.is_main:
         state = lora.group_state_dict(run.layers) or {"_empty": torch.zeros(1)}
-        ckpt.save_checkpoint(run.out, run.seq, state, meta, engine.optimizer_state() if engine else None,
-                             keep=run.cfg.train.keep_checkpoints)
+        try:
+            ckpt.save_checkpoint(run.out, run.seq, state, meta, engine.optimizer_state() if engine else None,
+                                 keep=run.cfg.train.keep_checkpoints)
+        except OSError as exc:  # full disk, quota: the half-written folder stays hidden, older ones verify
+            raise FatalRunError(f"cannot write checkpoint {run.seq} under {run.out} ({exc.strerror or exc}); the "
+                                "previous checkpoint is intact: free space and rerun the same command") from None
     eng.barrier_all()
 
 
@@ -215,6 +227,7 @@ def resume(run: Run):
         ckpt.restore_rng(rng)
     run.results = meta["results"]
     run.seq = meta["seq"]
+    run.bad_in_a_row = meta.get("bad_in_a_row", 0)
     run.log.truncate(meta["metrics_lines"])
     base = run.out / "eval" / "base_images.safetensors"
     if base.is_file():
@@ -236,7 +249,7 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
     if optimizer_state is not None:
         engine.load_optimizer_state(optimizer_state)
     use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
-    bad = 0
+    bad = run.bad_in_a_row if start_step > 0 else 0  # a streak of skipped steps survives a resume
     bar = tqdm(range(start_step, tcfg.steps), desc=f"task {task + 1}/{len(cfg.tasks)} {tcfg.name}",
                disable=not run.is_main, initial=start_step, total=tcfg.steps)
     for step in bar:
@@ -263,6 +276,7 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
         else:
             bad += 1
             _log.warning("task %d step %d: non-finite loss or gradient, step skipped (%d in a row)", task, step, bad)
+        run.bad_in_a_row = bad
         record = {"kind": "train", "task": task, "step": step + 1, "skipped": not (stepped and finite),
                   "bad_in_a_row": bad, "step_seconds": time.perf_counter() - t0,
                   "global_step": sum(t.steps for t in cfg.tasks[:task]) + step + 1}

@@ -131,6 +131,18 @@ def comparable_metrics(out: str | Path) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "step_seconds"} for m in read_metrics(out)]
 
 
-def adapter_bytes(out: str | Path) -> dict[str, bytes]:
-    files = sorted(Path(out, "adapters").glob("task_*/pytorch_lora_weights.safetensors"))
-    return {f.parent.name: f.read_bytes() for f in files}
+def adapter_bytes(out: str | Path) -> dict[str, tuple[dict, dict[str, bytes]]]:
+    """Per exported task: (header metadata, exact bytes of every tensor).
+
+    Not the raw file bytes: safetensors writes its metadata map in hash order, which differs
+    between processes; the tensors and the metadata contents are what must be equal.
+    """
+    from safetensors import safe_open
+
+    out_map = {}
+    for f in sorted(Path(out, "adapters").glob("task_*/pytorch_lora_weights.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                       for k in sorted(fh.keys())}
+            out_map[f.parent.name] = (fh.metadata(), tensors)
+    return out_map

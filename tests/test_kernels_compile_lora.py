@@ -1,9 +1,11 @@
 """AOT compile gate: every LoRA kernel configuration the GPU path may launch compiles to a cubin
-for sm_80 and sm_90 on this CPU-only machine (the interpreter accepts shapes the GPU rejects,
+for sm_90 (a representative subset also for sm_80) on this CPU-only machine (the interpreter accepts shapes the GPU rejects,
 e.g. ``tl.dot`` with K < 16, and never checks shared memory).
 
 Compilation needs real JIT functions, which ``TRITON_INTERPRET=1`` (set by conftest) replaces,
-so one worker subprocess without the interpreter compiles every case and reports per case.
+so one worker subprocess without the interpreter compiles every case and reports per case. The
+gate also scans each kernel's TTGIR for shared-memory reads inside a branch of a pipelined loop,
+the pattern that made dB wrong on GPU only (see ``_ds_db_kernel``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,38 @@ def _cases():
     # fp16 shares bf16's code shape; fp32 switches the dots to IEEE
     cases = lora_group.gpu_launch_cases("fp32")
     out += [("fp32-gemm", "fp32", cases[0]), ("fp32-fused", "fp32", cases[len(lora_group._GPU_MAIN)])]
+    out += [("fp32-dsdb", "fp32", next(c for c in cases if c[0].__name__ == "_ds_db_kernel"))]
     return out
+
+
+def _ccs(case):
+    """sm_90 for every variant; sm_80 for a representative subset (keeps the cold gate < 90 s)."""
+    fn, _, cx = case[2][0], case[2][1], case[2][2]
+    rep = case[1] == "bf16" and (
+        (fn.__name__ == "_gemm_kernel" and cx["EPI"] == 2 and cx["R_PAD"] == 64 and cx["BN"] == 128)
+        or (fn.__name__ == "_ds_db_kernel" and cx["R_PAD"] == 128 and cx["NEED_DB"]))
+    return CCS if rep else (90,)
+
+
+def smem_reads_in_branch(ttgir: str) -> list:
+    """Lines where a shared-memory read sits in an ``scf.if`` nested in an ``scf.for``.
+
+    The pipeliner refills a loop's shared-memory slots without seeing reads inside a branch:
+    such a read can see the next tiles (the GPU-only dB bug, invisible to the interpreter)."""
+    stack, bad = [], []
+    for n, line in enumerate(ttgir.splitlines()):
+        t = line.strip()
+        if t.startswith("}"):
+            if stack:
+                stack.pop()
+            if t.endswith("{"):
+                stack.append("else")
+            continue
+        if "ttg.local_load" in t and "for" in stack and any(k in ("if", "else") for k in stack[stack.index("for"):]):
+            bad.append(f"{n}: {t[:160]}")
+        if t.endswith("{"):
+            stack.append("for" if "scf.for" in t else "if" if "scf.if" in t else "other")
+    return bad
 
 
 def _signature(fn, ptrs, constexprs, dtype):
@@ -52,7 +85,8 @@ def _compile_one(job):
     try:
         ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
-        return f"{name}-{cc}", {"cubin": len(ck.asm["cubin"]), "shared": ck.metadata.shared}
+        return f"{name}-{cc}", {"cubin": len(ck.asm["cubin"]), "shared": ck.metadata.shared,
+                                 "smem_reads_in_branch": smem_reads_in_branch(ck.asm["ttgir"])}
     except Exception as exc:  # reported per case by the test
         return f"{name}-{cc}", {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
@@ -60,7 +94,7 @@ def _compile_one(job):
 def _worker():
     import multiprocessing
 
-    jobs = [(i, cc) for i in range(len(_cases())) for cc in CCS]
+    jobs = [(i, cc) for i, c in enumerate(_cases()) for cc in _ccs(c)]
     with multiprocessing.get_context("fork").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
         print(json.dumps(dict(pool.map(_compile_one, jobs, chunksize=1))))
 
@@ -76,7 +110,7 @@ def report():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-CASE_IDS = [f"{c[0]}-{cc}" for c in _cases() for cc in CCS]
+CASE_IDS = [f"{c[0]}-{cc}" for c in _cases() for cc in _ccs(c)]
 
 
 def test_cases_cover_every_launch_variant():
@@ -89,6 +123,23 @@ def test_cases_cover_every_launch_variant():
     assert fused_r == {16, 32, 64} and lora_group.MAX_FUSED_R == 64
     dsdb_r = {c[2][2]["R_PAD"] for c in cases if c[2][0].__name__ == "_ds_db_kernel"}
     assert dsdb_r == {16, 32, 64, 128} and lora_group.MAX_DSDB_R == 128
+    assert {c[2][2]["NEED_DB"] for c in cases if c[2][0].__name__ == "_ds_db_kernel"} == {True, False}
+    assert {c[2][2]["ATOMIC"] for c in cases if c[2][0].__name__ == "_gemm_kernel"} == {True, False}
+
+
+def test_branch_scan_flags_the_old_ds_db_pattern():
+    """The scan must flag a shared-memory read inside a branch of a pipelined loop (the dB bug)."""
+    bad = """  %0 = scf.for %i = %c0 to %N step %c64 iter_args(%a = %z) -> (tensor<64x32xf32>) {
+    %t = ttg.memdesc_trans %v {order = array<i32: 1, 0>}
+    %l = ttg.local_load %v : !ttg.memdesc<64x64xf32>
+    %c = ttg.async_copy_global_to_local %p, %v mask %m
+    scf.if %flag {
+      %p2 = ttg.local_load %t : !ttg.memdesc<64x64xf32>
+    } loc(#loc1)
+    scf.yield %a
+  } loc(#loc2)"""
+    assert len(smem_reads_in_branch(bad)) == 1
+    assert smem_reads_in_branch(bad.replace("scf.if %flag {", "%q = arith.addi %x, %y {")) == []
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
@@ -98,6 +149,7 @@ def test_compiles_for_gpu(report, case_id):
     cc = int(case_id.rsplit("-", 1)[1])
     assert got["cubin"] > 0
     assert got["shared"] <= SMEM_LIMIT[cc], f"{got['shared']} B shared memory > sm_{cc} limit"
+    assert not got["smem_reads_in_branch"], got["smem_reads_in_branch"]
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

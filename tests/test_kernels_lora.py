@@ -244,3 +244,28 @@ def test_real_shapes_bf16_cuda(monkeypatch, m, d_in, d_out, ranks):
         pytest.skip("needs a CUDA device")
     monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
     _compare("cuda", torch.bfloat16, (m,), d_in, d_out, ranks, len(ranks) - 1)
+
+
+def test_two_forwards_before_backward_and_frozen_stack_cache(device):
+    """Truncated backprop calls a layer K times before one backward; an all-frozen (teacher)
+    group reuses a cached stack that must follow in-place updates of its adapters."""
+    x, w, b, a, bb, s = _make(device, torch.float32, (70,), 32, 24, (4, 4), 1)
+    y = kernels.lora_group_linear(x, w, b, a, bb, s)
+    y2 = kernels.lora_group_linear(x, w, b, a, bb, s)  # the second call saves its own stacks
+    (y.sum() + y2.sum()).backward()
+    ref = {n: t.detach().clone().requires_grad_(t.requires_grad) for n, t in
+           {"x": x, "a1": a[1], "b1": bb[1]}.items()}
+    ra, rb = [a[0].detach(), ref["a1"]], [bb[0].detach(), ref["b1"]]
+    yr = reference.lora_group_linear(ref["x"], w, b, ra, rb, s)
+    (2 * yr.sum()).backward()
+    for got, want in ((x.grad, ref["x"].grad), (a[1].grad, ref["a1"].grad), (bb[1].grad, ref["b1"].grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    frozen_a = [t.detach().clone() for t in a]
+    frozen_b = [t.detach().clone() for t in bb]
+    with torch.no_grad():
+        first = kernels.lora_group_linear(x, w, b, frozen_a, frozen_b, s)
+        frozen_b[0].mul_(-2.0)  # an EMA-style in-place update bumps the version counter
+        second = kernels.lora_group_linear(x, w, b, frozen_a, frozen_b, s)
+    torch.testing.assert_close(second, reference.lora_group_linear(x, w, b, frozen_a, frozen_b, s),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)

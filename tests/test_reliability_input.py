@@ -18,10 +18,10 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+import reliability_support as rs
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import reliability_support as rs
 import ril_fast
 from ril_fast import runner
 from ril_fast.train import main
@@ -214,7 +214,7 @@ def test_truncated_weights_exit_2_in_cli(model, tmp_path, monkeypatch):
     text = (tmp_path / "log.txt").read_text()
     assert rc == 2, text[-2000:]
     assert "Traceback" not in text
-    assert [line for line in text.splitlines() if line.startswith("ril_fast:")][0].startswith(PREFIX + "model.path")
+    assert next(line for line in text.splitlines() if line.startswith("ril_fast:")).startswith(PREFIX + "model.path")
 
 
 def test_output_dir_unwritable_or_full(model, tmp_path, capsys, monkeypatch):
@@ -295,7 +295,7 @@ def test_cli_subprocess_bad_override(model, tmp_path):
                           (["tasks.0.reward=nomod_zz:f", "model.path=/no/such/model"], ["nomod_zz", "model.path"])):
         argv = [a for x in sets for a in ("--set", x)]
         proc = subprocess.run([sys.executable, "-m", "ril_fast.train", "--config", conf, *argv],
-                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = [line for line in proc.stderr.splitlines() if line.startswith("ril_fast:")]
         assert len(lines) == 2 and all(line.startswith(PREFIX) for line in lines), proc.stderr

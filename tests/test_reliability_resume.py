@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import reliability_support as rs
 from safetensors.torch import load_file
 
-import reliability_support as rs
 from ril_fast import checkpoint as ckpt
 
 
@@ -159,3 +159,49 @@ def test_too_many_bad_steps_stop_with_checkpoint_intact(model, tmp_path):
     meta, _, optim, _ = ckpt.load_latest(tmp_path / "run")
     assert meta["step"] == 2 and optim is not None
     shutil.rmtree(tmp_path / "run")
+
+
+def test_disk_full_during_checkpoint_then_resume(model, reference, tmp_path, monkeypatch):
+    """ENOSPC in the middle of a checkpoint write: exit 1 with one line, older checkpoints verify, and
+    rerunning the same command (space freed) ends equal to the reference."""
+    import errno
+
+    conf = rs.write_config(rs.make_config(model, tmp_path / "run"), tmp_path / "cfg.json")
+    log = tmp_path / "log.txt"
+    real, calls = ckpt.save_tensors_atomic, [0]
+
+    def filling_disk(path, tensors):
+        calls[0] += 1
+        # 1: eval/base_images, 2-3: checkpoint 1, 4-6: checkpoint 2 (state, optimizer, rng);
+        # 7: the first file of checkpoint 3 (task 1 "trained")
+        if calls[0] == 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, tensors)
+
+    monkeypatch.setattr(ckpt, "save_tensors_atomic", filling_disk)  # inherited by the forked child
+    assert rs.run_forked(["--config", conf], log) == 1, log.read_text()[-3000:]
+    monkeypatch.undo()
+    err = [line for line in log.read_text().splitlines() if line.startswith("ril_fast:")]
+    assert len(err) == 1 and "No space left on device" in err[0] and "previous checkpoint is intact" in err[0]
+    assert "Traceback" not in log.read_text()
+    assert [f.name for f in ckpt.list_checkpoints(tmp_path / "run")] == ["ckpt-000002", "ckpt-000001"]
+    assert ckpt.load_latest(tmp_path / "run")[0]["seq"] == 2
+    assert rs.run_forked(["--config", conf], log) == 0, log.read_text()[-3000:]
+    _assert_same_run(tmp_path / "run", reference)
+
+
+def test_bad_step_streak_survives_resume(model, tmp_path):
+    """A run killed inside a streak of skipped steps stops at the same step as an uninterrupted run would."""
+    cfg = rs.make_config(model, tmp_path / "run", steps=(4,), max_bad_steps=2)
+    cfg["tasks"][0]["reward"] = "reliability_support:flaky_brightness"
+    conf = rs.write_config(cfg, tmp_path / "cfg.json")
+    log = tmp_path / "log.txt"
+    # step 2 skipped (checkpointed with the streak at 1), killed after step 3 is logged
+    assert rs.run_forked(["--config", conf], log, fault="step:3", env={"RIL_TEST_BAD": "loss:2"}) == -9
+    meta = ckpt.load_latest(tmp_path / "run")[0]
+    assert (meta["step"], meta["bad_in_a_row"]) == (2, 1)
+    # the restarted process replays step 3, now non-finite (its first training call): 2 in a row -> stop
+    log.write_text("")
+    assert rs.run_forked(["--config", conf], log, env={"RIL_TEST_BAD": "loss:1"}) == 1, log.read_text()[-3000:]
+    assert "2 non-finite steps in a row in task 1 (t0) at step 3" in log.read_text()
+    assert [m["bad_in_a_row"] for m in rs.read_metrics(tmp_path / "run") if m["kind"] == "train"] == [0, 1, 2]

@@ -29,16 +29,21 @@ MAX_FUSED_R = 64  # F1 keeps the whole S tile in registers
 MAX_DSDB_R = 128  # the dS/dB kernel keeps the whole dS row tile in registers
 RB = 32  # R chunk of the EPI 1 epilogue (any R, one compiled variant)
 
-_GPU_MAIN = [
-    triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-]
-_GPU_DSDB = [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=3)]
+# Fixed tiles picked by shape (no autotune: its per-call Python and first-call benchmarking cost
+# more than these small GEMMs). (BM, BN, BK, GROUP_M, num_warps, num_stages).
+_GPU_MAIN = [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3)]
+_GPU_DSDB = (64, 64, 4, 3)  # (BM, BN, num_warps, num_stages)
 # The interpreter costs tens of ms per program instance: few, big tiles.
-_INTERP_MAIN = [triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-_INTERP_DSDB = [triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=1)]
-MAIN_CONFIGS = _INTERP_MAIN if INTERPRET else _GPU_MAIN
-DSDB_CONFIGS = _INTERP_DSDB if INTERPRET else _GPU_DSDB
+_INTERP_MAIN = (64, 64, 64, 4, 4, 1)
+_INTERP_DSDB = (64, 64, 4, 1)
+DSDB_CFG = _INTERP_DSDB if INTERPRET else _GPU_DSDB
+
+
+def main_config(N: int) -> tuple:
+    """Tiles of the main GEMM: 128-wide N tiles only where N is wide enough to fill them."""
+    if INTERPRET:
+        return _INTERP_MAIN
+    return _GPU_MAIN[1] if N >= 1024 else _GPU_MAIN[0]
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -61,12 +66,12 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 
 # Flags that only pick a branch are runtime ints (not specialised) to bound the compile count.
-@triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE", "ATOMIC"])
+@triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE"])
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, g_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr,
-    M, N, K, R, SPLIT_K, HAS_BIAS, ESCALE, CSCALE, ATOMIC,
+    M, N, K, R, SPLIT_K, HAS_BIAS, ESCALE, CSCALE,
     s_am, s_ak, s_bk, s_bn, s_cz, s_cm, s_cn, s_gk, s_gr, s_em, s_er, s_fr, s_fn, s_sm, s_sr,
-    EPI: tl.constexpr,
+    EPI: tl.constexpr, ATOMIC: tl.constexpr,
     R_PAD: tl.constexpr, RB: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -187,10 +192,6 @@ def _ds_db_kernel(
              mask=mm[:, None] & mr[None, :])
 
 
-gemm_main = triton.autotune(configs=MAIN_CONFIGS, key=["M", "N", "K", "R"])(_gemm_kernel)
-ds_db_tuned = triton.autotune(configs=DSDB_CONFIGS, key=["M", "N", "R"], reset_to_zero=["db_ptr"])(_ds_db_kernel)
-
-
 # ----------------------------------------------------------------------------------------------
 # host side
 
@@ -232,19 +233,17 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
             e if e is not None else dummy, f if f is not None else dummy,
             escale if escale is not None else dummy, s if s is not None else dummy,
             cscale if cscale is not None else dummy, M, N, K, r, split_k,
-            int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None), int(atomic),
+            int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None),
             *(sa or a.stride()), *(sb or b.stride()), *(sc or (c.stride() if c.dim() == 3 else (0, *c.stride()))),
             *(sg or (0, 0)), *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)))
-    r_pad = _pow2(r)
-    # R_PAD only shapes EPI 2's register tile; EPI 1 walks R in RB-wide chunks
-    meta = dict(EPI=epi, R_PAD=r_pad if epi == 2 else 16, RB=RB, **fl)
     if blocks is None:
-        grid = lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]), split_k)  # noqa: E731
-        gemm_main[grid](*args, **meta)
+        bm, bn, bk, gm, warps, stages = main_config(N)
     else:
-        bm, bn, bk, warps = blocks
-        _gemm_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)](
-            *args, **meta, BM=bm, BN=bn, BK=bk, GROUP_M=1, num_warps=warps, num_stages=1 if INTERPRET else 3)
+        (bm, bn, bk, warps), gm, stages = blocks, 1, 1 if INTERPRET else 3
+    # R_PAD only shapes EPI 2's register tile; EPI 1 walks R in RB-wide chunks
+    _gemm_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)](
+        *args, EPI=epi, ATOMIC=bool(atomic), R_PAD=_pow2(r) if epi == 2 else 16, RB=RB, **fl,
+        BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
 
 
 # Split-K reductions over M (dA, deterministic dB): rows/cols below 64 are masked (tiny dots).
@@ -257,9 +256,12 @@ def _split_for(M: int, tiles: int) -> int:
     return max(1, min(64, triton.cdiv(264, max(tiles, 1)), triton.cdiv(M, 256)))
 
 
-@torch.library.custom_op("ril_fast::lora_group_fwd", mutates_args=())
-def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a_cat: torch.Tensor,
-             b_cat: torch.Tensor, rscale: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+# ----------------------------------------------------------------------------------------------
+# launchers: plain functions the autograd Function calls directly (a custom-op dispatch costs
+# tens of µs, more than these GEMMs); the custom ops below wrap them for torch.compile.
+
+
+def fwd_launch(x, weight, bias, a_cat, b_cat, rscale, mode):
     """x (M, d_in) -> (y (M, d_out), S = x·A_catᵀ (M, R)). mode 2 = F1 fused, 1 = F2 split."""
     M, K = x.shape
     N, R = weight.shape[0], a_cat.shape[0]
@@ -276,6 +278,84 @@ def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return y, s
 
 
+def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None):
+    """dS = (dY·B_cat)·diag(rscale) (M, R) in dY's dtype; dB of columns [lo, hi) in fp32 (d_out, hi-lo).
+
+    ``db``: optional zeroed fp32 (d_out, hi-lo) buffer to accumulate into (the atomics path)."""
+    M, N = dy.shape
+    R, rt = b_cat.shape[1], hi - lo
+    ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
+    fused_db = rt > 0 and not deterministic and _pow2(R) <= MAX_DSDB_R
+    if fused_db and db is None:
+        db = torch.zeros(N, rt, device=dy.device, dtype=torch.float32)
+    if _pow2(R) <= MAX_DSDB_R:
+        bm, bn, warps, stages = DSDB_CFG
+        _ds_db_kernel[(triton.cdiv(M, bm),)](
+            dy, b_cat, s, rscale, ds, db if fused_db else ds, M, N, R, lo, rt, *dy.stride(), *b_cat.stride(),
+            *s.stride(), *ds.stride(), *(db.stride() if fused_db else (0, 0)), NEED_DB=fused_db, R_PAD=_pow2(R),
+            **_flags(dy.dtype), BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+    else:  # wide stacks: dS as a plain GEMM with the rank scale in the epilogue
+        _gemm(dy, b_cat, ds, M=M, N=R, K=N, cscale=rscale)
+    if rt > 0 and not fused_db:  # dB = dYᵀ·(S·diag(rscale)) as a split-K reduction over M, ordered sum
+        blocks = REDUCE_BLOCKS
+        split = _split_for(M, triton.cdiv(N, blocks[0]) * triton.cdiv(rt, blocks[1]))
+        part = torch.empty(split, N, rt, device=dy.device, dtype=torch.float32)
+        s_t = s[:, lo:hi]
+        _gemm(dy, s_t, part, M=N, N=rt, K=M, cscale=rscale[lo:hi], split_k=split, blocks=blocks,
+              sa=(dy.stride(1), dy.stride(0)), sb=s_t.stride())
+        red = part.sum(0) if split > 1 else part[0]
+        if db is None:
+            db = red
+        else:
+            db.copy_(red)
+    if db is None:
+        db = torch.zeros(N, 0, device=dy.device, dtype=torch.float32)
+    return ds, db
+
+
+def dx_launch(dy, weight, ds, a_cat):
+    """dX = dY·W + dS·A_cat (M, d_in); the LoRA term is the GEMM's epilogue."""
+    M, N = dy.shape
+    K, R = weight.shape[1], a_cat.shape[0]
+    dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
+    _gemm(dy, weight, dx, M=M, N=K, K=N, e=ds, f=a_cat, epi=1, r=R, se=ds.stride(), sf=a_cat.stride())
+    return dx
+
+
+def da_launch(ds, x, lo, hi, deterministic, da=None):
+    """dA of rank rows [lo, hi): dS[:, lo:hi]ᵀ·X (hi-lo, d_in) in fp32, split-K over M.
+
+    ``da``: optional zeroed fp32 (hi-lo, d_in) buffer (the atomics path writes into it)."""
+    M, K = x.shape
+    rt = hi - lo
+    blocks = REDUCE_BLOCKS
+    split = _split_for(M, triton.cdiv(rt, blocks[0]) * triton.cdiv(K, blocks[1]))
+    ds_t = ds[:, lo:hi]
+    if deterministic or split == 1:
+        out = da if da is not None and split == 1 else torch.empty(split, rt, K, device=x.device,
+                                                                   dtype=torch.float32)
+        _gemm(ds_t, x, out, M=rt, N=K, K=M, split_k=split, blocks=blocks, sa=(ds_t.stride(1), ds_t.stride(0)),
+              sc=(0, *out.stride()) if out.dim() == 2 else None)
+        red = out if out.dim() == 2 else (out.sum(0) if split > 1 else out[0])
+        if da is None:
+            return red
+        if red is not da:
+            da.copy_(red)
+        return da
+    if da is None:
+        da = torch.zeros(rt, K, device=x.device, dtype=torch.float32)
+    _gemm(ds_t, x, da, M=rt, N=K, K=M, split_k=split, atomic=True, blocks=blocks,
+          sa=(ds_t.stride(1), ds_t.stride(0)), sc=(0, *da.stride()))
+    return da
+
+
+@torch.library.custom_op("ril_fast::lora_group_fwd", mutates_args=())
+def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a_cat: torch.Tensor,
+             b_cat: torch.Tensor, rscale: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom-op form of :func:`fwd_launch` (opaque to torch.compile, with a fake impl)."""
+    return fwd_launch(x, weight, bias, a_cat, b_cat, rscale, mode)
+
+
 @lora_fwd.register_fake
 def _(x, weight, bias, a_cat, b_cat, rscale, mode):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a_cat.shape[0])
@@ -284,28 +364,8 @@ def _(x, weight, bias, a_cat, b_cat, rscale, mode):
 @torch.library.custom_op("ril_fast::lora_group_bwd_ds_db", mutates_args=())
 def lora_bwd_ds_db(dy: torch.Tensor, b_cat: torch.Tensor, s: torch.Tensor, rscale: torch.Tensor, lo: int, hi: int,
                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """dS = (dY·B_cat)·diag(rscale) (M, R) in dY's dtype; dB of columns [lo, hi) in fp32 (d_out, hi-lo)."""
-    M, N = dy.shape
-    R, rt = b_cat.shape[1], hi - lo
-    ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
-    db = torch.zeros(N, rt, device=dy.device, dtype=torch.float32)
-    fused_db = rt > 0 and not deterministic
-    if _pow2(R) <= MAX_DSDB_R:
-        ds_db_tuned[lambda m: (triton.cdiv(M, m["BM"]),)](
-            dy, b_cat, s, rscale, ds, db, M, N, R, lo, rt, int(fused_db), *dy.stride(), *b_cat.stride(), *s.stride(),
-            *ds.stride(), *db.stride(), R_PAD=_pow2(R), **_flags(dy.dtype))
-    else:  # wide stacks: dS as a plain GEMM with the rank scale in the epilogue
-        _gemm(dy, b_cat, ds, M=M, N=R, K=N, cscale=rscale)
-        fused_db = False
-    if rt > 0 and not fused_db:  # dB = dYᵀ·(S·diag(rscale)) as a split-K reduction over M, ordered sum
-        blocks = REDUCE_BLOCKS
-        split = _split_for(M, triton.cdiv(N, blocks[0]) * triton.cdiv(rt, blocks[1]))
-        part = torch.empty(split, N, rt, device=dy.device, dtype=torch.float32)
-        s_t = s[:, lo:hi]
-        _gemm(dy, s_t, part, M=N, N=rt, K=M, cscale=rscale[lo:hi], split_k=split, blocks=blocks,
-              sa=(dy.stride(1), dy.stride(0)), sb=s_t.stride())
-        db = part.sum(0)
-    return ds, db
+    """Custom-op form of :func:`ds_db_launch`."""
+    return ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic)
 
 
 @lora_bwd_ds_db.register_fake
@@ -315,12 +375,8 @@ def _(dy, b_cat, s, rscale, lo, hi, deterministic):
 
 @torch.library.custom_op("ril_fast::lora_group_bwd_dx", mutates_args=())
 def lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
-    """dX = dY·W + dS·A_cat (M, d_in); the LoRA term is the GEMM's epilogue."""
-    M, N = dy.shape
-    K, R = weight.shape[1], a_cat.shape[0]
-    dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
-    _gemm(dy, weight, dx, M=M, N=K, K=N, e=ds, f=a_cat, epi=1, r=R, se=ds.stride(), sf=a_cat.stride())
-    return dx
+    """Custom-op form of :func:`dx_launch`."""
+    return dx_launch(dy, weight, ds, a_cat)
 
 
 @lora_bwd_dx.register_fake
@@ -330,20 +386,8 @@ def _(dy, weight, ds, a_cat):
 
 @torch.library.custom_op("ril_fast::lora_group_bwd_da", mutates_args=())
 def lora_bwd_da(ds: torch.Tensor, x: torch.Tensor, lo: int, hi: int, deterministic: bool) -> torch.Tensor:
-    """dA of rank rows [lo, hi): dS[:, lo:hi]ᵀ·X (hi-lo, d_in) in fp32, split-K over M."""
-    M, K = x.shape
-    rt = hi - lo
-    blocks = REDUCE_BLOCKS
-    split = _split_for(M, triton.cdiv(rt, blocks[0]) * triton.cdiv(K, blocks[1]))
-    ds_t = ds[:, lo:hi]
-    if deterministic or split == 1:
-        part = torch.empty(split, rt, K, device=x.device, dtype=torch.float32)
-        _gemm(ds_t, x, part, M=rt, N=K, K=M, split_k=split, blocks=blocks, sa=(ds_t.stride(1), ds_t.stride(0)))
-        return part.sum(0) if split > 1 else part[0]
-    da = torch.zeros(rt, K, device=x.device, dtype=torch.float32)
-    _gemm(ds_t, x, da, M=rt, N=K, K=M, split_k=split, atomic=True, blocks=blocks,
-          sa=(ds_t.stride(1), ds_t.stride(0)), sc=(0, *da.stride()))
-    return da
+    """Custom-op form of :func:`da_launch`."""
+    return da_launch(ds, x, lo, hi, deterministic)
 
 
 @lora_bwd_da.register_fake
@@ -351,17 +395,20 @@ def _(ds, x, lo, hi, deterministic):
     return x.new_empty(hi - lo, x.shape[1], dtype=torch.float32)
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rscale, ranks, *ab):
         k = len(ranks)
-        a_list, b_list = ab[:k], ab[k:]
         d_in, d_out, dt = x.shape[-1], weight.shape[0], x.dtype
         x2 = x.reshape(-1, d_in)
-        a_cat = a_list[0].to(dt) if k == 1 else torch.cat([a.to(dt) for a in a_list])
-        b_cat = b_list[0].to(dt) if k == 1 else torch.cat([b.to(dt) for b in b_list], dim=1)
-        y, s = lora_fwd(x2, weight.to(dt), None if bias is None else bias.to(dt), a_cat, b_cat, rscale,
-                        forward_mode(d_out, a_cat.shape[0]))
+        a_cat, b_cat = _stacked(ab[:k], ab[k:], dt)
+        args = (x2, weight.to(dt), None if bias is None else bias.to(dt), a_cat, b_cat, rscale,
+                forward_mode(d_out, a_cat.shape[0]))
+        y, s = lora_fwd(*args) if _compiling() else fwd_launch(*args)
         ctx.save_for_backward(x2, weight, a_cat, b_cat, s, rscale)
         ctx.ranks, ctx.x_shape = ranks, x.shape
         ctx.dtypes = [t.dtype for t in (weight, bias) if t is not None] + [t.dtype for t in ab]
@@ -374,16 +421,34 @@ class _LoraGroupFn(torch.autograd.Function):
         offs = [sum(ranks[:i]) for i in range(k + 1)]
         train = [i for i in range(k) if need[5 + i] or need[5 + k + i]]
         lo, hi = (offs[min(train)], offs[max(train) + 1]) if train else (0, 0)
-        det = deterministic()
+        det, ops = deterministic(), _compiling()
         dy = gy.reshape(-1, gy.shape[-1]).to(x2.dtype).contiguous()
         gx = gw = gb = None
         grads_a, grads_b = [None] * k, [None] * k
         if need[0] or train:
             need_b = any(need[5 + k + i] for i in train)
-            ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
+            need_a = any(need[5 + i] for i in train)
+            rt, n_out, n_in = hi - lo, dy.shape[1], x2.shape[1]
+            if ops:
+                ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
+            else:  # one zeroed fp32 buffer for dB and dA: one memset, and one cast at the end
+                acc = torch.zeros(n_out * rt * need_b + rt * n_in * need_a, device=dy.device,
+                                  dtype=torch.float32) if train else None
+                db_buf = acc[:n_out * rt].view(n_out, rt) if need_b else None
+                ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)
             if need[0]:
-                gx = lora_bwd_dx(dy, weight.to(x2.dtype), ds, a_cat).reshape(ctx.x_shape)
-            da = lora_bwd_da(ds, x2, lo, hi, det) if any(need[5 + i] for i in train) else None
+                gx = (lora_bwd_dx(dy, weight.to(x2.dtype), ds, a_cat) if ops
+                      else dx_launch(dy, weight.to(x2.dtype), ds, a_cat)).reshape(ctx.x_shape)
+            da = None
+            if need_a:
+                da = (lora_bwd_da(ds, x2, lo, hi, det) if ops
+                      else da_launch(ds, x2, lo, hi, det, da=acc[n_out * rt * need_b:].view(rt, n_in)))
+            dts = {ctx.dtypes[-2 * k + i] for i in train if need[5 + i]} | {
+                ctx.dtypes[-k + i] for i in train if need[5 + k + i]}
+            if not ops and len(dts) == 1:  # cast dA and dB together
+                acc = acc.to(dts.pop())
+                db = acc[:n_out * rt].view(n_out, rt) if need_b else None
+                da = acc[n_out * rt * need_b:].view(rt, n_in) if need_a else None
             for i in train:
                 sl = slice(offs[i] - lo, offs[i + 1] - lo)
                 if need[5 + i]:
@@ -397,12 +462,56 @@ class _LoraGroupFn(torch.autograd.Function):
         return (gx, gw, gb, None, None, *grads_a, *grads_b)
 
 
+# Stacks of all-frozen groups (EMA teacher, inference) are cached and re-copied only where a
+# version counter moved (edits through ``.data`` do not move it: call clear_stack_cache() after
+# those). Entries hold weak references, so a freed tensor whose address is reused misses.
+_STACK_CACHE: dict = {}
+_STACK_CACHE_MAX = 512
+
+
+def clear_stack_cache() -> None:
+    _STACK_CACHE.clear()
+
+
+def _stacked(a_list, b_list, dt):
+    k = len(a_list)
+    if k == 1 and a_list[0].dtype == dt and b_list[0].dtype == dt:
+        return a_list[0], b_list[0]
+    # With a trainable adapter, build fresh stacks (two launches, as many as refreshing slices):
+    # several forwards before one backward (truncated backprop over K sampler steps) each save
+    # their own stack, and a shared buffer rewritten in place would fail autograd's version check.
+    if _compiling() or any(t.requires_grad for t in (*a_list, *b_list)):
+        return torch.cat([a.to(dt) for a in a_list]), torch.cat([b.to(dt) for b in b_list], dim=1)
+    ts = (*a_list, *b_list)
+    key = (dt, *((t.data_ptr(), t.shape, t.stride()) for t in ts))
+    ent = _STACK_CACHE.get(key)
+    if ent is not None and all(r() is t for r, t in zip(ent[0], ts)):
+        _, vers, a_cat, b_cat, offs = ent
+        for i, t in enumerate(ts):
+            if t._version != vers[i]:
+                j = i % k
+                (a_cat[offs[j]:offs[j + 1]] if i < k else b_cat[:, offs[j]:offs[j + 1]]).copy_(t)
+                vers[i] = t._version
+        return a_cat, b_cat
+    import weakref
+
+    a_cat = torch.cat([a.to(dt) for a in a_list])
+    b_cat = torch.cat([b.to(dt) for b in b_list], dim=1)
+    offs = [0]
+    for a in a_list:
+        offs.append(offs[-1] + a.shape[0])
+    if len(_STACK_CACHE) >= _STACK_CACHE_MAX:
+        _STACK_CACHE.clear()
+    _STACK_CACHE[key] = ([weakref.ref(t) for t in ts], [t._version for t in ts], a_cat, b_cat, offs)
+    return a_cat, b_cat
+
+
 _SCALE_CACHE: dict = {}
 
 
 def _rank_scale(ranks, scales, device) -> torch.Tensor:
     """Per-rank scale vector, cached so steady-state calls do no host-to-device copy."""
-    key = (tuple(ranks), tuple(float(s) for s in scales), str(device))
+    key = (ranks, tuple(map(float, scales)), device)
     t = _SCALE_CACHE.get(key)
     if t is None:
         t = torch.cat([torch.full((r,), float(s), dtype=torch.float32) for r, s in zip(ranks, scales)]).to(device)
@@ -413,7 +522,12 @@ def _rank_scale(ranks, scales, device) -> torch.Tensor:
 def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scales: Sequence[float],
                       backend: str = "triton") -> torch.Tensor:
-    """``y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ``; see :func:`ril_fast.kernels.lora_group_linear`."""
+    """``y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ``; see :func:`ril_fast.kernels.lora_group_linear`.
+
+    Launches: forward = one GEMM (two for F2) plus, for k > 1 with a trainable adapter, two
+    concatenations (all-frozen stacks are cached); backward = three GEMM-like kernels plus a
+    memset and one cast (fp32 dA/dB accumulators).
+    """
     if backend == "cuda":
         from ril_fast.kernels import cuda_lib
 
@@ -447,20 +561,21 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
     cases = []
 
     def gemm(cfgs, ptrs, **meta):
-        for kw, warps, stages in cfgs:
-            m = dict(R_PAD=16, RB=RB, **base)
+        for (bm, bn, bk, gm, warps, stages) in cfgs:
+            m = dict(R_PAD=16, RB=RB, ATOMIC=False, **base)
             m.update(meta)
-            m.update(kw)
+            m.update(BM=bm, BN=bn, BK=bk, GROUP_M=gm)
             cases.append((_gemm_kernel, {**f32s, **ptrs}, m, warps, stages))
 
-    main = [(c.kwargs, c.num_warps, c.num_stages) for c in _GPU_MAIN]
-    gemm(main, {}, EPI=1)  # F2 shrink and main, dX, wide dS: runtime flags pick bias/scales, R = 0 skips LoRA
+    gemm(_GPU_MAIN, {}, EPI=1)  # F2 shrink and main, dX, wide dS: runtime flags pick bias/scales, R = 0 skips LoRA
     for r_pad in (16, 32, 64):
-        gemm(main, {}, EPI=2, R_PAD=r_pad)  # F1
+        gemm(_GPU_MAIN, {}, EPI=2, R_PAD=r_pad)  # F1
     bm, bn, bk, w = REDUCE_BLOCKS
-    gemm([({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 1}, w, 3)], {"c_ptr": "fp32"}, EPI=1)  # dA, dB partials
-    for c in _GPU_DSDB:
+    for atomic in (False, True):  # dA, dB partials / dA atomics
+        gemm([(bm, bn, bk, 1, w, 3)], {"c_ptr": "fp32"}, EPI=1, ATOMIC=atomic)
+    bm, bn, warps, stages = _GPU_DSDB
+    for need_db in (True, False):
         for r_pad in (16, 32, 64, 128):
-            m = dict(R_PAD=r_pad, **base, **c.kwargs)
-            cases.append((_ds_db_kernel, {"rscale_ptr": "fp32", "db_ptr": "fp32"}, m, c.num_warps, c.num_stages))
+            m = dict(R_PAD=r_pad, NEED_DB=need_db, BM=bm, BN=bn, **base)
+            cases.append((_ds_db_kernel, {"rscale_ptr": "fp32", "db_ptr": "fp32"}, m, warps, stages))
     return cases

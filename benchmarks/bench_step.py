@@ -1,0 +1,139 @@
+"""One full RID training step on full-size random-weight SD1.5 / SDXL, next to the memory planner.
+
+    python benchmarks/bench_step.py --config configs/sdxl.json [--set k=v ...] [--out step.json] [--iters 3]
+
+On a GPU: the configured models are built from their arch configs (``ril_fast.memory``, random
+weights: memory and time do not depend on the values), the reward is the configured one with a
+random-weight tower (model-free rewards as themselves), and ``--iters`` steps run through the
+trainer's ``compute_loss`` / ``Engine`` / ``ema_update``. Reported: median step seconds,
+``torch.cuda.max_memory_allocated`` and the planner's peak for the same config. Text encoders
+are not built (the trainer caches embeddings then moves them off the device). On CPU only the
+planner runs and the JSON says ``"device": "cpu"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ril_fast import memory
+from ril_fast.config import load_config
+
+GIB = 2**30
+
+
+def _to_device(module, device):
+    """Meta module -> random-weight module on ``device`` (same dtypes)."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+        for b in module.buffers():
+            if b.is_floating_point():
+                b.zero_()
+    return module
+
+
+def gpu_step(cfg, task: int, iters: int) -> dict:
+    from ril_fast import engine as eng
+    from ril_fast import lora
+    from ril_fast.methods.objective import Batch, compute_loss, latent_shape, unconditional
+
+    device = torch.device("cuda")
+    arch = memory.resolve_arch(cfg.model.path)
+    dtype = memory.DTYPES[cfg.model.dtype]
+    models = memory.build_meta_models(arch, dtype)
+    memory.apply_memory_features(models, cfg)
+    layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    for m in (models.unet, models.vae):
+        _to_device(m, device)
+    n_adapters = task + 1 if cfg.method.adapter_per_task else 1
+    for i in range(n_adapters):
+        lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i)
+    lora.reset_ema(layers)
+    with torch.no_grad():  # B = 0 would make the adapters' forward trivial; give them values
+        for p in lora.trainable_parameters(layers):
+            p.normal_(0, 0.01)
+    t = cfg.tasks[task]
+    reward, parts = memory.build_reward(t.reward, memory.reward_build_options(cfg, t))
+    for part in parts or []:
+        _to_device(part, device)
+    if parts:
+        reward.device = device
+    height, width = cfg.sampling.height or models.sample_size, cfg.sampling.width or models.sample_size
+    cache = memory._FakePromptCache(models, arch, dtype, 1, height, width)  # zero embeddings, right shapes
+    prompts = [f"prompt {i}" for i in range(cfg.train.batch_size)]
+    with torch.device(device):
+        cache.fill(prompts + [""])
+    use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
+    params = lora.trainable_parameters(layers)
+    cfg.deepspeed.enabled = "off"  # no DeepSpeed on the bench machine; offload is planned, not run
+    engine = eng.Engine(models.unet, params, cfg, lr=cfg.train.lr)
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        z_T = torch.randn(latent_shape(models, cfg, len(prompts)), device=device)
+        batch = Batch(prompts, cache.get(prompts), unconditional(cfg, cache, len(prompts)), z_T,
+                      cfg.sampling.grad_window, i)
+        out = compute_loss(models, layers, reward, batch, cfg, use_distill)
+        engine.backward(out.loss)
+        del out
+        engine.step()
+        if cfg.method.distill:
+            lora.ema_update(layers, cfg.method.ema_decay)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"step_seconds": statistics.median(times[1:] or times), "step_seconds_all": times,
+            "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "max_memory_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--task", type=int, default=1, help="1-based task to step (its reward, adapters, distillation)")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--no-plan", action="store_true", help="skip the planner (GPU figures only)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "0")
+    cfg = load_config(args.config, args.set)
+    task = args.task - 1
+    result = {"config": args.config, "overrides": args.set, "task": args.task, "reward": cfg.tasks[task].reward,
+              "torch": torch.__version__, "python": platform.python_version()}
+    if not args.no_plan:
+        t0 = time.perf_counter()
+        p = memory.plan(cfg, [task])
+        result.update(planned_peak_gib=round(p.peak_gib, 3), planned_breakdown=p.to_dict()["breakdown"],
+                      plan_seconds=round(time.perf_counter() - t0, 1))
+    if torch.cuda.is_available():
+        result["device"] = torch.cuda.get_device_name()
+        result.update(gpu_step(cfg, task, args.iters))
+        if "planned_peak_gib" in result:
+            result["measured_over_planned"] = round(result["max_memory_allocated_gib"] / result["planned_peak_gib"], 3)
+    else:
+        result["device"] = "cpu"
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
