@@ -110,9 +110,11 @@ def make_scheduler():
 
     # Linear betas to 0.02 (DDPM): at t=999 almost no signal is left (alpha_bar ~ 4e-5), so pure
     # noise at sampling time matches training even for 8x8 latents, where the SD schedule would
-    # leak the mean colour. "trailing" spacing makes 25 steps start at t=999.
+    # leak the mean colour. "trailing" spacing makes 25 steps start at t=999. At t=999 an error in
+    # eps is amplified ~150x in the x0 estimate; clipping x0 to +-4 (latents have unit std) took
+    # colour adherence from 77% to 97% at CFG 3 in a sweep over the built model.
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+                         clip_sample=True, clip_sample_range=4.0, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
                          timestep_spacing="trailing")
 
 
@@ -183,20 +185,22 @@ def encode(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, t
 
 
 def train_unet(lat_mean, lat_std, captions, tokenizer, scale: float, steps: int, budget_s: float, batch: int,
-               seed: int):
+               seed: int, init=None, peak_lr: float = 1e-3):
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
-    unet, text = make_unet(), make_text_encoder(len(tokenizer))
+    unet, text = init if init is not None else (make_unet(), make_text_encoder(len(tokenizer)))
+    unet.train().requires_grad_(True)
+    text.train().requires_grad_(True)
     noise_sched = DDPMScheduler.from_config(make_scheduler().config)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.01)
     ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                     return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     g = torch.Generator().manual_seed(seed)
-    t0, running, sched, step = time.time(), 0.0, Schedule(steps, budget_s, 1e-3, 100), 0
+    t0, running, sched, step = time.time(), 0.0, Schedule(steps, budget_s, peak_lr, 100), 0
     while sched.progress(step) < 1:
         lr = sched.lr(step)
         for pg in opt.param_groups:
@@ -331,6 +335,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=[5.0])
     ap.add_argument("--seeds-per-prompt", type=int, default=2)
     ap.add_argument("--eval-only", action="store_true", help="only re-measure quality of the folder at --out")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue training the UNet + text encoder of the folder at --out (VAE, classifier kept)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak UNet learning rate")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -358,12 +365,21 @@ def main() -> None:
     times["data_s"] = time.time() - t
     log(f"data: {len(images)} images in {times['data_s']:.0f}s")
 
-    t = time.time()
-    vae, vae_steps = train_vae(images, s(args.vae_steps), 60 * args.vae_budget_min * args.scale, 16, args.seed)
-    times["vae_s"] = time.time() - t
+    prev = json.loads((out / "quality.json").read_text()) if args.resume else None
+    if args.resume:  # keep the VAE, tokenizer and classifier; continue the UNet + text encoder
+        from ril_fast.rewards.adherence import load_classifier
+
+        old = StableDiffusionPipeline.from_pretrained(str(out))
+        vae, init = old.vae, (old.unet, old.text_encoder)
+        clf, times, vae_steps, clf_steps = load_classifier(out / "classifier"), dict(prev["wall_s"]), \
+            prev["steps_done"]["vae"], prev["steps_done"]["classifier"]
+    else:
+        t, init = time.time(), None
+        vae, vae_steps = train_vae(images, s(args.vae_steps), 60 * args.vae_budget_min * args.scale, 16, args.seed)
+        times["vae_s"] = time.time() - t
     t = time.time()
     lat_mean, lat_std = encode(vae, images)
-    scale = 1.0 / lat_mean.std().item()
+    scale = vae.config.scaling_factor if args.resume else 1.0 / lat_mean.std().item()
     vae.register_to_config(scaling_factor=scale)
     times["encode_s"] = time.time() - t
     log(f"latents {tuple(lat_mean.shape)}, scaling_factor {scale:.4f}, mean posterior std {lat_std.mean():.4f}")
@@ -373,13 +389,18 @@ def main() -> None:
     tokenizer = make_tokenizer(stage / "tokenizer")
     t = time.time()
     unet, text, unet_steps = train_unet(lat_mean, lat_std, captions, tokenizer, scale, s(args.unet_steps),
-                                        60 * args.unet_budget_min * args.scale, 32, args.seed)
-    times["unet_text_s"] = time.time() - t
-
-    t = time.time()
-    clf, clf_steps = train_classifier(images, labels, vae, s(args.clf_steps), 60 * args.clf_budget_min * args.scale,
-                                      64, args.seed)
-    times["classifier_s"] = time.time() - t
+                                        60 * args.unet_budget_min * args.scale, 32, args.seed + int(args.resume),
+                                        init=init, peak_lr=args.lr)
+    if args.resume:
+        times["unet_text_resumed_s"] = time.time() - t
+        unet_steps = prev["steps_done"]["unet"] + unet_steps if isinstance(prev["steps_done"]["unet"], int) else \
+            unet_steps
+    else:
+        times["unet_text_s"] = time.time() - t
+        t = time.time()
+        clf, clf_steps = train_classifier(images, labels, vae, s(args.clf_steps),
+                                          60 * args.clf_budget_min * args.scale, 64, args.seed)
+        times["classifier_s"] = time.time() - t
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
