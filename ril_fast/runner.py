@@ -129,6 +129,8 @@ def build_run(cfg: Config) -> Run:
         message = memory.check_budget(cfg)  # planned on fake tensors, before any weight loads
         if message:
             raise ConfigError([message])
+    if cfg.train.cpu_threads is not None:
+        torch.set_num_threads(cfg.train.cpu_threads)
     torch.manual_seed(cfg.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)

@@ -18,6 +18,10 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+# Tiny test models are latency-bound: one thread avoids OpenMP spin-waits on a shared 2-core machine
+# (a 1M-parameter UNet call: 35 ms with 1 thread, up to 4 s with 2 threads under other load).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
