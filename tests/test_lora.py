@@ -85,7 +85,9 @@ def test_add_task_keeps_output_and_freezes():
     lora.add_task(layers, 5, 5.0, seed=3)
     assert all(layer.num_tasks == 3 for layer in layers)
     with torch.no_grad():
-        torch.testing.assert_close(unet(**inputs).sample, before, atol=0, rtol=0)
+        # B = 0 adds exactly nothing; the stacked CPU path regroups the GEMMs (R grows), so allow
+        # fp32 rounding, not bitwise identity.
+        torch.testing.assert_close(unet(**inputs).sample, before, atol=1e-6, rtol=1e-5)
     for layer in layers:
         assert [p.requires_grad for p in layer.lora_a] == [False, False, True]
         assert [p.requires_grad for p in layer.lora_b] == [False, False, True]
