@@ -67,6 +67,8 @@ def one_step(state, task_prompts, reward, step):
 
 def main() -> int:
     cfg = load_config(ARGS.config, ARGS.set)
+    if cfg.train.cpu_threads is not None:
+        torch.set_num_threads(cfg.train.cpu_threads)
     device = pick_device(cfg)
     task = cfg.tasks[min(1, len(cfg.tasks) - 1)]
     prompts = read_prompts(task.train_prompts, "train_prompts")
