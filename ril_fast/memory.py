@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import weakref
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from ril_fast.memory_tracker import MemoryTracker, materialize, tag_module  # noqa: F401 (public names)
 
 GIB = 2**30
 ARCH_DIR = Path(__file__).resolve().parent / "models" / "arch"
@@ -37,76 +35,6 @@ ARCH_DIR = Path(__file__).resolve().parent / "models" / "arch"
 REWARD_TOWERS = {"aesthetic": "clip_vit_l14", "hpsv2": "clip_vit_h14", "pickscore": "clip_vit_h14",
                  "imagereward": "clip_vit_l14"}  # ImageReward (BLIP ViT-L/16 + BERT) approximated by ViT-L/14
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------
-# Byte tracking
-
-
-class MemoryTracker(TorchDispatchMode):
-    """Live bytes of every tensor storage created inside the mode (fake or real), with a peak.
-
-    Each new output storage is counted once under the current tag and uncounted by a weakref
-    finalizer when the storage dies. ``peak_by_tag`` is the per-tag split at the moment of the peak.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self.by_tag: dict[str, int] = defaultdict(int)
-        self.peak_by_tag: dict[str, int] = {}
-        self.tags = ["other"]
-        self._seen: dict[int, tuple[int, str]] = {}
-
-    def adopt(self, tensors, tag: str) -> None:
-        """Count tensors that exist already (e.g. loaded weights), so views of them are not new."""
-        self.push(tag)
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        self.pop()
-
-    def push(self, tag: str) -> None:
-        self.tags.append(tag)
-
-    def pop(self) -> None:
-        self.tags.pop()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta":
-            return
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self._seen:
-            return
-        nbytes, tag = storage.nbytes(), self.tags[-1]
-        self._seen[key] = (nbytes, tag)
-        self.live += nbytes
-        self.by_tag[tag] += nbytes
-        weakref.finalize(storage, self._free, key)
-        if self.live > self.peak:
-            self.peak = self.live
-            self.peak_by_tag = {k: v for k, v in self.by_tag.items() if v}
-
-    def _free(self, key: int) -> None:
-        nbytes, tag = self._seen.pop(key, (0, ""))
-        self.live -= nbytes
-        if tag:
-            self.by_tag[tag] -= nbytes
-
-
-def tag_module(module: nn.Module, tracker: MemoryTracker, tag: str) -> None:
-    """Attribute allocations inside ``module``'s forward (and its checkpoint recompute) to ``tag``."""
-    module.register_forward_pre_hook(lambda *_: tracker.push(tag))
-    module.register_forward_hook(lambda *_: tracker.pop())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,36 +153,6 @@ def reward_build_options(cfg, task) -> dict:
         options.setdefault("dtype", cfg.memory.reward_dtype)
         options.setdefault("gradient_checkpointing", cfg.memory.reward_checkpoint)
     return options
-
-
-# ---------------------------------------------------------------------------------------------
-# Materialising meta modules as fake (or real) tensors inside the tracker
-
-
-def materialize(module: nn.Module, tracker: MemoryTracker, tag_of) -> None:
-    """Replace every meta parameter/buffer of ``module`` by a fresh tensor of the same shape/dtype.
-
-    ``tag_of(module, name, is_param)`` names the tracker tag. Called inside FakeTensorMode the new
-    tensors are fake: no memory is touched, but the tracker still counts their bytes.
-    """
-    memo: dict[int, torch.Tensor] = {}
-    for mod in module.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None or p.device.type != "meta":
-                continue
-            if id(p) not in memo:
-                tracker.push(tag_of(mod, name, True))
-                memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
-                tracker.pop()
-            mod._parameters[name] = memo[id(p)]
-        for name, b in list(mod._buffers.items()):
-            if b is None or b.device.type != "meta":
-                continue
-            if id(b) not in memo:
-                tracker.push(tag_of(mod, name, False))
-                memo[id(b)] = torch.zeros(b.shape, dtype=b.dtype)
-                tracker.pop()
-            mod._buffers[name] = memo[id(b)]
 
 
 def _unet_tag(mod, name, is_param):
