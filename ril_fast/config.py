@@ -435,8 +435,13 @@ def validate(cfg: Config) -> None:
             errors.append(f"{where}: must be in 0 .. 2**63 - 1, got {seed}")
     _positive(errors, "eval.batch_size", cfg.eval.batch_size)
     _positive(errors, "memory.budget_gib", cfg.memory.budget_gib)
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        errors.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.zero_stage == 3:
+        # Tried on CPU (gloo): ZeRO-3 partitions the frozen UNet weights, and the checkpointed window
+        # recompute reads them outside DeepSpeed's gather hooks; backward fails on size-0 tensors.
+        errors.append("deepspeed.zero_stage: 3 is not supported yet (partitioned frozen weights break the "
+                      "checkpointed sampler's backward); use 2 with deepspeed.offload_optimizer=true")
+    elif cfg.deepspeed.zero_stage not in (0, 1, 2):
+        errors.append(f"deepspeed.zero_stage: must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         errors.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
     if cfg.train.optimizer == "adamw8bit" and cfg.deepspeed.offload_optimizer:

@@ -119,3 +119,8 @@ def test_shipped_configs_validate(name):
         rest = [p for p in exc.problems if not p.startswith("model.path")]
         assert not rest, rest
     assert data["tasks"], name
+
+
+def test_zero3_is_refused_with_the_alternative(model_dir):
+    (msg,) = problems(base(model_dir, deepspeed={"zero_stage": 3}))
+    assert "not supported" in msg and "zero_stage" in msg and "offload_optimizer" in msg
