@@ -375,8 +375,7 @@ def run_all(cfg: Config) -> dict:
             lora.export_task_adapter(run.models.unet, run.layers, adapters_for_task(cfg, task) if cfg.method.adapter_per_task
                                      else 1, run.out / "adapters" / f"task_{task + 1:02d}")
             write_results(run, wall_before + time.time() - t_start)
-            report.plot_reward_curves([m for m in _read_metrics(run) if m.get("kind") == "train"],
-                                      run.out / "plots" / "reward_curves.png", keys=["reward", "distill"])
+            plot_curves(run, task)
         run.results["wall_seconds_so_far"] = wall_before + time.time() - t_start
         save(run, task, "done", cfg.tasks[task].steps)
         ckpt.fault_point("task_boundary")
@@ -387,6 +386,17 @@ def run_all(cfg: Config) -> dict:
         print(report.results_table_markdown(table_view(res)))
     run.log.close()
     return res
+
+
+def plot_curves(run: Run, task: int) -> None:
+    """This task's reward curve, and all tasks so far with boundaries marked (skipped if nothing was logged)."""
+    train = [m for m in _read_metrics(run) if m.get("kind") == "train" and "reward" in m]
+    this = [m for m in train if m["task"] == task]
+    if this:
+        report.plot_reward_curves(this, run.out / "plots" / f"reward_curve_task_{task + 1:02d}.png",
+                                  keys=["reward", "distill"])
+    if train:
+        report.plot_reward_curves(train, run.out / "plots" / "reward_curves.png", keys=["reward", "distill"])
 
 
 def table_view(res: dict) -> dict:

@@ -62,7 +62,7 @@ def test_metrics_and_artefacts(finished_run):
     assert [m["row"] for m in metrics if m["kind"] == "eval"] == [0, 1, 2]
     for name in ("base", "after_task_01", "after_task_02"):
         Image.open(run / "grids" / f"{name}.png").verify()
-    for name in ("reward_curves", "reward_matrix"):
+    for name in ("reward_curves", "reward_matrix", "reward_curve_task_01", "reward_curve_task_02"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
     for task in (1, 2):
         assert (run / "adapters" / f"task_{task:02d}" / "pytorch_lora_weights.safetensors").is_file()
