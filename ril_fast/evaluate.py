@@ -25,7 +25,7 @@ class EvalResult:
     adherence: dict | None = None  # prompt-adherence metrics when the model ships a classifier
 
 
-def eval_noise(models, shape_fn, seed: int) -> torch.Tensor:
+def eval_noise(shape_fn, seed: int) -> torch.Tensor:
     """Starting noise of one eval image: depends on the seed only."""
     return torch.randn(shape_fn(1), generator=torch.Generator().manual_seed(seed))
 
@@ -39,7 +39,7 @@ def sample_images(models, cfg, prompt_cache, prompts: list[str], device, shape_f
     for i in range(0, len(pairs), cfg.eval.batch_size):
         chunk = pairs[i : i + cfg.eval.batch_size]
         chunk_prompts = [p for p, _ in chunk]
-        z_T = torch.cat([eval_noise(models, shape_fn, s) for _, s in chunk]).to(device)
+        z_T = torch.cat([eval_noise(shape_fn, s) for _, s in chunk]).to(device)
         cond = prompt_cache.get(chunk_prompts)
         uncond = unconditional(cfg, prompt_cache, len(chunk))
         result = ddim_sample(models, cond, uncond, z_T, steps=steps, guidance_scale=cfg.sampling.guidance_scale,

@@ -27,7 +27,7 @@ from ril_fast.config import Config, ConfigError, read_prompts
 from ril_fast.evaluate import evaluate_all_tasks, structure_drift
 from ril_fast.evaluate_metrics import forgetting
 from ril_fast.methods.objective import compute_loss, latent_shape, make_batch, step_seed
-from ril_fast.metrics_log import MetricsLog
+from ril_fast.metrics_log import MetricsLog, read_metrics
 
 _log = logging.getLogger("ril_fast")
 
@@ -390,7 +390,7 @@ def run_all(cfg: Config) -> dict:
 
 def plot_curves(run: Run, task: int) -> None:
     """This task's reward curve, and all tasks so far with boundaries marked (skipped if nothing was logged)."""
-    train = [m for m in _read_metrics(run) if m.get("kind") == "train" and "reward" in m]
+    train = [m for m in read_metrics(run.out) if m.get("kind") == "train" and "reward" in m]
     this = [m for m in train if m["task"] == task]
     if this:
         report.plot_reward_curves(this, run.out / "plots" / f"reward_curve_task_{task + 1:02d}.png",
@@ -404,12 +404,6 @@ def table_view(res: dict) -> dict:
     return {"title": f"method {res['method']}", "task_names": res["tasks"], "reward_matrix": res["reward_matrix"],
             "forgetting": res["forgetting"], "drift": {"SSIM to base": res["structure_drift"]},
             "wall_time_s": res["wall_seconds"]}
-
-
-def _read_metrics(run: Run) -> list[dict]:
-    from ril_fast.metrics_log import read_metrics
-
-    return read_metrics(run.out)
 
 
 def print_header(run: Run) -> None:

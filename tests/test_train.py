@@ -99,7 +99,7 @@ def test_load_pipeline_reproduces_trainer_images(finished_run):
     run, _ = finished_run
     pipe = ril_fast.load_pipeline(run, task=2)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    z = eval_noise(None, lambda n: (n, 4, 16, 16), 5)
+    z = eval_noise(lambda n: (n, 4, 16, 16), 5)
     image = pipe(["a blue square"], num_inference_steps=2, guidance_scale=2.0, latents=z, output_type="pt").images
     grid = np.asarray(Image.open(run / "grids" / "after_task_02.png").convert("RGB")).astype(np.float32) / 255
     h, w = image.shape[-2:]
