@@ -50,6 +50,7 @@ def gpu_step(cfg, task: int, iters: int) -> dict:
     from ril_fast.methods.objective import Batch, compute_loss, latent_shape, unconditional
 
     device = torch.device("cuda")
+    idle_parts = []  # other tasks' reward towers held on the device (memory.idle_rewards = device)
     arch = memory.resolve_arch(cfg.model.path)
     dtype = memory.DTYPES[cfg.model.dtype]
     models = memory.build_meta_models(arch, dtype)
@@ -70,6 +71,17 @@ def gpu_step(cfg, task: int, iters: int) -> dict:
         _to_device(part, device)
     if parts:
         reward.device = device
+    # residency as the trainer's: memory.idle_rewards = device keeps every task's reward model on the
+    # GPU (one per distinct reward + options); cpu keeps only this task's there (others not built)
+    if cfg.memory.idle_rewards == "device":
+        own = json.dumps([t.reward, memory.reward_build_options(cfg, t)], sort_keys=True, default=str)
+        others = {json.dumps([o.reward, memory.reward_build_options(cfg, o)], sort_keys=True, default=str): o
+                  for o in cfg.tasks}
+        for key, o in others.items():
+            if key != own:
+                for part in memory.build_reward(o.reward, memory.reward_build_options(cfg, o))[1] or []:
+                    _to_device(part, device)
+                    idle_parts.append(part)
     height, width = cfg.sampling.height or models.sample_size, cfg.sampling.width or models.sample_size
     cache = memory._FakePromptCache(models, arch, dtype, 1, height, width)  # zero embeddings, right shapes
     prompts = [f"prompt {i}" for i in range(cfg.train.batch_size)]
@@ -113,6 +125,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.set)
     task = args.task - 1
     result = {"config": args.config, "overrides": args.set, "task": args.task, "reward": cfg.tasks[task].reward,
+              "idle_rewards": cfg.memory.idle_rewards,
               "torch": torch.__version__, "python": platform.python_version()}
     if not args.no_plan:
         t0 = time.perf_counter()

@@ -119,6 +119,9 @@ class EvalConfig:
 class MemoryConfig:
     budget_gib: Optional[float] = None  # refuse configs whose planned peak exceeds this (GPU runs)
     text_encoders: Literal["keep", "cpu", "free"] = "cpu"  # after caching prompt embeddings
+    # where the reward models of the tasks not being trained wait: "cpu" keeps only the current task's
+    # reward on the GPU during training (each moves over for its evaluation), "device" keeps all there
+    idle_rewards: Literal["cpu", "device"] = "cpu"
     vae_checkpoint: bool = True  # decode under gradient checkpointing
     vae_slice: bool = False  # decode one sample at a time
     unet_block_checkpoint: bool = False  # checkpoint blocks inside each UNet call too

@@ -52,13 +52,23 @@ def sample_images(models, cfg, prompt_cache, prompts: list[str], device, shape_f
 
 @torch.no_grad()
 def evaluate_all_tasks(models, cfg, prompt_cache, tasks_prompts: list[list[str]], rewards: list, device, shape_fn,
-                       adherence_fn=None, progress=None) -> EvalResult:
-    """Mean reward of every task on its held-out prompts; images kept for grids and drift."""
+                       adherence_fn=None, progress=None, idle_device=None) -> EvalResult:
+    """Mean reward of every task on its held-out prompts; images kept for grids and drift.
+
+    ``idle_device``: where reward models wait when not scoring (``memory.idle_rewards = cpu``):
+    each is moved to ``device`` for its own scoring only. None leaves them where they are.
+    """
+    from ril_fast.rewards import place
+
     result = EvalResult(rewards=[])
     all_images, all_prompts = [], []
     for task, prompts, reward in zip(cfg.tasks, tasks_prompts, rewards):
         images, pair_prompts = sample_images(models, cfg, prompt_cache, prompts, device, shape_fn, progress)
+        if idle_device is not None:
+            place(reward, device)
         scores = reward(images.to(device), pair_prompts).float()
+        if idle_device is not None:
+            place(reward, idle_device)
         result.rewards.append(float(scores.mean()))  # host sync: once per task evaluation
         result.images[task.name] = images
         result.prompts[task.name] = pair_prompts

@@ -370,9 +370,12 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
     height = cfg.sampling.height or models.sample_size
     width = cfg.sampling.width or models.sample_size
-    # the trainer builds every task's reward up front (rewards.weights caches identical ones)
+    # the trainer builds every task's reward up front (rewards.weights caches identical ones); with
+    # memory.idle_rewards = cpu only this task's reward is on the device while it trains
     built: dict[str, tuple] = {}
     for t in cfg.tasks:
+        if cfg.memory.idle_rewards == "cpu" and t is not cfg.tasks[task]:
+            continue
         key = json.dumps([t.reward, reward_build_options(cfg, t)], sort_keys=True, default=str)
         if key not in built:
             built[key] = build_reward(t.reward, reward_build_options(cfg, t))

@@ -161,6 +161,8 @@ def build_run(cfg: Config) -> Run:
         reward_fns = [rewards.build(t.reward, **memory.reward_build_options(cfg, t)) for t in cfg.tasks]
     except (ValueError, ImportError, AttributeError) as exc:
         raise ConfigError([f"tasks: a reward cannot be built: {exc}"]) from None
+    for fn in reward_fns if idle_reward_device(cfg, device) is not None else []:
+        rewards.place(fn, "cpu")  # each comes to the device for its own task (stage_rewards) or scoring
     is_main = eng.rank() == 0
     return Run(cfg=cfg, device=device, models=models, layers=layers, prompt_cache=cache, rewards=reward_fns,
                train_prompts=train_prompts, eval_prompts=eval_prompts, log=MetricsLog(cfg.output_dir, is_main),
@@ -244,8 +246,26 @@ def resume(run: Run):
 # Train and evaluate
 
 
+def idle_reward_device(cfg: Config, device: torch.device) -> torch.device | None:
+    """Where rewards of tasks not being trained wait: the CPU with ``memory.idle_rewards = cpu`` on
+    a GPU run (planned that way by ``ril_fast.memory``), else None (they stay on the device)."""
+    return torch.device("cpu") if cfg.memory.idle_rewards == "cpu" and device.type != "cpu" else None
+
+
+def stage_rewards(run: Run, task: int) -> None:
+    """Only this task's reward model on the device while it trains (idle first: tasks may share one)."""
+    idle = idle_reward_device(run.cfg, run.device)
+    if idle is None:
+        return
+    for i, fn in enumerate(run.rewards):
+        if i != task:
+            rewards.place(fn, idle)
+    rewards.place(run.rewards[task], run.device)
+
+
 def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | None) -> None:
     cfg, tcfg = run.cfg, run.cfg.tasks[task]
+    stage_rewards(run, task)
     params = lora.trainable_parameters(run.layers)
     engine = eng.Engine(run.models.unet, params, cfg, lr=tcfg.lr or cfg.train.lr)
     if optimizer_state is not None:
@@ -312,7 +332,8 @@ def evaluate_row(run: Run, row: int) -> None:
     n_images = sum(len(p) for p in run.eval_prompts) * len(cfg.eval.seeds)
     with tqdm(total=n_images, desc=f"eval row {row}", disable=not run.is_main) as bar:
         result = evaluate_all_tasks(run.models, cfg, run.prompt_cache, run.eval_prompts, run.rewards, run.device,
-                                    run.shape, adherence_fn=run.adherence_fn, progress=bar)
+                                    run.shape, adherence_fn=run.adherence_fn, progress=bar,
+                                    idle_device=idle_reward_device(cfg, run.device))
     res = run.results
     res.setdefault("tasks", [t.name for t in cfg.tasks])
     res.setdefault("reward_matrix", []).append(result.rewards)

@@ -99,6 +99,21 @@ def test_switches_move_the_plan(tiny_path, base_plan):
     assert off.peak_bytes > on.peak_bytes, (off.breakdown, on.breakdown)
 
 
+def test_idle_rewards_keep_only_the_current_task_reward_on_device(tiny_path):
+    two = {"tasks": [{"name": "a", "reward": "aesthetic", "train_prompts": ["a red cat"], "eval_prompts": ["a dog"]},
+                     {"name": "h", "reward": "hpsv2", "train_prompts": ["a red cat"], "eval_prompts": ["a dog"]}],
+           "memory.reward_dtype": "bfloat16"}
+    every = memory.plan_step(tiny_cfg(tiny_path, **two, **{"memory.idle_rewards": "device"}), 0)
+    own0 = memory.plan_step(tiny_cfg(tiny_path, **two, **{"memory.idle_rewards": "cpu"}), 0)
+    own1 = memory.plan_step(tiny_cfg(tiny_path, **two, **{"memory.idle_rewards": "cpu"}), 1)
+    # bf16 parameter bytes: ViT-L/14 vision + projection 304.0M plus the fp32 aesthetic MLP head
+    # (768-1024-128-64-16-1: 927,969 params); the full ViT-H/14 CLIP (HPSv2) 986.1M
+    vit_l, vit_h = own0.resident["reward_model"], own1.resident["reward_model"]
+    assert vit_l == pytest.approx(304.0e6 * 2 + 927_969 * 4, rel=2e-3) and vit_h == pytest.approx(986.1e6 * 2, rel=2e-3)
+    assert every.resident["reward_model"] == vit_l + vit_h
+    assert every.peak_bytes - own0.peak_bytes == vit_h
+
+
 def test_reward_dtype_and_offload(tiny_path, base_plan):
     aest = {"tasks": [{"name": "a", "reward": "aesthetic", "train_prompts": ["a red cat"], "eval_prompts": ["a dog"]}]}
     fp32 = memory.plan_step(tiny_cfg(tiny_path, **aest, **{"memory.reward_dtype": "float32"}), 0)

@@ -178,6 +178,27 @@ def test_model_is_loaded_once_and_frozen(tiny_clip_dir, clip_tokenizer_dir):
         a(images(), PROMPTS[:2])
 
 
+def test_place_moves_models_heads_and_text_cache(tiny_clip_dir, clip_tokenizer_dir, head_file):
+    """rewards.place (memory.idle_rewards): the shared frozen model, the aesthetic head, the cached
+    text embeddings and the device the reward preprocesses on all follow, through a normaliser too."""
+    kw = dict(clip_path=str(tiny_clip_dir), dtype="fp32", device="cpu")
+    pick = rewards.build("pickscore", tokenizer_path=str(clip_tokenizer_dir[0]), **kw)
+    aest = rewards.build("aesthetic", head_path=str(head_file[0]), **kw)
+    from ril_fast.rewards.normalize import NormalizedReward
+
+    wrapped = NormalizedReward(aest, offset=0.0, scale=2.0)
+    pick(images(), PROMPTS)  # fills the text cache
+    rewards.place(pick, "meta")  # a second device (no data): every tensor must arrive there
+    rewards.place(wrapped, "meta")
+    assert pick.device == aest.device == torch.device("meta")
+    moved = list(pick.model.parameters()) + list(aest.model.parameters()) + list(aest.head.parameters())
+    assert {p.device.type for p in moved} == {"meta"}
+    assert len(pick._text_cache) == len(PROMPTS)
+    assert {e.device.type for e in pick._text_cache.values()} == {"meta"}
+    rewards.place(lambda imgs, prompts: imgs.mean((1, 2, 3)), "meta")  # model-free: nothing to move
+    weights.clear_cache()  # the cached models now live on meta
+
+
 # ---------------------------------------------------------------------------------------------- aesthetic
 
 

@@ -105,3 +105,50 @@ def test_load_pipeline_reproduces_trainer_images(finished_run):
     h, w = image.shape[-2:]
     tile = torch.from_numpy(grid[2 : 2 + h, 2 : 2 + w]).permute(2, 0, 1)
     assert (image[0] - tile).abs().max() <= 2 / 255
+
+
+def test_idle_rewards_wait_on_the_cpu_during_gpu_training(monkeypatch):
+    """memory.idle_rewards = cpu on a GPU run: while task i trains only its reward is on the device
+    (idle ones are moved first, so a model shared by two tasks ends on the device); in evaluation
+    each reward comes over for its own scoring only. On a CPU run nothing moves."""
+    from types import SimpleNamespace
+
+    from ril_fast import runner
+    from ril_fast.config import config_from_dict
+
+    class Stub:
+        def __init__(self, name, log):
+            self.name, self.log = name, log
+
+        def to_device(self, device):
+            self.log.append((self.name, device.type))
+
+    log = []
+    cfg = config_from_dict({"tasks": [{"name": n, "reward": "brightness", "train_prompts": ["a"],
+                                       "eval_prompts": ["b"]} for n in "xyz"]})
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cuda"), rewards=[Stub(n, log) for n in "xyz"])
+    runner.stage_rewards(run, 1)
+    assert log == [("x", "cpu"), ("z", "cpu"), ("y", "cuda")]
+    assert runner.idle_reward_device(cfg, torch.device("cpu")) is None
+    cfg.memory.idle_rewards = "device"
+    log.clear()
+    runner.stage_rewards(run, 1)
+    assert log == [] and runner.idle_reward_device(cfg, torch.device("cuda")) is None
+
+    # evaluation: place on the device, score, place back (the sampler is stubbed out)
+    from ril_fast import evaluate
+
+    log.clear()
+    calls = []
+
+    class Scored(Stub):
+        def __call__(self, images, prompts):
+            calls.append((self.name, self.log[-1]))
+            return images.mean((1, 2, 3))
+
+    scorers = [Scored(n, log) for n in "xyz"]
+    monkeypatch.setattr(evaluate, "sample_images", lambda *a, **k: (torch.rand(2, 3, 4, 4), ["p", "p"]))
+    evaluate.evaluate_all_tasks(None, cfg, None, [["p"]] * 3, scorers, torch.device("cpu"), None,
+                                idle_device=torch.device("meta"))
+    assert calls == [(n, (n, "cpu")) for n in "xyz"]  # each scored while on the scoring device
+    assert log == [(n, d) for n in "xyz" for d in ("cpu", "meta")]

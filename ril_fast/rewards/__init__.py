@@ -59,6 +59,17 @@ def check_name(name: str) -> None:
         raise ValueError(f"unknown reward {name!r}{hint} Known rewards: {', '.join(names())}, or 'module:function'")
 
 
+def place(reward, device) -> None:
+    """Move a reward's model to ``device`` (rewards of idle tasks wait on the CPU).
+
+    Rewards with a model implement ``to_device(device)``; model-free rewards, and user rewards
+    without that method, stay where they are.
+    """
+    mover = getattr(reward, "to_device", None)
+    if callable(mover):
+        mover(torch.device(device))
+
+
 def build(name: str, **kwargs) -> Reward:
     """Build the reward ``name`` with options ``kwargs``.
 

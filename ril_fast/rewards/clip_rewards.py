@@ -196,6 +196,13 @@ class _ClipReward(nn.Module):
         vcfg = model.config if not hasattr(model.config, "vision_config") else model.config.vision_config
         self.image_size = vcfg.image_size
 
+    def to_device(self, device: torch.device) -> None:
+        """Move the shared frozen model (and head) to ``device``; see ``rewards.place``."""
+        self.model.to(device)
+        if "head" in self.__dict__:
+            self.head.to(device)
+        self.device = device
+
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         x = clip_preprocess(images.to(self.device), self.image_size, crop_rounding=self.crop_rounding,
                             resize_mode=self.resize_mode)
@@ -224,6 +231,10 @@ class _ClipImageText(_ClipReward):
         # no attention mask: open_clip and the CLIP reference attend causally over the padded sequence
         feats = _features(self.model.get_text_features(input_ids=tok.input_ids.to(self.device))).float()
         return feats / feats.norm(dim=-1, keepdim=True)
+
+    def to_device(self, device: torch.device) -> None:
+        super().to_device(device)
+        self._text_cache = {p: e.to(device) for p, e in self._text_cache.items()}
 
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))

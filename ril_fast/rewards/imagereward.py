@@ -144,6 +144,11 @@ class ImageRewardReward(nn.Module):
         self.__dict__["model"] = model  # shared and frozen: kept out of this module's tree and state_dict
         self.image_size = self.model.vision.config.image_size
 
+    def to_device(self, device: torch.device) -> None:
+        """Move the shared frozen model to ``device``; see ``rewards.place``."""
+        self.model.to(device)
+        self.device = device
+
     def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
         prompts = _check_batch(images, prompts)
         # ImageReward's transform is torchvision Resize(224, bicubic) + CenterCrop: round-half-even crop

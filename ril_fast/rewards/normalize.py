@@ -95,6 +95,12 @@ class NormalizedReward(nn.Module):
         self.offset, self.scale = offset, scale
         self.running = RunningNorm(momentum) if mode == "ema" else None
 
+    def to_device(self, device: torch.device) -> None:
+        """Move the wrapped reward's model (``rewards.place``); its running statistics stay put (they follow the reward's output device)."""
+        from ril_fast.rewards import place
+
+        place(self.reward, device)
+
     def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
         r = self.reward(images, prompts)
         if self.mode == "fixed":
