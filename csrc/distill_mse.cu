@@ -1,7 +1,20 @@
 // Last-step distillation MSE: loss = mean_b(w_b c_b^2 mean_i (s - t)^2), and its student gradient.
-// Forward: one launch writes one fp32 partial per (chunk, sample), one single-block launch sums
-// them in a fixed order (bitwise reproducible, no atomics). Backward: one elementwise launch that
-// reads the upstream gradient on the device. 16-byte vector loads when the rows allow them.
+// Forward: ONE launch. Every block writes one fp32 partial per (chunk, sample), then draws a ticket
+// (__threadfence + atomicAdd on a per-stream device counter); the block that draws the last ticket
+// sums ALL partials in a fixed order (strided per-thread sums + block_sum's fixed tree), writes the
+// loss and resets the counter to 0 for the next launch. The atomics decide only WHICH block sums,
+// never the order, so the loss is bitwise reproducible; nothing syncs with the host, so it is
+// CUDA-graph capturable. The counters live in this library (g_tickets, zero at module load), one
+// slot per (device, stream): launches on different streams never share one, and the C ABI is the
+// same as with the old two-launch forward. Backward: one elementwise launch that reads the upstream
+// gradient on the device. 16-byte vector loads when the rows allow them.
+#include <cstddef>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <tuple>
+
 #include "common.cuh"
 
 namespace ril {
@@ -9,7 +22,11 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kChunk = 8192;  // elements per block: 32 per thread, enough bytes in flight for HBM
-constexpr int kSumThreads = 1024;
+constexpr int kTicketSlots = 1024;  // distinct (device, stream) pairs the forward can run on
+
+// Ticket counters of the forward, one per (device, stream) slot. Zero when the module loads; every
+// forward launch leaves its slot at zero again (the last block resets it).
+__device__ unsigned int g_tickets[kTicketSlots];
 
 __device__ __forceinline__ float coef_sq(const float* alpha_bar, int64_t b, int pred) {
   const float ab = alpha_bar[b];
@@ -28,7 +45,7 @@ struct alignas(16) Vec {
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     distill_fwd_kernel(const T* s, const T* t, const float* alpha_bar, const float* weight, float* partial,
-                       int64_t N, float inv_nb, int pred) {
+                       float* out, unsigned int slot, int64_t N, float inv_nb, int pred) {
   const int64_t b = blockIdx.y, base = b * N + static_cast<int64_t>(blockIdx.x) * kChunk;
   const int64_t end = min(static_cast<int64_t>(kChunk), N - static_cast<int64_t>(blockIdx.x) * kChunk);
   float acc = 0.f;
@@ -51,18 +68,27 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const float total = block_sum<kThreads>(acc);
+  __shared__ bool am_last;
   if (threadIdx.x == 0) {
     float scale = coef_sq(alpha_bar, b, pred) * inv_nb;
     if (weight) scale *= weight[b];
     partial[b * gridDim.x + blockIdx.x] = total * scale;
+    __threadfence();  // the partial is visible device-wide before the ticket is drawn
+    am_last = atomicAdd(&g_tickets[slot], 1u) == gridDim.x * gridDim.y - 1;
   }
-}
-
-__global__ void __launch_bounds__(kSumThreads) sum_partials_kernel(const float* partial, int64_t P, float* out) {
-  float acc = 0.f;
-  for (int64_t i = threadIdx.x; i < P; i += kSumThreads) acc += partial[i];
-  const float total = block_sum<kSumThreads>(acc);
-  if (threadIdx.x == 0) *out = total;
+  __syncthreads();
+  if (!am_last) return;
+  // Last block: every other partial was published before its ticket. Sum them all in a fixed order
+  // (thread i adds partials i, i + kThreads, ... then block_sum's fixed tree), whichever block this is.
+  __threadfence();
+  const int64_t P = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  float part = 0.f;
+  for (int64_t i = threadIdx.x; i < P; i += kThreads) part += __ldcg(partial + i);  // L2, not a stale L1 line
+  const float loss = block_sum<kThreads>(part);
+  if (threadIdx.x == 0) {
+    *out = loss;
+    g_tickets[slot] = 0u;  // clean for the next launch on this stream
+  }
 }
 
 template <typename T, bool kVec>
@@ -105,21 +131,49 @@ int check(int64_t B, int64_t N, int pred, const void* s, const void* t, const fl
   return RIL_OK;
 }
 
+// The ticket slot of the current (device, stream). Slots are handed out once and kept, so a CUDA graph
+// captured on a stream keeps using that stream's slot. cudaStreamPerThread is one stream per host
+// thread, so it is keyed by the thread as well.
+int ticket_slot(cudaStream_t stream, unsigned int* slot) {
+  int dev = 0;
+  const cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return RIL_ERR_CUDA_BASE + static_cast<int>(e);
+  const size_t thread = stream == cudaStreamPerThread ? std::hash<std::thread::id>{}(std::this_thread::get_id()) : 0;
+  static std::mutex mu;
+  static std::map<std::tuple<int, cudaStream_t, size_t>, unsigned int> slots;
+  static std::map<int, unsigned int> used;  // slots handed out per device
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, stream, thread);
+  const auto it = slots.find(key);
+  if (it != slots.end()) {
+    *slot = it->second;
+    return RIL_OK;
+  }
+  unsigned int& n = used[dev];
+  if (n >= static_cast<unsigned int>(kTicketSlots)) return RIL_ERR_UNSUPPORTED;  // > kTicketSlots streams
+  *slot = n++;
+  slots.emplace(key, *slot);
+  return RIL_OK;
+}
+
 template <typename T>
 int distill_fwd(const void* s, const void* t, const float* alpha_bar, const float* weight, float* workspace,
                 float* out, int64_t B, int64_t N, int pred, cudaStream_t stream) {
   if (int st = check(B, N, pred, s, t, alpha_bar)) return st;
   if (!workspace || !out) return RIL_ERR_INVALID_ARGUMENT;
+  if (cdiv(N, kChunk) * B > 0xFFFFFFFFLL) return RIL_ERR_UNSUPPORTED;  // tickets are 32-bit
+  unsigned int slot = 0;
+  if (int st = ticket_slot(stream, &slot)) return st;
   const dim3 grid(static_cast<unsigned>(cdiv(N, kChunk)), static_cast<unsigned>(B));
   const float inv_nb = 1.f / (static_cast<float>(N) * static_cast<float>(B));
   const T* sp = static_cast<const T*>(s);
   const T* tp = static_cast<const T*>(t);
   if (use_vec<T>(N, s, t, nullptr))
-    distill_fwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(sp, tp, alpha_bar, weight, workspace, N, inv_nb, pred);
+    distill_fwd_kernel<T, true>
+        <<<grid, kThreads, 0, stream>>>(sp, tp, alpha_bar, weight, workspace, out, slot, N, inv_nb, pred);
   else
-    distill_fwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(sp, tp, alpha_bar, weight, workspace, N, inv_nb, pred);
-  if (int st = launch_status()) return st;
-  sum_partials_kernel<<<1, kSumThreads, 0, stream>>>(workspace, static_cast<int64_t>(grid.x) * B, out);
+    distill_fwd_kernel<T, false>
+        <<<grid, kThreads, 0, stream>>>(sp, tp, alpha_bar, weight, workspace, out, slot, N, inv_nb, pred);
   return launch_status();
 }
 

@@ -74,7 +74,12 @@ RIL_DECLARE_LORA(bf16)
  * student, teacher: (B x N) contiguous; alpha_bar, weight (NULL = 1): (B) fp32 device arrays;
  * pred: 0 epsilon, 1 v_prediction, 2 sample. x0_s - x0_t = c_b (s - t), so x_t is not needed.
  *   loss = mean_b(w_b c_b^2 mean_i (s - t)^2)  -> out (one fp32)
- * workspace: ril_distill_mse_workspace_floats(B, N) fp32 elements. Deterministic (no atomics). */
+ * workspace: ril_distill_mse_workspace_floats(B, N) fp32 elements (one partial per block).
+ * The forward is one launch: the last block to finish (atomic ticket on a library-internal counter,
+ * one per (device, stream)) sums all partials in a fixed order, so the loss is bitwise reproducible
+ * and CUDA-graph capturable. Concurrent forwards on different streams are fine; two forwards must not
+ * run at once on one stream's counter (e.g. a graph captured on stream S replayed on another stream
+ * while S runs an eager forward). RIL_ERR_UNSUPPORTED past 1024 distinct streams per device. */
 RIL_API int64_t ril_distill_mse_workspace_floats(int64_t B, int64_t N);
 #define RIL_DECLARE_DISTILL(SUFFIX)                                                                  \
   RIL_API int ril_distill_mse_fwd_##SUFFIX(const void* student, const void* teacher,                       \

@@ -216,3 +216,152 @@ def test_cuda_graph_capture_without_host_sync(backend):
     ref_loss, ref_grad = _oracle(sched, leaf, teacher, x_t, timesteps, weight)
     torch.testing.assert_close(loss.cpu(), ref_loss, rtol=1e-4, atol=0)
     torch.testing.assert_close(leaf.grad.float().cpu(), ref_grad, rtol=1.6e-2, atol=1.6e-2 * ref_grad.abs().max())
+
+
+# ------------------------------------------------------------------------------------------------
+# One-launch forward: last-program ticket reduction
+# ------------------------------------------------------------------------------------------------
+
+# Rows that span several forward programs (Triton: 4096 elements each, CUDA: 8192), with a ragged
+# last block, so every program but one leaves after drawing its ticket and one sums all partials.
+TICKET_SHAPES = [((3, 5, 71, 103), True), ((2, 1, 3, 8193), False), ((1, 1, 1, 12289), True)]
+
+
+def _launch_counter(monkeypatch):
+    """Wrap every Triton kernel that distill launches; returns the list of launched kernel names."""
+    calls = []
+
+    class _Counted:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            calls.append(self.name)
+            return self.fn[grid]
+
+    for name in [n for n in vars(D) if n.endswith("_kernel")]:
+        monkeypatch.setattr(D, name, _Counted(name, getattr(D, name)))
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("shape,weighted", TICKET_SHAPES, ids=["b3_9prog", "b2_7prog", "b1_4prog"])
+def test_many_programs_per_sample_match_ddim(backend, pred, shape, weighted):
+    _skip_unavailable(backend)
+    sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs(shape, torch.float32, weighted, pred)
+    loss = D.distill_mse(student, teacher, x_t, alpha_bar, pred, weight, backend=backend)
+    loss.backward()
+    ref_loss, ref_grad = _oracle(sched, student, teacher, x_t, timesteps, weight)
+    torch.testing.assert_close(loss.detach().cpu(), ref_loss, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(student.grad.cpu(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max())
+
+
+def test_forward_is_one_triton_launch(monkeypatch):
+    calls = _launch_counter(monkeypatch)
+    _, _, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 71, 103), torch.bfloat16, True, "epsilon")
+    loss = D.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight, backend="triton")
+    assert calls == ["_distill_fwd_kernel"]
+    loss.backward()
+    assert calls == ["_distill_fwd_kernel", "_distill_bwd_kernel"]
+    torch.testing.assert_close(loss.detach().cpu(), K.reference.distill_mse(student, teacher, x_t, alpha_bar,
+                                                                              "epsilon", weight).detach().cpu(),
+                               rtol=1e-5, atol=0)
+
+
+def test_ticket_counter_is_cached_and_back_to_zero():
+    dev = torch.device(DEVICE)
+    counter = D._ticket_counter(dev)
+    assert counter.dtype == torch.int32 and counter.numel() == 1 and D._ticket_counter(dev) is counter
+    # Grids of 27, 1 and 7 programs in turn: each call must start from 0 and leave 0 behind.
+    for shape in [(3, 5, 71, 103), (2, 3, 5), (1, 1, 1, 4096 * 6 + 3), (3, 5, 71, 103)]:
+        _, _, alpha_bar, student, teacher, x_t, weight = _inputs(shape, torch.float32, True, "v_prediction")
+        loss = D.distill_mse(student, teacher, x_t, alpha_bar, "v_prediction", weight, backend="triton")
+        assert int(counter.item()) == 0
+        ref = K.reference.distill_mse(student, teacher, x_t, alpha_bar, "v_prediction", weight)
+        torch.testing.assert_close(loss.detach().cpu(), ref.detach().cpu(), rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pred", PREDS)
+def test_consecutive_calls_bitwise_equal_across_sizes(backend, pred):
+    """Interleaved sizes (different program counts) repeat bit for bit: the counter resets every call."""
+    _skip_unavailable(backend)
+    cases = [_inputs(shape, dtype, True, pred) for shape, dtype in
+             [((3, 5, 71, 103), torch.bfloat16), ((2, 3, 5), torch.float16), ((2, 1, 3, 8193), torch.float32)]]
+    first = []
+    for rep in range(2):
+        for i, (_, _, alpha_bar, student, teacher, x_t, weight) in enumerate(cases):
+            student.grad = None
+            loss = D.distill_mse(student, teacher, x_t, alpha_bar, pred, weight, backend=backend)
+            loss.backward()
+            got = (loss.detach().clone(), student.grad.clone())
+            if rep == 0:
+                first.append(got)
+                ref = K.reference.distill_mse(student, teacher, x_t, alpha_bar, pred, weight)
+                torch.testing.assert_close(got[0].cpu(), ref.detach().cpu(), rtol=1e-4, atol=0)
+            else:
+                assert torch.equal(got[0], first[i][0]) and torch.equal(got[1], first[i][1]), f"case {i}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_map_bitwise_over_repeats_and_streams(backend):
+    """A (4, 320, 64, 64) map: >1000 programs finish in a different order every run, yet the loss is
+    bitwise equal over repeats and on other streams, also two streams at once."""
+    _skip_unavailable(backend)
+    shape = (4, 320, 64, 64)
+    _, _, alpha_bar, student, teacher, x_t, weight = _inputs(shape, torch.bfloat16, True, "epsilon")
+    student = student.detach()
+
+    def run(s):
+        return D.distill_mse(s, teacher, x_t, alpha_bar, "epsilon", weight, backend=backend)
+
+    first = run(student)
+    ref = K.reference.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight)
+    torch.testing.assert_close(first, ref, rtol=1e-4, atol=0)
+    for _ in range(20):
+        assert torch.equal(run(student), first)
+    other = (student.float() * 0.5).to(torch.bfloat16)
+    first_other = run(other)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for st in streams:
+        st.wait_stream(torch.cuda.current_stream())
+    outs = [[], []]
+    for _ in range(10):  # the two streams' forwards overlap; each stream has its own counter
+        for st, inp, acc in zip(streams, (student, other), outs):
+            with torch.cuda.stream(st):
+                acc.append(run(inp))
+    for st in streams:
+        torch.cuda.current_stream().wait_stream(st)
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, first) for o in outs[0]) and all(torch.equal(o, first_other) for o in outs[1])
+    if backend == "triton":
+        counters = []
+        for st in streams:
+            with torch.cuda.stream(st):
+                counters.append(D._ticket_counter(student.device))
+        assert counters[0].data_ptr() != counters[1].data_ptr()
+        assert all(int(c.item()) == 0 for c in counters)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["slab", "fresh"])
+def test_capture_gets_a_zero_counter(cache, monkeypatch):
+    """Under capture a stream with no counter takes a free slab entry, or (no slab yet) a zeroed
+    tensor inside the capture that is not cached; either way every replay is correct."""
+    _, _, alpha_bar, student, teacher, x_t, weight = _inputs((2, 4, 64, 64), torch.bfloat16, True, "sample")
+    student = student.detach()
+    ref = D.distill_mse(student, teacher, x_t, alpha_bar, "sample", weight)  # compiles, outside the capture
+    torch.cuda.synchronize()
+    if cache == "fresh":
+        monkeypatch.setattr(D, "_slabs", {})
+        monkeypatch.setattr(D, "_counters", {})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = D.distill_mse(student, teacher, x_t, alpha_bar, "sample", weight)
+    assert (len(D._counters) == 0) == (cache == "fresh")  # capture-pool memory is never cached
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(loss, ref)

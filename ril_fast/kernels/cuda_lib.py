@@ -152,6 +152,9 @@ def _check_tensors(op: str, tensors: dict[str, torch.Tensor | None], dtype: torc
 
 
 def _distill_fwd(student, teacher, alpha, weight, pred: int) -> torch.Tensor:
+    """One launch: the last block sums the per-block partials (``ws``) in a fixed order, so the loss is
+    bitwise reproducible. Its ticket counter lives in the library, one per (device, stream); the
+    ``torch.cuda.device`` guard below makes the library see the tensors' device."""
     _check_tensors("distill_mse", dict(student_out=student, teacher_out=teacher, alpha_bar=alpha, weight=weight),
                    student.dtype)
     if teacher.dtype != student.dtype:

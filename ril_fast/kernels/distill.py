@@ -8,8 +8,14 @@ Student and teacher share ``x_t``, so ``x0_s − x0_t = c_b·(out_s − out_t)``
 read ``x_t`` (3 tensor reads become 2). ``c_b`` is computed on device from ``alpha_bar`` inside
 the kernels, so nothing syncs with the host and the whole op is CUDA-graph capturable.
 
-Forward: one launch writes one fp32 partial sum per (sample, block), a second one-program
-launch sums them in a fixed order (deterministic, no atomics). Backward: one launch that reads
+Forward: ONE launch. Every program writes one fp32 partial sum per (sample, block), then draws a
+ticket (``atomic_add(counter, 1, sem="acq_rel")``, after its partial store) on an int32 counter; the
+program that draws the last ticket (``P - 1`` for ``P`` programs) sums ALL ``P`` partials in a fixed
+order (the same ``SUM_BLOCK``-lane loop and ``tl.sum`` tree every run), writes the scalar loss and
+resets the counter to 0. The atomics only decide WHICH program sums, never the order of the
+additions, so repeated calls are bitwise equal whichever program finishes last. The counter is one
+cached int32 per (device, stream) (see :func:`_ticket_counter`): zero when a call starts because
+every call leaves it at 0, and separate streams never share one. Backward: one launch that reads
 ``grad_output`` on device. Both are ``torch.library`` custom ops (``ril_fast::distill_mse_fwd``,
 ``ril_fast::distill_mse_bwd``) with fake kernels and an autograd registration, so
 ``torch.compile`` treats them as opaque. ``backend='cuda'`` runs the same ops through the CUDA
@@ -17,6 +23,8 @@ library (:mod:`ril_fast.kernels.cuda_lib`).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import triton
@@ -28,8 +36,10 @@ from ril_fast.kernels.reference import PREDICTION_TYPES
 # with 8 warps while keeping the partial buffer small (1 float per 16 KB of bf16 input).
 BLOCK = 4096
 NUM_WARPS = 8
-# One program sums the partials; 1024 lanes cover every realistic partial count in <= a few iterations.
+# The last program sums the partials; 1024 lanes cover every realistic partial count in <= a few iterations.
 SUM_BLOCK = 1024
+# Ticket counters are handed out from zeroed int32 slabs of this many, one counter per (device, stream).
+COUNTER_SLAB = 64
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("triton", "cuda")
 
@@ -53,8 +63,9 @@ def _coef_sq(alpha_ptr, b, PRED: tl.constexpr):
 
 
 @triton.jit
-def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, N, inv_nb,
-                        PRED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, out_ptr, N, inv_nb, P,
+                        PRED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
+                        SUM_BLOCK: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
@@ -67,16 +78,18 @@ def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, N, inv_nb,
     if HAS_WEIGHT:
         scale = scale * tl.load(w_ptr + b).to(tl.float32)
     tl.store(partial_ptr + b * tl.num_programs(0) + pid_n, tl.sum(d * d, axis=0) * scale)
-
-
-@triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, P, BLOCK: tl.constexpr):
-    # A single program in a fixed order: bitwise reproducible across runs.
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, P, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(partial_ptr + offs, mask=offs < P, other=0.0)
-    tl.store(out_ptr, tl.sum(acc, axis=0))
+    # The partial store is ordered before the ticket (barrier + release); the last ticket's acquire
+    # makes every program's partial visible to the program that drew it.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if ticket == P - 1:
+        # Last program: sum all P partials in a fixed order (bitwise reproducible whoever is last).
+        acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
+        for start in range(0, P, SUM_BLOCK):
+            o = start + tl.arange(0, SUM_BLOCK)
+            acc += tl.load(partial_ptr + o, mask=o < P, other=0.0, cache_modifier=".cg")  # L2, never stale L1
+        tl.store(out_ptr, tl.sum(acc, axis=0))
+        tl.store(count_ptr, 0)  # clean for the next call on this stream
 
 
 @triton.jit
@@ -105,6 +118,67 @@ def _block_for(n: int) -> int:
     return min(BLOCK, triton.next_power_of_2(max(n, 16)))
 
 
+class _Slab:
+    """A zeroed int32 buffer whose entries are handed out as ticket counters."""
+
+    def __init__(self, device: torch.device):
+        self.next = 0
+        self.ready = None
+        if device.type == "cuda":
+            # Allocated and zeroed on a private stream: a caller's stream may be routed to a CUDA-graph
+            # memory pool (torch.compile's cudagraph trees warm up that way), and pool memory must not be
+            # cached. Users wait on ``ready`` before their first launch.
+            side = torch.cuda.Stream(device=device)
+            with torch.cuda.stream(side):
+                self.buf = torch.zeros(COUNTER_SLAB, device=device, dtype=torch.int32)
+            self.ready = side.record_event()
+        else:
+            self.buf = torch.zeros(COUNTER_SLAB, device=device, dtype=torch.int32)
+
+
+_counter_lock = threading.Lock()
+_slabs: dict[torch.device, _Slab] = {}
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor:
+    """The forward's int32 ticket counter for the current stream of ``device``; zero when a call starts.
+
+    One counter per (device, stream), cached: every forward leaves its counter at 0, and calls on
+    different streams never share a counter, so they may overlap. A counter is a one-element view
+    of a slab zeroed once outside any capture. During CUDA-graph capture a stream without a counter
+    takes a free slab entry (zero, its fill finished: ``torch.cuda.graph`` synchronizes before
+    capturing); if there is no slab with room yet, it gets a fresh ``torch.zeros`` inside the
+    capture (a memset node, replayed before every use) that is not cached, because capture-pool
+    memory is reused once the graph's tensors are freed. A captured graph keeps its capture stream's
+    counter: do not replay it while an eager forward runs on that stream.
+    """
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        key = (device, stream.cuda_stream)
+    else:
+        stream, key = None, (device, 0)
+    counter = _counters.get(key)
+    if counter is not None:
+        return counter
+    capturing = stream is not None and torch.cuda.is_current_stream_capturing()
+    with _counter_lock:
+        counter = _counters.get(key)
+        if counter is not None:
+            return counter
+        slab = _slabs.get(device)
+        if slab is None or slab.next == COUNTER_SLAB:
+            if capturing:
+                return torch.zeros(1, device=device, dtype=torch.int32)
+            slab = _slabs[device] = _Slab(device)
+        counter = slab.buf[slab.next:slab.next + 1]
+        slab.next += 1
+        if slab.ready is not None and not capturing:
+            stream.wait_event(slab.ready)
+        _counters[key] = counter
+        return counter
+
+
 def _triton_fwd(student, teacher, alpha, weight, pred: int) -> torch.Tensor:
     bsz = student.shape[0]
     n = student.numel() // bsz
@@ -113,9 +187,9 @@ def _triton_fwd(student, teacher, alpha, weight, pred: int) -> torch.Tensor:
     partials = torch.empty(bsz * nblk, device=student.device, dtype=torch.float32)
     out = torch.empty((), device=student.device, dtype=torch.float32)
     w = weight if weight is not None else alpha
-    _distill_fwd_kernel[(nblk, bsz)](student, teacher, alpha, w, partials, n, 1.0 / (n * bsz),
-                                     PRED=pred, HAS_WEIGHT=weight is not None, BLOCK=blk, num_warps=NUM_WARPS)
-    _sum_partials_kernel[(1,)](partials, out, partials.numel(), BLOCK=SUM_BLOCK, num_warps=4)
+    _distill_fwd_kernel[(nblk, bsz)](student, teacher, alpha, w, partials, _ticket_counter(student.device), out, n,
+                                     1.0 / (n * bsz), bsz * nblk, PRED=pred, HAS_WEIGHT=weight is not None,
+                                     BLOCK=blk, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
     return out
 
 
