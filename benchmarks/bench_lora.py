@@ -1,8 +1,10 @@
 """Microbenchmark of the multi-adapter LoRA linear (kernels-research §10).
 
 Providers: ``base`` (F.linear, the denominator), ``peft_eager`` (a PEFT LoRA Linear with k active
-adapters), ``torch_stacked`` (addmm on concatenated A/B under autograd), ``fused`` (our Triton
-kernels; GPU only) and ``cuda_lib`` (when ``ril_fast.kernels.cuda_lib.available()[0]``).
+adapters), ``torch_stacked`` (addmm on concatenated A/B under autograd), ``fused`` (our op as it
+dispatches on this GPU: the tuning table of ``benchmarks/tune_lora.py`` if one exists, else the
+cuBLAS forward/dX with our Triton dS/dB/dA; GPU only), ``triton_untuned`` (every GEMM in our
+Triton kernels, fixed tiles) and ``cuda_lib`` (when ``ril_fast.kernels.cuda_lib.available()[0]``).
 Modes: ``forward`` (training forward), ``backward`` (backward of a retained graph), ``full``.
 Only the newest adapter trains; W, bias and older adapters are frozen.
 
@@ -64,6 +66,22 @@ def _peft_layer(base: torch.nn.Linear, adapters):
     return layer, names
 
 
+def _with_env(fn, **env):
+    """``fn`` run with ``env`` set (the op reads its implementation switches at forward time)."""
+    def call():
+        old = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return call
+
+
 def build_case(m, d_in, d_out, r, k, dtype, device):
     """Tensors shared by every provider, and one callable per provider (returns y)."""
     base = torch.nn.Linear(d_in, d_out, bias=True).to(device=device, dtype=dtype).requires_grad_(False)
@@ -90,7 +108,11 @@ def build_case(m, d_in, d_out, r, k, dtype, device):
     if torch.device(device).type == "cuda":
         from ril_fast.kernels import lora_group
 
+        # "fused": the op as dispatched (this GPU's tuning table, else its cuBLAS default);
+        # "triton_untuned": every GEMM in our Triton kernels with the fixed tiles
         providers["fused"] = lambda: lora_group.lora_group_linear(x, w, bias, a, b, scales, backend="triton")
+        providers["triton_untuned"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
+                                                RIL_FAST_LORA_DX="triton")
         try:
             from ril_fast.kernels import cuda_lib
 

@@ -27,7 +27,7 @@ def _cases():
     out = [(f"bf16-{i}", "bf16", c) for i, c in enumerate(lora_group.gpu_launch_cases("bf16"))]
     # fp16 shares bf16's code shape; fp32 switches the dots to IEEE
     cases = lora_group.gpu_launch_cases("fp32")
-    out += [("fp32-gemm", "fp32", cases[0]), ("fp32-fused", "fp32", cases[len(lora_group._GPU_MAIN)])]
+    out += [("fp32-gemm", "fp32", cases[0]), ("fp32-fused", "fp32", cases[len(lora_group.GEMM_CANDIDATES)])]
     out += [("fp32-dsdb", "fp32", next(c for c in cases if c[0].__name__ == "_ds_db_kernel"))]
     return out
 

@@ -6,6 +6,7 @@ tests run on cuda tensors, plus real SD-sized bf16 shapes (``gpu`` marker).
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -102,18 +103,57 @@ def _compare(device, dtype, lead, d_in, d_out, ranks, train, bias=True):
         ((129,), 33, 47, (3, 5), 0, True, "fused"),  # first adapter, F1, M not a multiple of the tile
         ((96,), 48, 40, (48, 40), 1, True, "auto"),  # R=88 > 64: split forward, 128-wide dS tile
         ((64,), 40, 24, (64, 64, 16), (0, 2), False, "auto"),  # R=144: wide dS GEMM, two trainable adapters
+        ((2, 37), 71, 133, (8, 4, 4, 2), 3, True, "cublas"),  # cuBLAS forward and dX, Triton dS/dB/dA
+        ((64,), 40, 24, (64, 64, 16), (0, 2), False, "cublas"),  # ... with the wide dS GEMM
     ],
 )
 def test_matches_fp64_reference(device, monkeypatch, lead, d_in, d_out, ranks, train, bias, mode):
     monkeypatch.setenv("RIL_FAST_LORA_FWD", mode)
+    if mode == "cublas":
+        monkeypatch.setenv("RIL_FAST_LORA_DX", "cublas")
     _compare(device, torch.float32, lead, d_in, d_out, ranks, train, bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize("mode", ["fused", "split", "cublas"])
 def test_half_precision(device, monkeypatch, dtype, mode):
     monkeypatch.setenv("RIL_FAST_LORA_FWD", mode)
+    monkeypatch.setenv("RIL_FAST_LORA_DX", "cublas" if mode == "cublas" else "triton")
     _compare(device, dtype, (150,), 64, 72, (4, 12), 1)
+
+
+def test_tuning_table_picks_the_implementation(device, monkeypatch, tmp_path):
+    """A table entry (as benchmarks/tune_lora.py writes) decides forward and dX per shape; the
+    result still matches the reference; bad tables fail with the entry named."""
+    from ril_fast.kernels import lora_group, lora_tuning
+
+    key = lora_tuning.shape_key(torch.float32, 150, 64, 72, 16)
+    assert key == "fp32:256:64:72:16"
+    entry = {"fwd": "cublas", "fwd_cfg": None, "dx": "triton", "dx_cfg": list(lora_group.GEMM_CANDIDATES[2])}
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"gpu": "test", "entries": {key: entry}}))
+    monkeypatch.setenv(lora_tuning.ENV, str(table))
+    lora_tuning.clear()
+    assert lora_tuning.table_path("any-gpu") == table
+    assert lora_tuning._entries("any-gpu")[key] == entry
+    # off CUDA no table applies (the interpreter keeps the Triton paths); route this shape through it
+    monkeypatch.setattr(lora_tuning, "plan", lambda dev, dt, m, di, do, r: lora_tuning._entries("x").get(
+        lora_tuning.shape_key(dt, m, di, do, r), lora_tuning.DEFAULT_CUDA))
+    assert lora_group.forward_plan(torch.device(device), torch.float32, 150, 64, 72, 16) == (0, None)
+    assert lora_group.dx_plan(torch.device(device), torch.float32, 150, 64, 72, 16) == ("triton", entry["dx_cfg"])
+    assert lora_group.forward_plan(torch.device(device), torch.float32, 4096, 64, 72, 16) == (0, None)  # default
+    _compare(device, torch.float32, (150,), 64, 72, (4, 12), 1)
+    for bad, msg in (({"fwd": "magic", "dx": "cublas"}, "needs fwd"),
+                     ({"fwd": "split", "dx": "cublas", "fwd_cfg": [1, 2]}, "6 ints"),
+                     ({"fwd": "fused", "dx": "cublas"}, "R <= 64")):
+        with pytest.raises(ValueError, match=msg):
+            lora_tuning.validate({"entries": {"bf16:8192:320:320:128": bad}}, "t.json")
+    monkeypatch.setenv(lora_tuning.ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="is not a file"):
+        lora_tuning.table_path("any-gpu")
+    monkeypatch.setenv(lora_tuning.ENV, "off")
+    assert lora_tuning.table_path("any-gpu") is None
+    lora_tuning.clear()
 
 
 def _peft_layer(d_in, d_out, ranks, alphas, dtype, device):
@@ -219,15 +259,18 @@ def test_custom_ops_pass_opcheck(device):
     t = lambda *sh: torch.randn(*sh, device=device)  # noqa: E731
     x, w, bias, a, b = t(m, d_in), t(d_out, d_in), t(d_out), t(r, d_in), t(d_out, r)
     rs = torch.full((r,), 0.5, device=device)
-    y, s = lora_group.lora_fwd(x, w, bias, a, b, rs, 2)
+    y, s = lora_group.lora_fwd(x, w, bias, a, b, rs, 2, None)
     torch.testing.assert_close(y, reference.lora_group_linear(x, w, bias, [a], [b], [0.5]), rtol=1e-4, atol=1e-4)
     dy = t(m, d_out)
     ds, _ = lora_group.lora_bwd_ds_db(dy, b, s, rs, 0, r, False)
+    cfg = list(lora_group.GEMM_CANDIDATES[1])  # a tuned tile config rides along as an int list
     for op, args in [
-        (lora_group.lora_fwd, (x, w, bias, a, b, rs, 1)),
-        (lora_group.lora_fwd, (x, w, None, a, b, rs, 2)),
+        (lora_group.lora_fwd, (x, w, bias, a, b, rs, 1, cfg)),
+        (lora_group.lora_fwd, (x, w, None, a, b, rs, 2, None)),
+        (lora_group.lora_fwd, (x, w, bias, a, b, rs, 0, None)),
         (lora_group.lora_bwd_ds_db, (dy, b, s, rs, 2, 5, True)),
-        (lora_group.lora_bwd_dx, (dy, w, ds, a)),
+        (lora_group.lora_bwd_dx, (dy, w, ds, a, "triton", cfg)),
+        (lora_group.lora_bwd_dx, (dy, w, ds, a, "cublas", None)),
         (lora_group.lora_bwd_da, (ds, x, 0, 4, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -269,3 +312,26 @@ def test_two_forwards_before_backward_and_frozen_stack_cache(device):
     torch.testing.assert_close(second, reference.lora_group_linear(x, w, b, frozen_a, frozen_b, s),
                                rtol=1e-5, atol=1e-5)
     assert not torch.allclose(first, second)
+
+
+def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
+    """benchmarks/tune_lora.py on CPU through the interpreter with a stand-in timer: every candidate
+    runs and is checked against the cuBLAS result, and the entry names the fastest one."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton candidates through the interpreter")
+    import sys
+    from pathlib import Path
+
+    from ril_fast.kernels import lora_tuning
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_lora
+
+    fake = iter(range(1000, 0, -1))  # later candidates are "faster": the last of each kind wins
+    monkeypatch.setattr(tune_lora, "_time", lambda fn: (fn(), float(next(fake)))[1])
+    e = tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float32, dev="cpu")
+    last = len(lora_group.GEMM_CANDIDATES) - 1
+    assert (e["fwd"], e["fwd_cfg"]) == ("fused", list(lora_group.GEMM_CANDIDATES[last]))
+    assert (e["dx"], e["dx_cfg"]) == ("triton", list(lora_group.GEMM_CANDIDATES[last]))
+    assert len(e["us"]["fwd"]) == 1 + 2 * len(lora_group.GEMM_CANDIDATES)
+    lora_tuning.validate({"entries": {"fp32:128:48:40:16": {k: v for k, v in e.items() if k != "us"}}}, "tuned")

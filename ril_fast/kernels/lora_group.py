@@ -12,6 +12,12 @@ dS and dB of the trainable slice; ``dX = dY·W + dS·A_cat`` is one GEMM with th
 the epilogue; dA of the trainable slice is a split-K reduction over M. Deterministic mode
 (``RIL_FAST_DETERMINISTIC=1`` or torch deterministic algorithms) uses fp32 partials and an
 ordered sum instead of atomics. Accumulation is fp32 (fp64 for fp64 inputs).
+
+Which implementation runs each GEMM-sized part is a per-GPU, per-shape choice
+(:mod:`ril_fast.kernels.lora_tuning`): the forward may instead be cuBLAS (base GEMM + bias, then
+one ``addmm_`` adding the LoRA term) and dX cuBLAS ``dY·W`` + ``addmm_``; dS/dB and dA always
+run the Triton reductions above, which compute only the trainable slice. The tuning table also
+picks the Triton tile config from :data:`GEMM_CANDIDATES`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ril_fast.kernels import lora_tuning
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_FUSED_R = 64  # F1 keeps the whole S tile in registers
 MAX_DSDB_R = 128  # the dS/dB kernel keeps the whole dS row tile in registers
@@ -32,6 +40,10 @@ RB = 32  # R chunk of the EPI 1 epilogue (any R, one compiled variant)
 # Fixed tiles picked by shape (no autotune: its per-call Python and first-call benchmarking cost
 # more than these small GEMMs). (BM, BN, BK, GROUP_M, num_warps, num_stages).
 _GPU_MAIN = [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3)]
+# Every tile config a tuning table (lora_tuning, benchmarks/tune_lora.py) may pick for the main
+# GEMM; the compile gate builds all of them.
+GEMM_CANDIDATES = _GPU_MAIN + [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3)]
+FWD_CODES = {"cublas": 0, "split": 1, "fused": 2}
 _GPU_DSDB = (64, 64, 4, 3)  # (BM, BN, num_warps, num_stages)
 # The interpreter costs tens of ms per program instance: few, big tiles.
 _INTERP_MAIN = (64, 64, 64, 4, 4, 1)
@@ -211,22 +223,55 @@ def deterministic() -> bool:
     return os.environ.get("RIL_FAST_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
 
 
+def _env_choice(name: str, allowed: tuple) -> str:
+    value = os.environ.get(name, "auto")
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {'|'.join(allowed)}; unset it or pick one")
+    return value
+
+
 def forward_mode(d_out: int, r: int) -> int:
-    """2 = F1 (shrink in the GEMM's K-loop), 1 = F2 (split). ``RIL_FAST_LORA_FWD=fused|split`` overrides."""
-    force = os.environ.get("RIL_FAST_LORA_FWD", "auto")
-    if force not in ("auto", "fused", "split"):
-        raise ValueError(f"RIL_FAST_LORA_FWD={force!r} is not one of auto|fused|split; unset it or pick one")
-    if r > MAX_FUSED_R or force == "split":
+    """Untuned Triton choice: 2 = F1 (shrink in the GEMM's K-loop), 1 = F2 (split)."""
+    if r > MAX_FUSED_R:
         return 1
-    if force == "fused":
-        return 2
     # recomputing the shrink per N-tile costs R/BN extra MMA work: cheap on narrow layers only
     return 2 if (_pow2(r) <= 16 or d_out <= 640) else 1
 
 
+def forward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[int, Optional[list]]:
+    """(mode, tile config or None): 2 = F1 fused, 1 = F2 split, 0 = cuBLAS base + LoRA addmm.
+
+    ``RIL_FAST_LORA_FWD=fused|split|cublas`` forces one and ``triton`` the untuned Triton choice;
+    else the GPU's tuning table (:mod:`ril_fast.kernels.lora_tuning`), else (off CUDA) the
+    untuned Triton choice.
+    """
+    force = _env_choice("RIL_FAST_LORA_FWD", ("auto", "fused", "split", "cublas", "triton"))
+    if force == "triton":
+        return forward_mode(d_out, r), None
+    if force != "auto":
+        mode = FWD_CODES[force]
+        return (1 if mode == 2 and r > MAX_FUSED_R else mode), None
+    tuned = lora_tuning.plan(device, dtype, m, d_in, d_out, r)
+    if tuned is None:
+        return forward_mode(d_out, r), None
+    mode = FWD_CODES[tuned["fwd"]]
+    return (1 if mode == 2 and r > MAX_FUSED_R else mode), tuned["fwd_cfg"]
+
+
+def dx_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[str, Optional[list]]:
+    """("triton" | "cublas", tile config or None) for dX; ``RIL_FAST_LORA_DX`` forces one."""
+    force = _env_choice("RIL_FAST_LORA_DX", ("auto", "triton", "cublas"))
+    if force != "auto":
+        return force, None
+    tuned = lora_tuning.plan(device, dtype, m, d_in, d_out, r)
+    return ("triton", None) if tuned is None else (tuned["dx"], tuned["dx_cfg"])
+
+
 def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s=None, cscale=None,
-          epi=1, r=0, split_k=1, atomic=False, blocks=None, sa=None, sb=None, sc=None, se=None, sf=None, sg=None):
-    """Launch ``_gemm_kernel``; ``sa``.. are (row, col) strides of the logical operands."""
+          epi=1, r=0, split_k=1, atomic=False, blocks=None, sa=None, sb=None, sc=None, se=None, sf=None, sg=None,
+          cfg=None):
+    """Launch ``_gemm_kernel``; ``sa``.. are (row, col) strides of the logical operands; ``cfg``: a
+    tuned (BM, BN, BK, GROUP_M, warps, stages) for the main GEMM (ignored by the interpreter)."""
     dummy = c
     fl = _flags(a.dtype)
     args = (a, b, c, bias if bias is not None else dummy, g if g is not None else dummy,
@@ -237,7 +282,7 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
             *(sa or a.stride()), *(sb or b.stride()), *(sc or (c.stride() if c.dim() == 3 else (0, *c.stride()))),
             *(sg or (0, 0)), *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)))
     if blocks is None:
-        bm, bn, bk, gm, warps, stages = main_config(N)
+        bm, bn, bk, gm, warps, stages = main_config(N) if cfg is None or INTERPRET else cfg
     else:
         (bm, bn, bk, warps), gm, stages = blocks, 1, 1 if INTERPRET else 3
     # R_PAD only shapes EPI 2's register tile; EPI 1 walks R in RB-wide chunks
@@ -261,20 +306,27 @@ def _split_for(M: int, tiles: int) -> int:
 # tens of µs, more than these GEMMs); the custom ops below wrap them for torch.compile.
 
 
-def fwd_launch(x, weight, bias, a_cat, b_cat, rscale, mode):
-    """x (M, d_in) -> (y (M, d_out), S = x·A_catᵀ (M, R)). mode 2 = F1 fused, 1 = F2 split."""
+def fwd_launch(x, weight, bias, a_cat, b_cat, rscale, mode, cfg=None):
+    """x (M, d_in) -> (y (M, d_out), S = x·A_catᵀ (M, R)). mode 2 = F1 fused, 1 = F2 split,
+    0 = cuBLAS: base GEMM with the bias, the shrink, and ``y += S·(B_cat·diag(rscale))ᵀ`` as one
+    ``addmm_`` that reads y once (two extra passes over y, no extra kernel of ours)."""
     M, K = x.shape
     N, R = weight.shape[0], a_cat.shape[0]
+    if mode == 0:
+        s = torch.mm(x, a_cat.t())
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        y.addmm_(s, (b_cat * rscale.to(b_cat.dtype)).t())
+        return y, s
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     s = torch.empty(M, R, device=x.device, dtype=x.dtype)
     if mode == 1:  # F2: S = X·A_catᵀ, then the base GEMM with S·B_catᵀ in the epilogue
         _gemm(x, a_cat, s, M=M, N=R, K=K, sb=(a_cat.stride(1), a_cat.stride(0)))
         _gemm(x, weight, y, M=M, N=N, K=K, bias=bias, e=s, f=b_cat, escale=rscale, epi=1, r=R,
-              sb=(weight.stride(1), weight.stride(0)), se=s.stride(), sf=(b_cat.stride(1), b_cat.stride(0)))
+              sb=(weight.stride(1), weight.stride(0)), se=s.stride(), sf=(b_cat.stride(1), b_cat.stride(0)), cfg=cfg)
     else:
         _gemm(x, weight, y, M=M, N=N, K=K, bias=bias, g=a_cat, f=b_cat, escale=rscale, s=s, epi=2, r=R,
               sb=(weight.stride(1), weight.stride(0)), sg=(a_cat.stride(1), a_cat.stride(0)),
-              sf=(b_cat.stride(1), b_cat.stride(0)))
+              sf=(b_cat.stride(1), b_cat.stride(0)), cfg=cfg)
     return y, s
 
 
@@ -313,12 +365,15 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None):
     return ds, db
 
 
-def dx_launch(dy, weight, ds, a_cat):
-    """dX = dY·W + dS·A_cat (M, d_in); the LoRA term is the GEMM's epilogue."""
+def dx_launch(dy, weight, ds, a_cat, impl="triton", cfg=None):
+    """dX = dY·W + dS·A_cat (M, d_in): one Triton GEMM with the LoRA term in its epilogue, or
+    (``impl="cublas"``) cuBLAS ``dY·W`` then ``addmm_`` of the LoRA term."""
     M, N = dy.shape
     K, R = weight.shape[1], a_cat.shape[0]
+    if impl == "cublas":
+        return torch.mm(dy, weight).addmm_(ds, a_cat)
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
-    _gemm(dy, weight, dx, M=M, N=K, K=N, e=ds, f=a_cat, epi=1, r=R, se=ds.stride(), sf=a_cat.stride())
+    _gemm(dy, weight, dx, M=M, N=K, K=N, e=ds, f=a_cat, epi=1, r=R, se=ds.stride(), sf=a_cat.stride(), cfg=cfg)
     return dx
 
 
@@ -351,13 +406,14 @@ def da_launch(ds, x, lo, hi, deterministic, da=None):
 
 @torch.library.custom_op("ril_fast::lora_group_fwd", mutates_args=())
 def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a_cat: torch.Tensor,
-             b_cat: torch.Tensor, rscale: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+             b_cat: torch.Tensor, rscale: torch.Tensor, mode: int,
+             cfg: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Custom-op form of :func:`fwd_launch` (opaque to torch.compile, with a fake impl)."""
-    return fwd_launch(x, weight, bias, a_cat, b_cat, rscale, mode)
+    return fwd_launch(x, weight, bias, a_cat, b_cat, rscale, mode, cfg)
 
 
 @lora_fwd.register_fake
-def _(x, weight, bias, a_cat, b_cat, rscale, mode):
+def _(x, weight, bias, a_cat, b_cat, rscale, mode, cfg):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a_cat.shape[0])
 
 
@@ -374,13 +430,14 @@ def _(dy, b_cat, s, rscale, lo, hi, deterministic):
 
 
 @torch.library.custom_op("ril_fast::lora_group_bwd_dx", mutates_args=())
-def lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, a_cat: torch.Tensor) -> torch.Tensor:
+def lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, a_cat: torch.Tensor, impl: str,
+                cfg: Optional[list[int]]) -> torch.Tensor:
     """Custom-op form of :func:`dx_launch`."""
-    return dx_launch(dy, weight, ds, a_cat)
+    return dx_launch(dy, weight, ds, a_cat, impl, cfg)
 
 
 @lora_bwd_dx.register_fake
-def _(dy, weight, ds, a_cat):
+def _(dy, weight, ds, a_cat, impl, cfg):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
@@ -406,11 +463,12 @@ class _LoraGroupFn(torch.autograd.Function):
         d_in, d_out, dt = x.shape[-1], weight.shape[0], x.dtype
         x2 = x.reshape(-1, d_in)
         a_cat, b_cat = _stacked(ab[:k], ab[k:], dt)
+        shape = (x2.device, dt, x2.shape[0], d_in, d_out, a_cat.shape[0])
         args = (x2, weight.to(dt), None if bias is None else bias.to(dt), a_cat, b_cat, rscale,
-                forward_mode(d_out, a_cat.shape[0]))
+                *forward_plan(*shape))
         y, s = lora_fwd(*args) if _compiling() else fwd_launch(*args)
         ctx.save_for_backward(x2, weight, a_cat, b_cat, s, rscale)
-        ctx.ranks, ctx.x_shape = ranks, x.shape
+        ctx.ranks, ctx.x_shape, ctx.dx_plan = ranks, x.shape, dx_plan(*shape)
         ctx.dtypes = [t.dtype for t in (weight, bias) if t is not None] + [t.dtype for t in ab]
         return y.reshape(*x.shape[:-1], d_out)
 
@@ -437,8 +495,8 @@ class _LoraGroupFn(torch.autograd.Function):
                 db_buf = acc[:n_out * rt].view(n_out, rt) if need_b else None
                 ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)
             if need[0]:
-                gx = (lora_bwd_dx(dy, weight.to(x2.dtype), ds, a_cat) if ops
-                      else dx_launch(dy, weight.to(x2.dtype), ds, a_cat)).reshape(ctx.x_shape)
+                gx = (lora_bwd_dx(dy, weight.to(x2.dtype), ds, a_cat, *ctx.dx_plan) if ops
+                      else dx_launch(dy, weight.to(x2.dtype), ds, a_cat, *ctx.dx_plan)).reshape(ctx.x_shape)
             da = None
             if need_a:
                 da = (lora_bwd_da(ds, x2, lo, hi, det) if ops
@@ -524,9 +582,10 @@ def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       backend: str = "triton") -> torch.Tensor:
     """``y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ``; see :func:`ril_fast.kernels.lora_group_linear`.
 
-    Launches: forward = one GEMM (two for F2) plus, for k > 1 with a trainable adapter, two
-    concatenations (all-frozen stacks are cached); backward = three GEMM-like kernels plus a
-    memset and one cast (fp32 dA/dB accumulators).
+    Launches: forward = one GEMM (two for F2, three cuBLAS calls for the cuBLAS forward) plus,
+    for k > 1 with a trainable adapter, two concatenations (all-frozen stacks are cached);
+    backward = three GEMM-like kernels (four with cuBLAS dX) plus a memset and one cast (fp32
+    dA/dB accumulators).
     """
     if backend == "cuda":
         from ril_fast.kernels import cuda_lib
@@ -567,9 +626,9 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
             m.update(BM=bm, BN=bn, BK=bk, GROUP_M=gm)
             cases.append((_gemm_kernel, {**f32s, **ptrs}, m, warps, stages))
 
-    gemm(_GPU_MAIN, {}, EPI=1)  # F2 shrink and main, dX, wide dS: runtime flags pick bias/scales, R = 0 skips LoRA
+    gemm(GEMM_CANDIDATES, {}, EPI=1)  # F2 shrink and main, dX, wide dS: runtime flags pick bias/scales, R = 0 skips LoRA
     for r_pad in (16, 32, 64):
-        gemm(_GPU_MAIN, {}, EPI=2, R_PAD=r_pad)  # F1
+        gemm(GEMM_CANDIDATES, {}, EPI=2, R_PAD=r_pad)  # F1
     bm, bn, bk, w = REDUCE_BLOCKS
     for atomic in (False, True):  # dA, dB partials / dA atomics
         gemm([(bm, bn, bk, 1, w, 3)], {"c_ptr": "fp32"}, EPI=1, ATOMIC=atomic)

@@ -1,0 +1,148 @@
+"""Tune the LoRA group linear for this GPU: time every implementation per shape, write the table.
+
+    python benchmarks/tune_lora.py [--quick] [--shapes a,b] [--table PATH] [--out RESULTS.json]
+
+For each layer shape of ``bench_lora.py`` and each stacked rank bucket R (16, 32, 64, 128 ...
+from the benchmark's (r, k) grid) it times, under CUDA-graph replay, bf16:
+
+- forward: cuBLAS (base + ``addmm_``), Triton split and Triton fused (R ≤ 64) with every tile
+  config of ``lora_group.GEMM_CANDIDATES``;
+- dX: cuBLAS (``mm`` + ``addmm_``) and the Triton GEMM with every tile config.
+
+The fastest of each becomes the shape's entry in the table (``ril_fast.kernels.lora_tuning``
+format), written atomically to ``--table`` (default: the user cache
+``~/.cache/ril_fast/lora_tuning/<gpu>.json``, which the op reads on its next start; copy it to
+``ril_fast/kernels/tuned/`` to ship it). All timings go to ``--out`` (default
+``benchmarks/results/<gpu>/tune_lora.json``). A config that fails to compile or launch on this
+GPU is recorded with its error and skipped. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_lora import GPU_SHAPES, QUICK_SHAPES  # noqa: E402
+from common import bench_graph, env_info, results_path, write_record  # noqa: E402
+
+from ril_fast.kernels import lora_group, lora_tuning  # noqa: E402
+
+R_BUCKETS = (16, 32, 64, 128)  # stacked ranks seen in practice: r ∈ {4, 16, 64} × k ∈ {1..8}, padded
+QUICK_R = (16, 64)
+
+
+def _time(fn) -> float | str:
+    try:
+        return bench_graph(fn, "cuda", warmup_ms=5, rep_ms=20)["median_ms"] * 1e3
+    except Exception as exc:  # a tile config too big for this GPU's shared memory, etc.
+        torch.cuda.synchronize()
+        return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev: str = "cuda") -> dict:
+    """Time every implementation of this shape; the table entry with all timings under ``us``."""
+    x = torch.randn(m, d_in, device=dev, dtype=dtype)
+    w = torch.randn(d_out, d_in, device=dev, dtype=dtype) / d_in**0.5
+    bias = torch.randn(d_out, device=dev, dtype=dtype)
+    a = torch.randn(r, d_in, device=dev, dtype=dtype) / d_in**0.5
+    b = torch.randn(d_out, r, device=dev, dtype=dtype) / r**0.5
+    rs = torch.full((r,), 0.5, device=dev)
+    dy = torch.randn(m, d_out, device=dev, dtype=dtype)
+    ds = torch.randn(m, r, device=dev, dtype=dtype)
+    ref_y = lora_group.fwd_launch(x, w, bias, a, b, rs, 0)[0].float()
+    ref_dx = lora_group.dx_launch(dy, w, ds, a, "cublas").float()
+    fwd, dx = {}, {}
+
+    def check(name, got, ref, table):  # a wrong kernel must not win the table by being fast
+        err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+        if err > 2e-2:
+            table[name] = f"wrong result: rel err {err:.2e}"
+            return False
+        return True
+
+    fwd["cublas"] = _time(lambda: lora_group.fwd_launch(x, w, bias, a, b, rs, 0))
+    dx["cublas"] = _time(lambda: lora_group.dx_launch(dy, w, ds, a, "cublas"))
+    for i, cfg in enumerate(lora_group.GEMM_CANDIDATES):
+        for mode, name in ((1, "split"), (2, "fused")):
+            if mode == 2 and r > lora_group.MAX_FUSED_R:
+                continue
+            label = f"{name}:{i}"
+            try:
+                y = lora_group.fwd_launch(x, w, bias, a, b, rs, mode, list(cfg))[0]
+            except Exception as exc:
+                fwd[label] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                continue
+            if check(label, y, ref_y, fwd):
+                fwd[label] = _time(lambda mode=mode, cfg=cfg: lora_group.fwd_launch(x, w, bias, a, b, rs, mode,
+                                                                                   list(cfg)))
+        label = f"triton:{i}"
+        try:
+            got = lora_group.dx_launch(dy, w, ds, a, "triton", list(cfg))
+        except Exception as exc:
+            dx[label] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            continue
+        if check(label, got, ref_dx, dx):
+            dx[label] = _time(lambda cfg=cfg: lora_group.dx_launch(dy, w, ds, a, "triton", list(cfg)))
+
+    def best(times):
+        ok = {k: v for k, v in times.items() if isinstance(v, float)}
+        return min(ok, key=ok.get)
+
+    bf, bd = best(fwd), best(dx)
+    cfg_of = lambda label: list(lora_group.GEMM_CANDIDATES[int(label.split(":")[1])]) if ":" in label else None  # noqa: E731
+    return {"fwd": bf.split(":")[0], "fwd_cfg": cfg_of(bf), "dx": bd.split(":")[0], "dx_cfg": cfg_of(bd),
+            "us": {"fwd": fwd, "dx": dx}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the bench's quick shapes, R in {16, 64}")
+    ap.add_argument("--shapes", default=None, help="comma-separated shape names of bench_lora.GPU_SHAPES")
+    ap.add_argument("--table", default=None, help="table file to write (default: the user cache)")
+    ap.add_argument("--out", default=None, help="all timings (default benchmarks/results/<gpu>/tune_lora.json)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_lora.py needs a CUDA GPU: it times kernels; nothing to do on CPU", file=sys.stderr)
+        return 2
+    os.environ.pop("TRITON_INTERPRET", None)
+    shapes = [s for s in GPU_SHAPES if not args.quick or s[0] in QUICK_SHAPES]
+    if args.shapes:
+        shapes = [s for s in GPU_SHAPES if s[0] in args.shapes.split(",")]
+    gpu = torch.cuda.get_device_name()
+    table_file = Path(args.table) if args.table else lora_tuning.USER_CACHE / f"{lora_tuning.gpu_slug(gpu)}.json"
+    entries, t0 = {}, time.perf_counter()
+    for name, m, d_in, d_out in shapes:
+        for r in QUICK_R if args.quick else R_BUCKETS:
+            e = tune_shape(m, d_in, d_out, r)
+            entries[lora_tuning.shape_key(torch.bfloat16, m, d_in, d_out, r)] = e
+            us = e["us"]
+            print(f"{name:20s} R={r:4d} fwd {e['fwd']:6s} {min(v for v in us['fwd'].values() if isinstance(v, float)):8.1f} us"
+                  f" (cublas {us['fwd']['cublas']:.1f})  dx {e['dx']:6s} "
+                  f"{min(v for v in us['dx'].values() if isinstance(v, float)):8.1f} us (cublas {us['dx']['cublas']:.1f})",
+                  flush=True)
+    info = env_info("cuda")
+    table = {"gpu": gpu, "torch": torch.__version__, "triton": info["triton"], "git_sha": info["git_sha"],
+             "entries": {k: {f: v for f, v in e.items() if f != "us"} for k, e in entries.items()}}
+    lora_tuning.validate(table, str(table_file))
+    table_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = table_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, table_file)
+    out = results_path("tune_lora", "cuda", args.out)
+    write_record(out, {"env": info, "seconds": time.perf_counter() - t0, "candidates": lora_group.GEMM_CANDIDATES,
+                       "entries": entries})
+    print(f"table: {table_file}\ntimings: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
