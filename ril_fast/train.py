@@ -17,6 +17,7 @@ checkpointing (``sampling.checkpoint_unet``, ``memory.vae_checkpoint``), 8-bit A
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -57,7 +58,18 @@ def main(argv=None) -> int:
     except FatalRunError as exc:
         print(f"ril_fast: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        # metrics, results.json, grids, plots, adapters: whatever filled the disk, the checkpoints are
+        # written atomically and verified, so the same command resumes once there is space
+        print(f"ril_fast: cannot write {exc.filename or 'under ' + str(cfg.output_dir)} ({exc.strerror or exc}); "
+              "the last checkpoint is intact: free space and rerun the same command", file=sys.stderr)
+        return 1
     return 0
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 if __name__ == "__main__":

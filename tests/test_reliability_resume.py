@@ -190,6 +190,51 @@ def test_disk_full_during_checkpoint_then_resume(model, reference, tmp_path, mon
     _assert_same_run(tmp_path / "run", reference)
 
 
+@pytest.mark.parametrize("target", ["metrics", "results"])
+def test_disk_full_writing_metrics_or_results_then_resume(model, reference, tmp_path, monkeypatch, target):
+    """ENOSPC while appending metrics.jsonl or writing results.json: exit 1 with one line naming the
+    file, no traceback; rerunning the same command (space freed) ends equal to the reference."""
+    import errno
+
+    from ril_fast import metrics_log, report
+
+    conf = rs.write_config(rs.make_config(model, tmp_path / "run"), tmp_path / "cfg.json")
+    log = tmp_path / "log.txt"
+    calls = [0]
+    if target == "metrics":
+        real = metrics_log.MetricsLog.write
+
+        def filling(self, record, tb_step=None):
+            calls[0] += 1
+            if calls[0] == 3 and self.enabled:  # a train step's line, mid task 1
+                with open(self.path, "a") as f:
+                    f.write('{"kind": "train", "ste')  # the torn half of a line, as a full disk leaves it
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+            return real(self, record, tb_step)
+
+        monkeypatch.setattr(metrics_log.MetricsLog, "write", filling)
+    else:
+        real = report.write_json_atomic
+
+        def filling(path, obj):
+            if Path(path).name == "results.json":
+                calls[0] += 1
+                if calls[0] == 1:  # after task 1
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(path, obj)
+
+        monkeypatch.setattr(report, "write_json_atomic", filling)
+    assert rs.run_forked(["--config", conf], log) == 1, log.read_text()[-3000:]
+    monkeypatch.undo()
+    text = log.read_text()
+    err = [line for line in text.splitlines() if line.startswith("ril_fast:")]
+    name = "metrics.jsonl" if target == "metrics" else "results.json"
+    assert len(err) == 1 and name in err[0] and "No space left on device" in err[0], err
+    assert "Traceback" not in text
+    assert rs.run_forked(["--config", conf], log) == 0, log.read_text()[-3000:]
+    _assert_same_run(tmp_path / "run", reference)
+
+
 def test_bad_step_streak_survives_resume(model, tmp_path):
     """A run killed inside a streak of skipped steps stops at the same step as an uninterrupted run would."""
     cfg = rs.make_config(model, tmp_path / "run", steps=(4,), max_bad_steps=2)
