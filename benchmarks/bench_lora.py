@@ -3,7 +3,7 @@
 Providers: ``base`` (F.linear, the denominator), ``peft_eager`` (a PEFT LoRA Linear with k active
 adapters), ``torch_stacked`` (addmm on concatenated A/B under autograd), ``fused`` (our op as it
 dispatches on this GPU: the tuning table of ``benchmarks/tune_lora.py`` if one exists, else the
-cuBLAS forward/dX with our Triton dS/dB/dA; GPU only), ``triton_untuned`` (every GEMM in our
+Triton forward and the cuBLAS backward; GPU only), ``triton_untuned`` (every GEMM in our
 Triton kernels, fixed tiles) and ``cuda_lib`` (when ``ril_fast.kernels.cuda_lib.available()[0]``).
 Modes: ``forward`` (training forward), ``backward`` (backward of a retained graph), ``full``.
 Only the newest adapter trains; W, bias and older adapters are frozen.
@@ -112,7 +112,7 @@ def build_case(m, d_in, d_out, r, k, dtype, device):
         # "triton_untuned": every GEMM in our Triton kernels with the fixed tiles
         providers["fused"] = lambda: lora_group.lora_group_linear(x, w, bias, a, b, scales, backend="triton")
         providers["triton_untuned"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
-                                                RIL_FAST_LORA_DX="triton")
+                                                RIL_FAST_LORA_BWD="triton")
         try:
             from ril_fast.kernels import cuda_lib
 

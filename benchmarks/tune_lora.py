@@ -7,7 +7,8 @@ from the benchmark's (r, k) grid) it times, under CUDA-graph replay, bf16:
 
 - forward: cuBLAS (base + ``addmm_``), Triton split and Triton fused (R ≤ 64) with every tile
   config of ``lora_group.GEMM_CANDIDATES``;
-- dX: cuBLAS (``mm`` + ``addmm_``) and the Triton GEMM with every tile config.
+- backward (dX, dA and dB of the newest 16 ranks): cuBLAS GEMMs, and the Triton kernels with every
+  tile config for the dX GEMM.
 
 The fastest of each becomes the shape's entry in the table (``ril_fast.kernels.lora_tuning``
 format), written atomically to ``--table`` (default: the user cache
@@ -49,7 +50,9 @@ def _time(fn) -> float | str:
 
 
 def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev: str = "cuda") -> dict:
-    """Time every implementation of this shape; the table entry with all timings under ``us``."""
+    """Time every implementation of this shape; the table entry, with all timings under ``us``.
+
+    The trainable slice is the last min(R, 16) ranks (the newest adapter of a group)."""
     x = torch.randn(m, d_in, device=dev, dtype=dtype)
     w = torch.randn(d_out, d_in, device=dev, dtype=dtype) / d_in**0.5
     bias = torch.randn(d_out, device=dev, dtype=dtype)
@@ -57,50 +60,55 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
     b = torch.randn(d_out, r, device=dev, dtype=dtype) / r**0.5
     rs = torch.full((r,), 0.5, device=dev)
     dy = torch.randn(m, d_out, device=dev, dtype=dtype)
-    ds = torch.randn(m, r, device=dev, dtype=dtype)
-    ref_y = lora_group.fwd_launch(x, w, bias, a, b, rs, 0)[0].float()
-    ref_dx = lora_group.dx_launch(dy, w, ds, a, "cublas").float()
-    fwd, dx = {}, {}
+    lo, hi = r - min(r, 16), r
+    s = lora_group.fwd_launch(x, w, bias, a, b, rs, 0)[1]
 
-    def check(name, got, ref, table):  # a wrong kernel must not win the table by being fast
-        err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
-        if err > 2e-2:
-            table[name] = f"wrong result: rel err {err:.2e}"
-            return False
+    def bwd_triton(cfg):
+        ds, db = lora_group.ds_db_launch(dy, b, s, rs, lo, hi, False)
+        return lora_group.dx_launch(dy, w, ds, a, cfg), lora_group.da_launch(ds, x, lo, hi, False), db
+
+    def bwd_cublas():
+        return lora_group.backward_cublas(dy, x, w, a, b, s, rs, lo, hi, True, True, True)
+
+    ref_y = lora_group.fwd_launch(x, w, bias, a, b, rs, 0)[0]
+    ref_bwd = bwd_cublas()
+    fwd, bwd = {}, {}
+
+    def agrees(label, got, ref, table):  # a wrong kernel must not win the table by being fast
+        for g, want in zip(got, ref):
+            err = ((g.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+            if not err <= 2e-2:
+                table[label] = f"wrong result: rel err {err:.2e}"
+                return False
         return True
 
+    def attempt(label, table, run, ref):
+        try:
+            got = run()
+        except Exception as exc:  # a tile config this GPU cannot launch (shared memory, registers)
+            table[label] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            return
+        if agrees(label, got if isinstance(got, tuple) else (got,), ref, table):
+            table[label] = _time(run)
+
     fwd["cublas"] = _time(lambda: lora_group.fwd_launch(x, w, bias, a, b, rs, 0))
-    dx["cublas"] = _time(lambda: lora_group.dx_launch(dy, w, ds, a, "cublas"))
+    bwd["cublas"] = _time(bwd_cublas)
     for i, cfg in enumerate(lora_group.GEMM_CANDIDATES):
         for mode, name in ((1, "split"), (2, "fused")):
             if mode == 2 and r > lora_group.MAX_FUSED_R:
                 continue
-            label = f"{name}:{i}"
-            try:
-                y = lora_group.fwd_launch(x, w, bias, a, b, rs, mode, list(cfg))[0]
-            except Exception as exc:
-                fwd[label] = f"{type(exc).__name__}: {str(exc)[:160]}"
-                continue
-            if check(label, y, ref_y, fwd):
-                fwd[label] = _time(lambda mode=mode, cfg=cfg: lora_group.fwd_launch(x, w, bias, a, b, rs, mode,
-                                                                                   list(cfg)))
-        label = f"triton:{i}"
-        try:
-            got = lora_group.dx_launch(dy, w, ds, a, "triton", list(cfg))
-        except Exception as exc:
-            dx[label] = f"{type(exc).__name__}: {str(exc)[:160]}"
-            continue
-        if check(label, got, ref_dx, dx):
-            dx[label] = _time(lambda cfg=cfg: lora_group.dx_launch(dy, w, ds, a, "triton", list(cfg)))
+            attempt(f"{name}:{i}", fwd, lambda mode=mode, cfg=cfg: lora_group.fwd_launch(
+                x, w, bias, a, b, rs, mode, list(cfg))[0], (ref_y,))
+        attempt(f"triton:{i}", bwd, lambda cfg=cfg: bwd_triton(list(cfg)), ref_bwd)
 
     def best(times):
         ok = {k: v for k, v in times.items() if isinstance(v, float)}
         return min(ok, key=ok.get)
 
-    bf, bd = best(fwd), best(dx)
+    bf, bb = best(fwd), best(bwd)
     cfg_of = lambda label: list(lora_group.GEMM_CANDIDATES[int(label.split(":")[1])]) if ":" in label else None  # noqa: E731
-    return {"fwd": bf.split(":")[0], "fwd_cfg": cfg_of(bf), "dx": bd.split(":")[0], "dx_cfg": cfg_of(bd),
-            "us": {"fwd": fwd, "dx": dx}}
+    return {"fwd": bf.split(":")[0], "fwd_cfg": cfg_of(bf), "bwd": bb.split(":")[0], "bwd_cfg": cfg_of(bb),
+            "us": {"fwd": fwd, "bwd": bwd}}
 
 
 def main(argv=None) -> int:
@@ -125,10 +133,9 @@ def main(argv=None) -> int:
             e = tune_shape(m, d_in, d_out, r)
             entries[lora_tuning.shape_key(torch.bfloat16, m, d_in, d_out, r)] = e
             us = e["us"]
-            print(f"{name:20s} R={r:4d} fwd {e['fwd']:6s} {min(v for v in us['fwd'].values() if isinstance(v, float)):8.1f} us"
-                  f" (cublas {us['fwd']['cublas']:.1f})  dx {e['dx']:6s} "
-                  f"{min(v for v in us['dx'].values() if isinstance(v, float)):8.1f} us (cublas {us['dx']['cublas']:.1f})",
-                  flush=True)
+            fast = {d: min(v for v in us[d].values() if isinstance(v, float)) for d in ("fwd", "bwd")}
+            print(f"{name:20s} R={r:4d} fwd {e['fwd']:6s} {fast['fwd']:8.1f} us (cublas {us['fwd']['cublas']:.1f})"
+                  f"  bwd {e['bwd']:6s} {fast['bwd']:8.1f} us (cublas {us['bwd']['cublas']:.1f})", flush=True)
     info = env_info("cuda")
     table = {"gpu": gpu, "torch": torch.__version__, "triton": info["triton"], "git_sha": info["git_sha"],
              "entries": {k: {f: v for f, v in e.items() if f != "us"} for k, e in entries.items()}}

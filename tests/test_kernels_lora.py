@@ -110,7 +110,7 @@ def _compare(device, dtype, lead, d_in, d_out, ranks, train, bias=True):
 def test_matches_fp64_reference(device, monkeypatch, lead, d_in, d_out, ranks, train, bias, mode):
     monkeypatch.setenv("RIL_FAST_LORA_FWD", mode)
     if mode == "cublas":
-        monkeypatch.setenv("RIL_FAST_LORA_DX", "cublas")
+        monkeypatch.setenv("RIL_FAST_LORA_BWD", "cublas")
     _compare(device, torch.float32, lead, d_in, d_out, ranks, train, bias)
 
 
@@ -118,18 +118,18 @@ def test_matches_fp64_reference(device, monkeypatch, lead, d_in, d_out, ranks, t
 @pytest.mark.parametrize("mode", ["fused", "split", "cublas"])
 def test_half_precision(device, monkeypatch, dtype, mode):
     monkeypatch.setenv("RIL_FAST_LORA_FWD", mode)
-    monkeypatch.setenv("RIL_FAST_LORA_DX", "cublas" if mode == "cublas" else "triton")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "cublas" if mode == "cublas" else "triton")
     _compare(device, dtype, (150,), 64, 72, (4, 12), 1)
 
 
 def test_tuning_table_picks_the_implementation(device, monkeypatch, tmp_path):
-    """A table entry (as benchmarks/tune_lora.py writes) decides forward and dX per shape; the
-    result still matches the reference; bad tables fail with the entry named."""
+    """A table entry (as benchmarks/tune_lora.py writes) decides forward and backward per shape; the
+    result still matches the reference; untuned shapes get the defaults; bad tables fail naming the entry."""
     from ril_fast.kernels import lora_group, lora_tuning
 
     key = lora_tuning.shape_key(torch.float32, 150, 64, 72, 16)
     assert key == "fp32:256:64:72:16"
-    entry = {"fwd": "cublas", "fwd_cfg": None, "dx": "triton", "dx_cfg": list(lora_group.GEMM_CANDIDATES[2])}
+    entry = {"fwd": "cublas", "fwd_cfg": None, "bwd": "triton", "bwd_cfg": list(lora_group.GEMM_CANDIDATES[2])}
     table = tmp_path / "t.json"
     table.write_text(json.dumps({"gpu": "test", "entries": {key: entry}}))
     monkeypatch.setenv(lora_tuning.ENV, str(table))
@@ -138,14 +138,19 @@ def test_tuning_table_picks_the_implementation(device, monkeypatch, tmp_path):
     assert lora_tuning._entries("any-gpu")[key] == entry
     # off CUDA no table applies (the interpreter keeps the Triton paths); route this shape through it
     monkeypatch.setattr(lora_tuning, "plan", lambda dev, dt, m, di, do, r: lora_tuning._entries("x").get(
-        lora_tuning.shape_key(dt, m, di, do, r), lora_tuning.DEFAULT_CUDA))
-    assert lora_group.forward_plan(torch.device(device), torch.float32, 150, 64, 72, 16) == (0, None)
-    assert lora_group.dx_plan(torch.device(device), torch.float32, 150, 64, 72, 16) == ("triton", entry["dx_cfg"])
-    assert lora_group.forward_plan(torch.device(device), torch.float32, 4096, 64, 72, 16) == (0, None)  # default
+        lora_tuning.shape_key(dt, m, di, do, r)))
+    dev = torch.device(device)
+    assert lora_group.forward_plan(dev, torch.float32, 150, 64, 72, 16) == (0, None)
+    assert lora_group.backward_plan(dev, torch.float32, 150, 64, 72, 16) == ("triton", entry["bwd_cfg"])
+    # untuned shapes: Triton forward (F1 only for R <= 16); backward cuBLAS on CUDA, Triton elsewhere
+    assert lora_group.forward_plan(dev, torch.float32, 4096, 64, 72, 16) == (2, None)
+    assert lora_group.forward_plan(dev, torch.float32, 4096, 64, 72, 17) == (1, None)
+    assert lora_group.backward_plan(dev, torch.float32, 4096, 64, 72, 16)[0] == (
+        "cublas" if dev.type == "cuda" else "triton")
     _compare(device, torch.float32, (150,), 64, 72, (4, 12), 1)
-    for bad, msg in (({"fwd": "magic", "dx": "cublas"}, "needs fwd"),
-                     ({"fwd": "split", "dx": "cublas", "fwd_cfg": [1, 2]}, "6 ints"),
-                     ({"fwd": "fused", "dx": "cublas"}, "R <= 64")):
+    for bad, msg in (({"fwd": "magic", "bwd": "cublas"}, "needs fwd"),
+                     ({"fwd": "split", "bwd": "cublas", "fwd_cfg": [1, 2]}, "6 ints"),
+                     ({"fwd": "fused", "bwd": "cublas"}, "R <= 64")):
         with pytest.raises(ValueError, match=msg):
             lora_tuning.validate({"entries": {"bf16:8192:320:320:128": bad}}, "t.json")
     monkeypatch.setenv(lora_tuning.ENV, str(tmp_path / "missing.json"))
@@ -154,6 +159,19 @@ def test_tuning_table_picks_the_implementation(device, monkeypatch, tmp_path):
     monkeypatch.setenv(lora_tuning.ENV, "off")
     assert lora_tuning.table_path("any-gpu") is None
     lora_tuning.clear()
+
+
+@pytest.mark.parametrize("train", [0, (0, 2), 2])
+def test_cublas_backward_matches_the_triton_one(device, monkeypatch, train):
+    """The two backward implementations agree (fp32), and both give frozen tensors no gradient."""
+    monkeypatch.setenv("RIL_FAST_LORA_FWD", "split")
+    outs = {}
+    for impl in ("triton", "cublas"):
+        monkeypatch.setenv("RIL_FAST_LORA_BWD", impl)
+        torch.manual_seed(0)
+        outs[impl] = _compare(device, torch.float32, (3, 41), 56, 48, (4, 8, 4), train)
+    for key, value in outs["triton"].items():  # fp32, different summation orders
+        torch.testing.assert_close(outs["cublas"][key], value, rtol=1e-4, atol=1e-5 * value.abs().max().item())
 
 
 def _peft_layer(d_in, d_out, ranks, alphas, dtype, device):
@@ -269,8 +287,8 @@ def test_custom_ops_pass_opcheck(device):
         (lora_group.lora_fwd, (x, w, None, a, b, rs, 2, None)),
         (lora_group.lora_fwd, (x, w, bias, a, b, rs, 0, None)),
         (lora_group.lora_bwd_ds_db, (dy, b, s, rs, 2, 5, True)),
-        (lora_group.lora_bwd_dx, (dy, w, ds, a, "triton", cfg)),
-        (lora_group.lora_bwd_dx, (dy, w, ds, a, "cublas", None)),
+        (lora_group.lora_bwd_dx, (dy, w, ds, a, cfg)),
+        (lora_group.lora_bwd_dx, (dy, w, ds, a, None)),
         (lora_group.lora_bwd_da, (ds, x, 0, 4, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -332,6 +350,7 @@ def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
     e = tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float32, dev="cpu")
     last = len(lora_group.GEMM_CANDIDATES) - 1
     assert (e["fwd"], e["fwd_cfg"]) == ("fused", list(lora_group.GEMM_CANDIDATES[last]))
-    assert (e["dx"], e["dx_cfg"]) == ("triton", list(lora_group.GEMM_CANDIDATES[last]))
+    assert (e["bwd"], e["bwd_cfg"]) == ("triton", list(lora_group.GEMM_CANDIDATES[last]))
     assert len(e["us"]["fwd"]) == 1 + 2 * len(lora_group.GEMM_CANDIDATES)
+    assert len(e["us"]["bwd"]) == 1 + len(lora_group.GEMM_CANDIDATES)
     lora_tuning.validate({"entries": {"fp32:128:48:40:16": {k: v for k, v in e.items() if k != "us"}}}, "tuned")

@@ -15,9 +15,10 @@ ordered sum instead of atomics. Accumulation is fp32 (fp64 for fp64 inputs).
 
 Which implementation runs each GEMM-sized part is a per-GPU, per-shape choice
 (:mod:`ril_fast.kernels.lora_tuning`): the forward may instead be cuBLAS (base GEMM + bias, then
-one ``addmm_`` adding the LoRA term) and dX cuBLAS ``dY·W`` + ``addmm_``; dS/dB and dA always
-run the Triton reductions above, which compute only the trainable slice. The tuning table also
-picks the Triton tile config from :data:`GEMM_CANDIDATES`.
+one ``addmm_`` adding the LoRA term) and the backward cuBLAS GEMMs (:func:`backward_cublas`,
+fp32-output dA/dB of the trainable slice only). The tuning table also picks the Triton tile
+config from :data:`GEMM_CANDIDATES`; untuned GPUs run the Triton forward and the cuBLAS backward
+(see :func:`forward_mode`, :func:`backward_plan` for the measurements behind that).
 """
 
 from __future__ import annotations
@@ -231,11 +232,13 @@ def _env_choice(name: str, allowed: tuple) -> str:
 
 
 def forward_mode(d_out: int, r: int) -> int:
-    """Untuned Triton choice: 2 = F1 (shrink in the GEMM's K-loop), 1 = F2 (split)."""
-    if r > MAX_FUSED_R:
-        return 1
-    # recomputing the shrink per N-tile costs R/BN extra MMA work: cheap on narrow layers only
-    return 2 if (_pow2(r) <= 16 or d_out <= 640) else 1
+    """Untuned Triton choice: 2 = F1 (shrink in the GEMM's K-loop), 1 = F2 (split).
+
+    F1 only for R ≤ 16: on the H100 (graph replay, fixed tiles) F1 at R ≤ 16 beat cuBLAS
+    (torch-stacked) on all 4 shapes measured, F1 at R = 64 lost on 3 of 4 (its S tile costs
+    registers), while F2 at R = 128 won on 3 of 4.
+    """
+    return 2 if _pow2(r) <= 16 else 1
 
 
 def forward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[int, Optional[list]]:
@@ -258,13 +261,21 @@ def forward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[
     return (1 if mode == 2 and r > MAX_FUSED_R else mode), tuned["fwd_cfg"]
 
 
-def dx_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[str, Optional[list]]:
-    """("triton" | "cublas", tile config or None) for dX; ``RIL_FAST_LORA_DX`` forces one."""
-    force = _env_choice("RIL_FAST_LORA_DX", ("auto", "triton", "cublas"))
+def backward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[str, Optional[list]]:
+    """("triton" | "cublas", dX tile config or None); ``RIL_FAST_LORA_BWD`` forces one.
+
+    Untuned default on CUDA: cuBLAS. On the H100 the autograd backward of torch-stacked (cuBLAS)
+    took 1.3-3.5x less time than the Triton backward on all 16 graph-replay cases (its dS/dB
+    kernel parallelises over M only: 32 programs at M = 2048). Off CUDA (the interpreter in
+    tests): Triton.
+    """
+    force = _env_choice("RIL_FAST_LORA_BWD", ("auto", "triton", "cublas"))
     if force != "auto":
         return force, None
     tuned = lora_tuning.plan(device, dtype, m, d_in, d_out, r)
-    return ("triton", None) if tuned is None else (tuned["dx"], tuned["dx_cfg"])
+    if tuned is None:
+        return ("cublas" if device.type == "cuda" else "triton"), None
+    return tuned["bwd"], tuned["bwd_cfg"]
 
 
 def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s=None, cscale=None,
@@ -365,13 +376,10 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None):
     return ds, db
 
 
-def dx_launch(dy, weight, ds, a_cat, impl="triton", cfg=None):
-    """dX = dY·W + dS·A_cat (M, d_in): one Triton GEMM with the LoRA term in its epilogue, or
-    (``impl="cublas"``) cuBLAS ``dY·W`` then ``addmm_`` of the LoRA term."""
+def dx_launch(dy, weight, ds, a_cat, cfg=None):
+    """dX = dY·W + dS·A_cat (M, d_in); the LoRA term is the GEMM's epilogue."""
     M, N = dy.shape
     K, R = weight.shape[1], a_cat.shape[0]
-    if impl == "cublas":
-        return torch.mm(dy, weight).addmm_(ds, a_cat)
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
     _gemm(dy, weight, dx, M=M, N=K, K=N, e=ds, f=a_cat, epi=1, r=R, se=ds.stride(), sf=a_cat.stride(), cfg=cfg)
     return dx
@@ -404,6 +412,38 @@ def da_launch(ds, x, lo, hi, deterministic, da=None):
     return da
 
 
+_MM_F32: dict = {}  # (device type, dtype) -> whether torch.mm(..., out_dtype=float32) runs there
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b with fp32 output (fp32 accumulation, one rounding), as the Triton dA/dB reductions give.
+
+    Half-precision inputs use cuBLAS' fp32-output GEMM where torch has it (CUDA), else upcast."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.mm(a, b)
+    key = (a.device.type, a.dtype)
+    if key not in _MM_F32:
+        try:
+            probe = torch.zeros(16, 16, device=a.device, dtype=a.dtype)
+            _MM_F32[key] = torch.mm(probe, probe.t(), out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_F32[key] = False
+    if _MM_F32[key]:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def backward_cublas(dy, x, weight, a_cat, b_cat, s, rscale, lo, hi, need_x, need_a, need_b):
+    """The backward as cuBLAS GEMMs: (dX or None, dA of rows [lo, hi) fp32 or None, dB of columns
+    [lo, hi) fp32 or None). Frozen adapters cost nothing beyond their share of dS (dX needs it)."""
+    b_scaled = b_cat * rscale.to(b_cat.dtype)  # (d_out, R): the scale folded into the tiny operand
+    ds = torch.mm(dy, b_scaled) if (need_x or need_a) else None  # (M, R)
+    dx = torch.mm(dy, weight).addmm_(ds, a_cat) if need_x else None
+    da = _mm_f32(ds[:, lo:hi].t(), x) if need_a else None
+    db = _mm_f32(dy.t(), s[:, lo:hi] * rscale[lo:hi].to(s.dtype)) if need_b else None
+    return dx, da, db
+
+
 @torch.library.custom_op("ril_fast::lora_group_fwd", mutates_args=())
 def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a_cat: torch.Tensor,
              b_cat: torch.Tensor, rscale: torch.Tensor, mode: int,
@@ -430,14 +470,14 @@ def _(dy, b_cat, s, rscale, lo, hi, deterministic):
 
 
 @torch.library.custom_op("ril_fast::lora_group_bwd_dx", mutates_args=())
-def lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, a_cat: torch.Tensor, impl: str,
+def lora_bwd_dx(dy: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, a_cat: torch.Tensor,
                 cfg: Optional[list[int]]) -> torch.Tensor:
     """Custom-op form of :func:`dx_launch`."""
-    return dx_launch(dy, weight, ds, a_cat, impl, cfg)
+    return dx_launch(dy, weight, ds, a_cat, cfg)
 
 
 @lora_bwd_dx.register_fake
-def _(dy, weight, ds, a_cat, impl, cfg):
+def _(dy, weight, ds, a_cat, cfg):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
@@ -468,7 +508,7 @@ class _LoraGroupFn(torch.autograd.Function):
                 *forward_plan(*shape))
         y, s = lora_fwd(*args) if _compiling() else fwd_launch(*args)
         ctx.save_for_backward(x2, weight, a_cat, b_cat, s, rscale)
-        ctx.ranks, ctx.x_shape, ctx.dx_plan = ranks, x.shape, dx_plan(*shape)
+        ctx.ranks, ctx.x_shape, ctx.bwd_plan = ranks, x.shape, backward_plan(*shape)
         ctx.dtypes = [t.dtype for t in (weight, bias) if t is not None] + [t.dtype for t in ab]
         return y.reshape(*x.shape[:-1], d_out)
 
@@ -486,27 +526,14 @@ class _LoraGroupFn(torch.autograd.Function):
         if need[0] or train:
             need_b = any(need[5 + k + i] for i in train)
             need_a = any(need[5 + i] for i in train)
-            rt, n_out, n_in = hi - lo, dy.shape[1], x2.shape[1]
-            if ops:
-                ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
-            else:  # one zeroed fp32 buffer for dB and dA: one memset, and one cast at the end
-                acc = torch.zeros(n_out * rt * need_b + rt * n_in * need_a, device=dy.device,
-                                  dtype=torch.float32) if train else None
-                db_buf = acc[:n_out * rt].view(n_out, rt) if need_b else None
-                ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)
-            if need[0]:
-                gx = (lora_bwd_dx(dy, weight.to(x2.dtype), ds, a_cat, *ctx.dx_plan) if ops
-                      else dx_launch(dy, weight.to(x2.dtype), ds, a_cat, *ctx.dx_plan)).reshape(ctx.x_shape)
-            da = None
-            if need_a:
-                da = (lora_bwd_da(ds, x2, lo, hi, det) if ops
-                      else da_launch(ds, x2, lo, hi, det, da=acc[n_out * rt * need_b:].view(rt, n_in)))
-            dts = {ctx.dtypes[-2 * k + i] for i in train if need[5 + i]} | {
-                ctx.dtypes[-k + i] for i in train if need[5 + k + i]}
-            if not ops and len(dts) == 1:  # cast dA and dB together
-                acc = acc.to(dts.pop())
-                db = acc[:n_out * rt].view(n_out, rt) if need_b else None
-                da = acc[n_out * rt * need_b:].view(rt, n_in) if need_a else None
+            impl, cfg = ctx.bwd_plan
+            if impl == "cublas":
+                gx, da, db = backward_cublas(dy, x2, weight.to(x2.dtype), a_cat, b_cat, s, rscale, lo, hi,
+                                             need[0], need_a, need_b)
+                gx = None if gx is None else gx.reshape(ctx.x_shape)
+            else:
+                gx, da, db = _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_a, need_b,
+                                              det, ops, cfg, train)
             for i in train:
                 sl = slice(offs[i] - lo, offs[i + 1] - lo)
                 if need[5 + i]:
@@ -518,6 +545,34 @@ class _LoraGroupFn(torch.autograd.Function):
         if need[2]:
             gb = dy.to(torch.float32).sum(0).to(ctx.dtypes[1])
         return (gx, gw, gb, None, None, *grads_a, *grads_b)
+
+
+def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_a, need_b, det, ops, cfg, train):
+    """dS/dB in one read of dY, dX with the LoRA epilogue, dA split-K: (dX, dA, dB)."""
+    k, need = len(ctx.ranks), ctx.needs_input_grad
+    rt, n_out, n_in = hi - lo, dy.shape[1], x2.shape[1]
+    gx = None
+    if ops:
+        ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
+    else:  # one zeroed fp32 buffer for dB and dA: one memset, and one cast at the end
+        acc = torch.zeros(n_out * rt * need_b + rt * n_in * need_a, device=dy.device,
+                          dtype=torch.float32) if train else None
+        db_buf = acc[:n_out * rt].view(n_out, rt) if need_b else None
+        ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)
+    if need[0]:
+        gx = (lora_bwd_dx(dy, weight.to(x2.dtype), ds, a_cat, cfg) if ops
+              else dx_launch(dy, weight.to(x2.dtype), ds, a_cat, cfg)).reshape(ctx.x_shape)
+    da = None
+    if need_a:
+        da = (lora_bwd_da(ds, x2, lo, hi, det) if ops
+              else da_launch(ds, x2, lo, hi, det, da=acc[n_out * rt * need_b:].view(rt, n_in)))
+    dts = {ctx.dtypes[-2 * k + i] for i in train if need[5 + i]} | {
+        ctx.dtypes[-k + i] for i in train if need[5 + k + i]}
+    if not ops and len(dts) == 1:  # cast dA and dB together
+        acc = acc.to(dts.pop())
+        db = acc[:n_out * rt].view(n_out, rt) if need_b else None
+        da = acc[n_out * rt * need_b:].view(rt, n_in) if need_a else None
+    return gx, da, db
 
 
 # Stacks of all-frozen groups (EMA teacher, inference) are cached and re-copied only where a
@@ -584,8 +639,8 @@ def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
     Launches: forward = one GEMM (two for F2, three cuBLAS calls for the cuBLAS forward) plus,
     for k > 1 with a trainable adapter, two concatenations (all-frozen stacks are cached);
-    backward = three GEMM-like kernels (four with cuBLAS dX) plus a memset and one cast (fp32
-    dA/dB accumulators).
+    backward = three GEMM-like kernels plus a memset and one cast (fp32 dA/dB accumulators), or
+    five cuBLAS calls (dS, dX, its LoRA ``addmm_``, dA, dB) and two tiny scalings.
     """
     if backend == "cuda":
         from ril_fast.kernels import cuda_lib

@@ -1,27 +1,29 @@
 """Per-GPU tuning table of the LoRA group linear: the fastest implementation per layer shape.
 
-Each GEMM-sized part of the op has more than one implementation:
+The op has more than one implementation of each direction:
 
 - forward: ``fused`` (Triton, shrink in the base GEMM's K-loop), ``split`` (Triton, S first, LoRA
   in the base GEMM's epilogue) or ``cublas`` (cuBLAS base GEMM with the bias, cuBLAS shrink, then
   ``y += S·(B_cat·diag(scale))ᵀ`` as one cuBLAS ``addmm_`` reading y once);
-- dX: ``triton`` (one GEMM with ``dS·A_cat`` in the epilogue) or ``cublas`` (``dY·W`` then ``addmm_``).
+- backward: ``triton`` (dS and dB from one read of dY, dX with the LoRA term in the GEMM epilogue,
+  dA split-K) or ``cublas`` (the same products as cuBLAS GEMMs with fp32 dA/dB output). Both
+  compute dA/dB for the trainable slice only.
 
-Which wins depends on the GPU and the shape (the Triton GEMMs use fixed tiles, so the tile
-config is part of the choice). ``benchmarks/tune_lora.py`` times every candidate under CUDA-graph
-replay on a GPU and writes a table; this module reads it. Lookup order: ``RIL_FAST_LORA_TUNING``
-(a file, or ``off``), the user cache ``~/.cache/ril_fast/lora_tuning/<gpu>.json``, the tables
-shipped in ``ril_fast/kernels/tuned/``. Without an entry the op uses :data:`DEFAULT_CUDA` on a
-GPU: on the one GPU measured so far (H100, before any tuning) cuBLAS + the Triton backward
-reductions beat the fixed-tile Triton GEMMs on 13 of 16 graph-replay cases.
+Which wins depends on the GPU and the shape (the Triton GEMMs use fixed tiles, so the tile config
+is part of the choice). ``benchmarks/tune_lora.py`` times every candidate under CUDA-graph replay
+on a GPU and writes a table; this module reads it. Lookup order: ``RIL_FAST_LORA_TUNING`` (a file,
+or ``off``), the user cache ``~/.cache/ril_fast/lora_tuning/<gpu>.json``, the tables shipped in
+``ril_fast/kernels/tuned/``. Shapes without an entry use the op's untuned defaults
+(:func:`ril_fast.kernels.lora_group.forward_plan`, :func:`~ril_fast.kernels.lora_group.backward_plan`).
 
 Table format (JSON)::
 
     {"gpu": "NVIDIA H100 80GB HBM3", "torch": ..., "triton": ...,
      "entries": {"bf16:8192:320:320:16": {"fwd": "fused", "fwd_cfg": [128, 64, 64, 8, 4, 4],
-                                          "dx": "cublas", "dx_cfg": null, "us": {...}}, ...}}
+                                          "bwd": "cublas", "bwd_cfg": null}, ...}}
 
-Keys are ``dtype:M-bucket:d_in:d_out:R-bucket`` (buckets: next power of two, R at least 16).
+Keys are ``dtype:M-bucket:d_in:d_out:R-bucket`` (buckets: next power of two, R at least 16);
+``*_cfg`` is the Triton tile config (BM, BN, BK, GROUP_M, warps, stages) of the main GEMM.
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ ENV = "RIL_FAST_LORA_TUNING"
 SHIPPED = Path(__file__).resolve().parent / "tuned"
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ril_fast" / "lora_tuning"
 FWD_IMPLS = ("cublas", "split", "fused")
-DX_IMPLS = ("cublas", "triton")
-DEFAULT_CUDA = {"fwd": "cublas", "fwd_cfg": None, "dx": "cublas", "dx_cfg": None}
+BWD_IMPLS = ("cublas", "triton")
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 _tables: dict[str, dict | None] = {}  # gpu slug -> entries (None: no table)
@@ -83,9 +84,9 @@ def validate(table: dict, source: str) -> dict:
         raise ValueError(f"LoRA tuning table {source}: no 'entries' object; regenerate it with benchmarks/tune_lora.py")
     for key, e in entries.items():
         where = f"LoRA tuning table {source}, entry {key!r}"
-        if not isinstance(e, dict) or e.get("fwd") not in FWD_IMPLS or e.get("dx") not in DX_IMPLS:
-            raise ValueError(f"{where}: needs fwd in {FWD_IMPLS} and dx in {DX_IMPLS}")
-        for field in ("fwd_cfg", "dx_cfg"):
+        if not isinstance(e, dict) or e.get("fwd") not in FWD_IMPLS or e.get("bwd") not in BWD_IMPLS:
+            raise ValueError(f"{where}: needs fwd in {FWD_IMPLS} and bwd in {BWD_IMPLS}")
+        for field in ("fwd_cfg", "bwd_cfg"):
             cfg = e.get(field)
             if cfg is not None and not (isinstance(cfg, list) and len(cfg) == 6 and all(isinstance(v, int) for v in cfg)):
                 raise ValueError(f"{where}: {field} must be null or 6 ints (BM, BN, BK, GROUP_M, warps, stages)")
@@ -108,13 +109,12 @@ def clear() -> None:
 
 
 def plan(device: torch.device, dtype: torch.dtype, m: int, d_in: int, d_out: int, r: int) -> dict | None:
-    """The table entry for this shape on ``device``'s GPU; :data:`DEFAULT_CUDA` when the table has
-    none; None off CUDA (the interpreter keeps the Triton paths, which is what tests exercise)."""
+    """The table entry for this shape on ``device``'s GPU, or None (no table, no entry, not CUDA)."""
     if device.type != "cuda":
         return None
     key = (device.index, dtype, m, d_in, d_out, r)
     if key not in _plans:
         slug = gpu_slug(torch.cuda.get_device_name(device))
         entries = _entries(slug) or {}
-        _plans[key] = entries.get(shape_key(dtype, m, d_in, d_out, r), DEFAULT_CUDA)
+        _plans[key] = entries.get(shape_key(dtype, m, d_in, d_out, r))
     return _plans[key]
