@@ -124,6 +124,9 @@ def test_cases_cover_every_launch_variant():
     dsdb_r = {c[2][2]["R_PAD"] for c in cases if c[2][0].__name__ == "_ds_db_kernel"}
     assert dsdb_r == {16, 32, 64, 128} and lora_group.MAX_DSDB_R == 128
     assert {c[2][2]["NEED_DB"] for c in cases if c[2][0].__name__ == "_ds_db_kernel"} == {True, False}
+    # split-N dS: atomics only into fp32 (bf16 atomics need sm_90), fp32 partials for determinism
+    dsdb = [(c[2][2]["DS_ATOMIC"], c[2][1].get("ds_ptr")) for c in cases if c[2][0].__name__ == "_ds_db_kernel"]
+    assert set(dsdb) == {(False, None), (True, "fp32"), (False, "fp32")}
     assert {c[2][2]["ATOMIC"] for c in cases if c[2][0].__name__ == "_gemm_kernel"} == {True, False}
 
 

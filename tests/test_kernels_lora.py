@@ -174,6 +174,29 @@ def test_cublas_backward_matches_the_triton_one(device, monkeypatch, train):
         torch.testing.assert_close(outs["cublas"][key], value, rtol=1e-4, atol=1e-5 * value.abs().max().item())
 
 
+@pytest.mark.parametrize("det", [False, True])
+def test_ds_db_split_over_n_matches_one_range(device, monkeypatch, det):
+    """dS/dB with N split into ranges (atomics, or ordered fp32 partials when deterministic) equal the
+    one-range kernel; deterministic repeats are bitwise equal."""
+    torch.manual_seed(0)
+    m, n, ranks = 70, 200, (4, 8, 4)
+    r = sum(ranks)
+    dy = torch.randn(m, n, device=device)
+    b_cat = torch.randn(n, r, device=device)
+    s = torch.randn(m, r, device=device)
+    rscale = torch.rand(r, device=device) + 0.5
+    one = lora_group.ds_db_launch(dy, b_cat, s, rscale, 4, 12, det, split_n=1)
+    three = lora_group.ds_db_launch(dy, b_cat, s, rscale, 4, 12, det, split_n=3)
+    ref_ds = (dy.double() @ b_cat.double()) * rscale.double()
+    ref_db = dy.double().t() @ (s.double() * rscale.double())[:, 4:12]
+    for got in (one, three):
+        torch.testing.assert_close(got[0].double(), ref_ds, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got[1].double(), ref_db, rtol=1e-5, atol=1e-4)
+    if det:
+        again = lora_group.ds_db_launch(dy, b_cat, s, rscale, 4, 12, det, split_n=3)
+        assert torch.equal(again[0], three[0]) and torch.equal(again[1], three[1])
+
+
 def _peft_layer(d_in, d_out, ranks, alphas, dtype, device):
     from peft import LoraConfig
     from peft.tuners.lora import Linear

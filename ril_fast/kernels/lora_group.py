@@ -164,20 +164,29 @@ def _gemm_kernel(
 @triton.jit
 def _ds_db_kernel(
     dy_ptr, bc_ptr, s_ptr, rscale_ptr, ds_ptr, db_ptr,
-    M, N, R, LO, RT,
-    s_dym, s_dyn, s_bn, s_br, s_sm, s_sr, s_dsm, s_dsr, s_dbn, s_dbr,
-    NEED_DB: tl.constexpr, R_PAD: tl.constexpr,
+    M, N, R, LO, RT, N_PER,
+    s_dym, s_dyn, s_bn, s_br, s_sm, s_sr, s_dsz, s_dsm, s_dsr, s_dbn, s_dbr,
+    NEED_DB: tl.constexpr, DS_ATOMIC: tl.constexpr, R_PAD: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """One read of dY per M-tile: ``dS = (dY·B_cat)·diag(rscale)`` for all R columns and
-    ``dB[:, LO:LO+RT] += dYᵀ·(S·diag(rscale))[:, LO:LO+RT]`` (fp32 atomics).
+    """One read of dY per (M-tile, N-range): ``dS = (dY·B_cat)·diag(rscale)`` for all R columns
+    and ``dB[:, LO:LO+RT] += dYᵀ·(S·diag(rscale))[:, LO:LO+RT]`` (fp32 atomics).
+
+    Grid axis 1 splits N into ranges of N_PER columns so small-M layers still fill the GPU (at
+    M = 2048 the M-tiles alone are 32 programs). One range stores dS in its dtype; several either
+    add into a zeroed fp32 dS (DS_ATOMIC) or store fp32 partials ``s_dsz`` apart, which the
+    deterministic mode sums in order. DS_ATOMIC is a constexpr so atomics are only ever compiled
+    for fp32 (bf16 atomics need sm_90).
 
     NEED_DB must stay a constexpr: as a runtime ``if`` around the second dot, Triton's
     pipeliner (num_stages ≥ 2) issued the prefetch of tile n+2 into the dY shared-memory slot
     before the branch read ``trans(dy)`` from it, so dB summed the wrong (often zero) tiles on
     GPU while the interpreter, which does not pipeline, was right."""
     pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_lo = pid_n * N_PER
+    n_hi = tl.minimum(n_lo + N_PER, N)
     rm = pid_m * BM + tl.arange(0, BM)
     mm = rm < M
     rr = tl.arange(0, R_PAD)
@@ -190,9 +199,9 @@ def _ds_db_kernel(
     st = (st.to(ACC) * sct[None, :]).to(s_ptr.dtype.element_ty)
     if UPCAST:
         st = st.to(tl.float32)
-    for n0 in range(0, N, BN):
+    for n0 in range(n_lo, n_hi, BN):
         rn = n0 + tl.arange(0, BN)
-        mn = rn < N
+        mn = rn < n_hi
         dy = _ld(dy_ptr + rm[:, None] * s_dym + rn[None, :] * s_dyn, mm[:, None] & mn[None, :], UPCAST)
         bt = _ld(bc_ptr + rn[:, None] * s_bn + rr[None, :] * s_br, mn[:, None] & mr[None, :], UPCAST)
         ds = _mma(dy, bt, ds, IEEE)
@@ -201,8 +210,11 @@ def _ds_db_kernel(
             tl.atomic_add(db_ptr + rn[:, None] * s_dbn + rt[None, :] * s_dbr, part, mask=mn[:, None] & mt[None, :])
     sc = tl.load(rscale_ptr + rr, mask=mr, other=0.0).to(ACC)
     ds = ds * sc[None, :]
-    tl.store(ds_ptr + rm[:, None] * s_dsm + rr[None, :] * s_dsr, ds.to(ds_ptr.dtype.element_ty),
-             mask=mm[:, None] & mr[None, :])
+    ds_ptrs = ds_ptr + rm[:, None] * s_dsm + rr[None, :] * s_dsr
+    if DS_ATOMIC:
+        tl.atomic_add(ds_ptrs, ds, mask=mm[:, None] & mr[None, :])
+    else:
+        tl.store(ds_ptrs + pid_n * s_dsz, ds.to(ds_ptr.dtype.element_ty), mask=mm[:, None] & mr[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +318,14 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
 REDUCE_BLOCKS = (64, 64, 64, 4)
 
 
+def _dsdb_split(m_tiles: int, n_chunks: int) -> int:
+    """N-ranges of the dS/dB kernel: about two waves of programs on a 132-SM GPU (one range in the
+    interpreter, where every program costs tens of ms; tests force more)."""
+    if INTERPRET:
+        return 1
+    return max(1, min(n_chunks, triton.cdiv(264, max(m_tiles, 1))))
+
+
 def _split_for(M: int, tiles: int) -> int:
     if INTERPRET:
         return 1 if M <= 128 else 2
@@ -341,10 +361,11 @@ def fwd_launch(x, weight, bias, a_cat, b_cat, rscale, mode, cfg=None):
     return y, s
 
 
-def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None):
+def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=None):
     """dS = (dY·B_cat)·diag(rscale) (M, R) in dY's dtype; dB of columns [lo, hi) in fp32 (d_out, hi-lo).
 
-    ``db``: optional zeroed fp32 (d_out, hi-lo) buffer to accumulate into (the atomics path)."""
+    ``db``: optional zeroed fp32 (d_out, hi-lo) buffer to accumulate into (the atomics path).
+    ``split_n``: N-ranges (grid axis 1); default :func:`_dsdb_split`."""
     M, N = dy.shape
     R, rt = b_cat.shape[1], hi - lo
     ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
@@ -353,10 +374,23 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None):
         db = torch.zeros(N, rt, device=dy.device, dtype=torch.float32)
     if _pow2(R) <= MAX_DSDB_R:
         bm, bn, warps, stages = DSDB_CFG
-        _ds_db_kernel[(triton.cdiv(M, bm),)](
-            dy, b_cat, s, rscale, ds, db if fused_db else ds, M, N, R, lo, rt, *dy.stride(), *b_cat.stride(),
-            *s.stride(), *ds.stride(), *(db.stride() if fused_db else (0, 0)), NEED_DB=fused_db, R_PAD=_pow2(R),
+        n_chunks = triton.cdiv(N, bn)
+        split = min(split_n or _dsdb_split(triton.cdiv(M, bm), n_chunks), n_chunks)
+        n_per = triton.cdiv(n_chunks, split) * bn
+        split = triton.cdiv(N, n_per)
+        if split == 1:
+            out, mode = ds, 0
+        elif deterministic:  # fp32 partial per N-range, summed in order below
+            out, mode = torch.empty(split, M, R, device=dy.device, dtype=torch.float32), 2
+        else:
+            out, mode = torch.zeros(M, R, device=dy.device, dtype=torch.float32), 1
+        _ds_db_kernel[(triton.cdiv(M, bm), split)](
+            dy, b_cat, s, rscale, out, db if fused_db else ds, M, N, R, lo, rt, n_per, *dy.stride(),
+            *b_cat.stride(), *s.stride(), out.stride(0) if mode == 2 else 0, *out.stride()[-2:],
+            *(db.stride() if fused_db else (0, 0)), NEED_DB=fused_db, DS_ATOMIC=mode == 1, R_PAD=_pow2(R),
             **_flags(dy.dtype), BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+        if mode:
+            ds.copy_(out.sum(0) if mode == 2 else out)
     else:  # wide stacks: dS as a plain GEMM with the rank scale in the epilogue
         _gemm(dy, b_cat, ds, M=M, N=R, K=N, cscale=rscale)
     if rt > 0 and not fused_db:  # dB = dYᵀ·(S·diag(rscale)) as a split-K reduction over M, ordered sum
@@ -688,8 +722,12 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
     for atomic in (False, True):  # dA, dB partials / dA atomics
         gemm([(bm, bn, bk, 1, w, 3)], {"c_ptr": "fp32"}, EPI=1, ATOMIC=atomic)
     bm, bn, warps, stages = _GPU_DSDB
-    for need_db in (True, False):
+    # (NEED_DB, DS_ATOMIC, dS pointer): one N-range; several with atomics; several, deterministic
+    # (fp32 partials; dB then comes from the split-K GEMM, so NEED_DB is off)
+    for need_db, atomic, ds in ((True, False, None), (False, False, None), (True, True, "fp32"),
+                                (False, True, "fp32"), (False, False, "fp32")):
         for r_pad in (16, 32, 64, 128):
-            m = dict(R_PAD=r_pad, NEED_DB=need_db, BM=bm, BN=bn, **base)
-            cases.append((_ds_db_kernel, {"rscale_ptr": "fp32", "db_ptr": "fp32"}, m, warps, stages))
+            m = dict(R_PAD=r_pad, NEED_DB=need_db, DS_ATOMIC=atomic, BM=bm, BN=bn, **base)
+            ptrs = {"rscale_ptr": "fp32", "db_ptr": "fp32", **({"ds_ptr": ds} if ds else {})}
+            cases.append((_ds_db_kernel, ptrs, m, warps, stages))
     return cases
