@@ -129,7 +129,7 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "python": platform.python_version()}
     if not args.no_plan:
         t0 = time.perf_counter()
-        p = memory.plan(cfg, [task])
+        p = memory.plan(cfg, [task], include_eval=False)
         result.update(planned_peak_gib=round(p.peak_gib, 3), planned_breakdown=p.to_dict()["breakdown"],
                       plan_seconds=round(time.perf_counter() - t0, 1))
     if torch.cuda.is_available():

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         # otherwise (its "idle_rewards" field, written since the switch existed)
         residency = step.get("idle_rewards", "cpu")
         cfg = load_config(step["config"], overrides + [f"memory.idle_rewards={residency}"])
-        p = memory.plan(cfg, [step["task"] - 1])
+        p = memory.plan(cfg, [step["task"] - 1], include_eval=False)
         rows.append({"file": path.name, "config": step["config"], "overrides": overrides, "task": step["task"],
                      "reward": step["reward"], "idle_rewards": residency, "device": step.get("device"),
                      "measured_gib": round(step["max_memory_allocated_gib"], 3),

@@ -11,9 +11,13 @@ teacher last-step forward, VAE decode with grad, reward), ``Engine`` backward, t
 and ``ema_update``. :class:`MemoryTracker` adds the bytes of every new output storage and
 subtracts them when the storage is freed, so the peak is what the allocator would be asked for.
 
+The evaluation after each task is planned too (:func:`plan_eval`: one no-grad ``eval.batch_size``
+batch through ``sample_images``, then one reward scoring a task's images), and the budget check
+holds both peaks.
+
 Not modelled: CUDA context (~0.5 GiB), allocator caching/fragmentation, cuBLAS/cuDNN workspaces,
 the fused Triton/CUDA LoRA kernels' own saved tensors (the torch reference path is traced),
-DeepSpeed's bucket buffers, evaluation (no-grad, batch ``eval.batch_size``).
+DeepSpeed's bucket buffers.
 """
 
 from __future__ import annotations
@@ -445,6 +449,91 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     return StepPlan(task, tracker.peak, dict(tracker.peak_by_tag), static, cpu, resident)
 
 
+def plan_eval(cfg, arch: Arch | None = None, fake: bool = True) -> StepPlan:
+    """Peak bytes of the evaluation after the last task (most adapters), traced through the
+    trainer's own ``sample_images`` (one ``eval.batch_size`` batch, no grad, DDIM steps cut to two:
+    the rest repeat the second) and a reward scoring every (prompt, seed) image of the largest eval task at
+    once, as ``evaluate_all_tasks`` does. With ``memory.idle_rewards = cpu`` one reward model is on
+    the device at a time (the largest is planned), else all of them.
+    """
+    import contextlib
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ril_fast import lora
+    from ril_fast.config import read_prompts
+    from ril_fast.evaluate import sample_images
+    from ril_fast.methods.objective import latent_shape
+
+    arch = arch or resolve_arch(cfg.model.path)
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.steps = min(cfg.eval.steps or cfg.sampling.steps, 2)  # later steps repeat the second
+    dtype = DTYPES[cfg.model.dtype]
+    models = build_meta_models(arch, dtype)
+    _real_timesteps(models.scheduler)
+    apply_memory_features(models, cfg)
+    layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    for i in range(len(cfg.tasks) if cfg.method.adapter_per_task else 1):
+        lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i, init=cfg.lora.init)
+    built: dict[str, tuple] = {}
+    for t in cfg.tasks:
+        key = json.dumps([t.reward, reward_build_options(cfg, t)], sort_keys=True, default=str)
+        built.setdefault(key, build_reward(t.reward, reward_build_options(cfg, t)))
+    n_pairs = max(len(read_prompts(t.eval_prompts, f"tasks.{i}.eval_prompts")) for i, t in enumerate(cfg.tasks))
+    n_pairs *= len(cfg.eval.seeds)
+    height = cfg.sampling.height or models.sample_size
+    width = cfg.sampling.width or models.sample_size
+
+    tracker = MemoryTracker()
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode, tracker, torch.no_grad():
+        materialize(models.unet, tracker, _unet_tag)
+        materialize(models.vae, tracker, lambda *_: "weights_vae")
+        tracker.push("adapters")
+        lora.reset_ema(layers)
+        tracker.pop()
+        tag_module(models.unet, tracker, "activations_unet")
+        tag_module(models.vae.decoder, tracker, "activations_vae")
+        tag_module(models.vae.post_quant_conv, tracker, "activations_vae")
+        keep = []
+        if cfg.memory.text_encoders == "keep":
+            tracker.push("text_encoders")
+            keep.append(torch.empty(text_encoder_bytes(arch, dtype), dtype=torch.uint8))
+            tracker.pop()
+        tracker.push("inputs")
+        prompts = all_prompts(cfg)
+        cache = _FakePromptCache(models, arch, dtype, len(prompts), height, width)
+        cache.fill(prompts)
+        tracker.pop()
+        towers = sorted(built.values(), key=lambda rp: -sum(p.numel() * p.element_size() for part in rp[1] or []
+                                                            for p in part.parameters()))
+        resident = towers if cfg.memory.idle_rewards == "device" else towers[:1]
+
+        def load_rewards():
+            for _, parts in resident:
+                for part in parts or []:
+                    materialize(part, tracker, lambda *_: "reward_model")
+                    tag_module(part, tracker, "activations_reward")
+
+        if cfg.memory.idle_rewards == "device":  # resident while sampling too
+            load_rewards()
+        batch = [prompts[i % len(prompts)] for i in range(min(cfg.eval.batch_size, n_pairs))]
+        one_seed = copy.deepcopy(cfg)
+        one_seed.eval.seeds = [0]
+        sample_images(models, one_seed, cache, batch, None, lambda n: latent_shape(models, cfg, n))
+        # scoring: every image of the task at once, one reward model (or all) on the device
+        if cfg.memory.idle_rewards != "device":
+            load_rewards()
+        tracker.push("inputs")
+        images = torch.empty(n_pairs, 3, height, width)  # sample_images returns fp32 images
+        tracker.pop()
+        for reward_fn, _ in resident:
+            reward_fn(images, [prompts[0]] * n_pairs)
+    resident_tags = {k: v for k, v in tracker.by_tag.items() if v}
+    return StepPlan(-1, tracker.peak, dict(tracker.peak_by_tag), 0, 0, resident_tags)
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan, the budget check, the CLI
 
@@ -470,6 +559,13 @@ class MemoryPlan:
     cpu_bytes: int = 0  # host memory of offloaded optimizer state
     arch: str = ""
     notes: list[str] = field(default_factory=list)
+    eval_bytes: int | None = None  # peak of the evaluation after the last task (None: not planned)
+    eval_detail: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def worst_gib(self) -> float:
+        """The larger of the training step's and the evaluation's peak: what the card must hold."""
+        return max(self.peak_bytes, self.eval_bytes or 0) / GIB
 
     @property
     def peak_gib(self) -> float:
@@ -482,10 +578,14 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         r = lambda x: round(x, 3)
-        return {"peak_gib": r(self.peak_gib), "breakdown": {k: r(v) for k, v in self.breakdown.items()},
-                "detail_gib": {k: r(v / GIB) for k, v in sorted(self.detail.items())}, "peak_task": self.task,
-                "tasks": self.tasks, "cpu_offload_gib": r(self.cpu_bytes / GIB), "arch": self.arch,
-                "notes": self.notes}
+        out = {"peak_gib": r(self.peak_gib), "breakdown": {k: r(v) for k, v in self.breakdown.items()},
+               "detail_gib": {k: r(v / GIB) for k, v in sorted(self.detail.items())}, "peak_task": self.task,
+               "tasks": self.tasks, "cpu_offload_gib": r(self.cpu_bytes / GIB), "arch": self.arch,
+               "notes": self.notes}
+        if self.eval_bytes is not None:
+            out["eval_peak_gib"] = r(self.eval_bytes / GIB)
+            out["eval_detail_gib"] = {k: r(v / GIB) for k, v in sorted(self.eval_detail.items())}
+        return out
 
 
 def _signatures(cfg) -> dict[tuple, int]:
@@ -498,8 +598,9 @@ def _signatures(cfg) -> dict[tuple, int]:
     return out
 
 
-def plan(cfg, tasks: list[int] | None = None) -> MemoryPlan:
-    """Plan the peak device memory of ``cfg``'s training step (every distinct task, or ``tasks``)."""
+def plan(cfg, tasks: list[int] | None = None, include_eval: bool = True) -> MemoryPlan:
+    """Plan the peak device memory of ``cfg``'s training step (every distinct task, or ``tasks``),
+    and (``include_eval``) of the evaluation run after each task."""
     arch = resolve_arch(cfg.model.path)
     traced = traced_config(cfg)
     indices = sorted(_signatures(cfg).values()) if tasks is None else list(tasks)
@@ -518,8 +619,12 @@ def plan(cfg, tasks: list[int] | None = None) -> MemoryPlan:
             notes.append("imagereward planned with a CLIP ViT-L/14 tower + MLP head (BLIP ViT-L/16 + BERT in reality)")
     per_task = [{"task": s.task, "name": cfg.tasks[s.task].name, "reward": cfg.tasks[s.task].reward,
                  "peak_gib": round(s.peak_bytes / GIB, 3)} for s in steps]
-    return MemoryPlan(worst.peak_bytes, worst.task, worst.breakdown, per_task, worst.cpu_bytes,
-                      f"{arch.kind} ({arch.source})", notes)
+    out = MemoryPlan(worst.peak_bytes, worst.task, worst.breakdown, per_task, worst.cpu_bytes,
+                     f"{arch.kind} ({arch.source})", notes)
+    if include_eval:
+        ev = plan_eval(cfg, arch)
+        out.eval_bytes, out.eval_detail = ev.peak_bytes, ev.breakdown
+    return out
 
 
 def suggested_fixes(cfg, memory_plan: MemoryPlan | None = None) -> list[str]:
@@ -554,8 +659,12 @@ def check_budget(cfg, memory_plan: MemoryPlan | None = None) -> str | None:
     if budget is None:
         return None
     p = memory_plan or plan(cfg)
-    if p.peak_gib <= budget:
+    if p.worst_gib <= budget:
         return None
+    if p.peak_gib <= budget:  # the step fits; the evaluation's no-grad batch does not
+        return (f"memory.budget_gib: planned evaluation peak {p.eval_bytes / GIB:.1f} GiB exceeds the budget of "
+                f"{budget:g} GiB (the training step needs {p.peak_gib:.1f}); try --set eval.batch_size="
+                f"{max(1, cfg.eval.batch_size // 2)} (check with python -m ril_fast.memory)")
     top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(p.breakdown.items(), key=lambda kv: -kv[1])[:3])
     fixes = suggested_fixes(cfg, p)
     return (f"memory.budget_gib: planned peak {p.peak_gib:.1f} GiB (task {p.task + 1}: {top} GiB) exceeds the budget "
@@ -569,6 +678,9 @@ def format_plan(p: MemoryPlan, cfg) -> str:
     lines += [f"  task {t['task'] + 1} {t['name']} [{t['reward']}]: {t['peak_gib']:.2f} GiB" for t in p.tasks]
     if p.cpu_bytes:
         lines.append(f"  host (offloaded optimizer): {p.cpu_bytes / GIB:.3f} GiB")
+    if p.eval_bytes is not None:
+        top = ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(p.eval_detail.items(), key=lambda kv: -kv[1])[:3])
+        lines.append(f"evaluation peak: {p.eval_bytes / GIB:.2f} GiB (batch {cfg.eval.batch_size}, no grad; {top})")
     lines += [f"  note: {n}" for n in p.notes]
     if cfg.memory.budget_gib is not None:
         msg = check_budget(cfg, p)

@@ -89,6 +89,48 @@ def test_fake_plan_matches_the_real_trainer_step(tiny_path, base_plan):
     assert memory.traced_config(longer).sampling.steps == 2
 
 
+def real_evaluation(cfg) -> int:
+    """Peak bytes of the trainer's own evaluate_all_tasks on real CPU tensors (the tracker only)."""
+    from ril_fast import lora, rewards
+    from ril_fast.evaluate import evaluate_all_tasks
+    from ril_fast.methods.objective import latent_shape
+    from ril_fast.models import PromptCache, free_text_encoders, load_models
+
+    models = load_models(cfg.model.path)
+    memory.apply_memory_features(models, cfg)
+    layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=0)
+    lora.reset_ema(layers)
+    cache = PromptCache(models)
+    cache.warm(memory.all_prompts(cfg))
+    free_text_encoders(models, "free")
+    reward = rewards.build(cfg.tasks[0].reward)
+    tensors = [*models.unet.parameters(), *models.unet.buffers(), *models.vae.parameters(), *models.vae.buffers()]
+    tensors += [x for c in cache._cache.values() for x in (c.prompt_embeds, c.pooled, c.time_ids)]
+    tracker = memory.MemoryTracker()
+    tracker.adopt(tensors, "static")
+    with tracker:
+        evaluate_all_tasks(models, cfg, cache, [cfg.tasks[0].eval_prompts], [reward], torch.device("cpu"),
+                           lambda n: latent_shape(models, cfg, n))
+    return tracker.peak
+
+
+def test_eval_plan_matches_the_real_evaluation(tiny_path):
+    """One batch of eval images (5 DDIM steps, traced as 2) + scoring: fake plan vs real CPU run."""
+    cfg = tiny_cfg(tiny_path, **{"eval.batch_size": 4, "eval.seeds": [0, 1], "eval.steps": 5})
+    planned = memory.plan_eval(cfg)
+    real = real_evaluation(cfg)
+    assert abs(planned.peak_bytes - real) <= 1e-3 * real, (planned.peak_bytes, real)
+    assert planned.breakdown["activations_unet"] > 0
+    # a bigger eval batch (4 pairs at once, not 2) costs more; the budget check names the eval batch when only eval overflows
+    big = memory.plan_eval(tiny_cfg(tiny_path, **{"eval.batch_size": 8, "eval.seeds": [0, 1, 2, 3]}))
+    assert big.peak_bytes > planned.peak_bytes
+    p = memory.MemoryPlan(planned.peak_bytes // 2, 0, {}, eval_bytes=planned.peak_bytes)
+    tight = tiny_cfg(tiny_path, **{"memory.budget_gib": 0.75 * planned.peak_bytes / GIB, "eval.batch_size": 4})
+    msg = memory.check_budget(tight, p)
+    assert msg and "evaluation peak" in msg and "eval.batch_size=2" in msg
+
+
 def test_switches_move_the_plan(tiny_path, base_plan):
     no_unet_ckpt = memory.plan_step(tiny_cfg(tiny_path, **{"sampling.checkpoint_unet": False}), 0).peak_bytes
     assert no_unet_ckpt > base_plan.peak_bytes
@@ -153,6 +195,7 @@ def test_cli_json(tiny_path, tmp_path, capsys):
     assert memory.main(["--config", str(path), "--json", "--set", "train.batch_size=1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["peak_gib"] > 0 and out["tasks"][0]["reward"] == "brightness"
+    assert 0 < out["eval_peak_gib"] and set(out["eval_detail_gib"]) >= {"weights_unet", "activations_unet"}
 
 
 @pytest.mark.parametrize("name, unet_m, vae_m, text_m", [
