@@ -348,6 +348,27 @@ def traced_config(cfg):
     return out
 
 
+def _materialize_models(cfg, arch: Arch, dtype, models, layers, tracker: MemoryTracker) -> list:
+    """UNet, VAE and adapters (EMA reset, as begin_task) as tensors inside ``tracker``, their forwards
+    tagged; the text encoders' bytes when they stay on the device. Returns what must stay alive."""
+    from ril_fast import lora
+
+    materialize(models.unet, tracker, _unet_tag)
+    materialize(models.vae, tracker, lambda *_: "weights_vae")
+    tracker.push("adapters")
+    lora.reset_ema(layers)  # the teacher starts as the current model
+    tracker.pop()
+    tag_module(models.unet, tracker, "activations_unet")
+    tag_module(models.vae.decoder, tracker, "activations_vae")
+    tag_module(models.vae.post_quant_conv, tracker, "activations_vae")
+    keep = []
+    if cfg.memory.text_encoders == "keep":
+        tracker.push("text_encoders")
+        keep.append(torch.empty(text_encoder_bytes(arch, dtype), dtype=torch.uint8))
+        tracker.pop()
+    return keep
+
+
 def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -> StepPlan:
     """Peak bytes of one training step of task ``task`` (0-based), traced through the trainer's code.
 
@@ -389,19 +410,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     tracker = MemoryTracker()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with mode, tracker:
-        materialize(models.unet, tracker, _unet_tag)
-        materialize(models.vae, tracker, lambda *_: "weights_vae")
-        tracker.push("adapters")
-        lora.reset_ema(layers)  # as begin_task: the teacher starts as the current model
-        tracker.pop()
-        tag_module(models.unet, tracker, "activations_unet")
-        tag_module(models.vae.decoder, tracker, "activations_vae")
-        tag_module(models.vae.post_quant_conv, tracker, "activations_vae")
-        keep = []
-        if cfg.memory.text_encoders == "keep":
-            tracker.push("text_encoders")
-            keep.append(torch.empty(text_encoder_bytes(arch, dtype), dtype=torch.uint8))
-            tracker.pop()
+        keep = _materialize_models(cfg, arch, dtype, models, layers, tracker)
         for _, parts in built.values():
             for part in parts or []:
                 materialize(part, tracker, lambda *_: "reward_model")
@@ -488,19 +497,7 @@ def plan_eval(cfg, arch: Arch | None = None, fake: bool = True) -> StepPlan:
     tracker = MemoryTracker()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with mode, tracker, torch.no_grad():
-        materialize(models.unet, tracker, _unet_tag)
-        materialize(models.vae, tracker, lambda *_: "weights_vae")
-        tracker.push("adapters")
-        lora.reset_ema(layers)
-        tracker.pop()
-        tag_module(models.unet, tracker, "activations_unet")
-        tag_module(models.vae.decoder, tracker, "activations_vae")
-        tag_module(models.vae.post_quant_conv, tracker, "activations_vae")
-        keep = []
-        if cfg.memory.text_encoders == "keep":
-            tracker.push("text_encoders")
-            keep.append(torch.empty(text_encoder_bytes(arch, dtype), dtype=torch.uint8))
-            tracker.pop()
+        _alive = _materialize_models(cfg, arch, dtype, models, layers, tracker)  # counted until we return
         tracker.push("inputs")
         prompts = all_prompts(cfg)
         cache = _FakePromptCache(models, arch, dtype, len(prompts), height, width)

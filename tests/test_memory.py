@@ -40,12 +40,10 @@ def tiny_cfg(path, **overrides):
     return config_from_dict(data)
 
 
-def real_trainer_step(cfg) -> int:
-    """Peak bytes of one step run by the trainer's own objects on real CPU tensors (no planner code
-    but the tracker): load_models, PromptCache, rewards.build, make_batch, compute_loss, Engine, ema_update."""
-    from ril_fast import engine as eng
+def real_setup(cfg):
+    """The trainer's own objects on real CPU tensors (load_models, adapters, PromptCache, the reward)
+    and a tracker that already counts what exists before the measured work."""
     from ril_fast import lora, rewards
-    from ril_fast.methods.objective import compute_loss, make_batch
     from ril_fast.models import PromptCache, free_text_encoders, load_models
 
     models = load_models(cfg.model.path)
@@ -59,10 +57,21 @@ def real_trainer_step(cfg) -> int:
     reward = rewards.build(cfg.tasks[0].reward)
     tensors = [*models.unet.parameters(), *models.unet.buffers(), *models.vae.parameters(), *models.vae.buffers()]
     tensors += [x for c in cache._cache.values() for x in (c.prompt_embeds, c.pooled, c.time_ids)]
+    tracker = memory.MemoryTracker()
+    tracker.adopt(tensors, "static")  # what exists before; views of it are not new memory
+    return models, layers, cache, reward, tracker
+
+
+def real_trainer_step(cfg) -> int:
+    """Peak bytes of one step run by the trainer's own objects on real CPU tensors (no planner code
+    but the tracker): make_batch, compute_loss, Engine, ema_update."""
+    from ril_fast import engine as eng
+    from ril_fast import lora
+    from ril_fast.methods.objective import compute_loss, make_batch
+
+    models, layers, cache, reward, tracker = real_setup(cfg)
     params = lora.trainable_parameters(layers)
     engine = eng.Engine(models.unet, params, cfg, lr=cfg.train.lr)
-    tracker = memory.MemoryTracker()
-    tracker.adopt(tensors, "static")  # what exists before the step; views of it are not new memory
     with tracker:
         batch = make_batch(models, cfg, cache, cfg.tasks[0].train_prompts, 0, 0, torch.device("cpu"))
         out = compute_loss(models, layers, reward, batch, cfg, use_distill=True)
@@ -91,24 +100,10 @@ def test_fake_plan_matches_the_real_trainer_step(tiny_path, base_plan):
 
 def real_evaluation(cfg) -> int:
     """Peak bytes of the trainer's own evaluate_all_tasks on real CPU tensors (the tracker only)."""
-    from ril_fast import lora, rewards
     from ril_fast.evaluate import evaluate_all_tasks
     from ril_fast.methods.objective import latent_shape
-    from ril_fast.models import PromptCache, free_text_encoders, load_models
 
-    models = load_models(cfg.model.path)
-    memory.apply_memory_features(models, cfg)
-    layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
-    lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=0)
-    lora.reset_ema(layers)
-    cache = PromptCache(models)
-    cache.warm(memory.all_prompts(cfg))
-    free_text_encoders(models, "free")
-    reward = rewards.build(cfg.tasks[0].reward)
-    tensors = [*models.unet.parameters(), *models.unet.buffers(), *models.vae.parameters(), *models.vae.buffers()]
-    tensors += [x for c in cache._cache.values() for x in (c.prompt_embeds, c.pooled, c.time_ids)]
-    tracker = memory.MemoryTracker()
-    tracker.adopt(tensors, "static")
+    models, _, cache, reward, tracker = real_setup(cfg)
     with tracker:
         evaluate_all_tasks(models, cfg, cache, [cfg.tasks[0].eval_prompts], [reward], torch.device("cpu"),
                            lambda n: latent_shape(models, cfg, n))
