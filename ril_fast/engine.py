@@ -80,6 +80,15 @@ def replica_fingerprints(params: Sequence[torch.Tensor]) -> list[int]:
     return [int(t) for t in gathered]
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order (a collective: every rank must call it); ``[obj]`` alone."""
+    if not dist_ready():
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def mean_over_ranks(value: torch.Tensor) -> float:
     """Mean of a scalar over all ranks (a collective: every rank must call it), as a float for logging."""
     if dist_ready():

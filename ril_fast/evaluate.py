@@ -32,21 +32,35 @@ def eval_noise(shape_fn, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(models, cfg, prompt_cache, prompts: list[str], device, shape_fn, progress=None) -> tuple[torch.Tensor, list[str]]:
-    """Images for every (prompt, seed) pair, batched by ``eval.batch_size``; (P·S, 3, H, W) on CPU."""
+    """Images for every (prompt, seed) pair, batched by ``eval.batch_size``; (P·S, 3, H, W) on CPU.
+
+    With several ranks the batches are dealt out round-robin (rank r samples batch ``k·W + r``)
+    and gathered after each round, so every rank ends with every image, each sampled once. A
+    batch's images depend on its pairs only (per-seed noise, deterministic DDIM), so the result is
+    the one a single process gives.
+    """
+    from ril_fast import engine as eng
+
     pairs = [(p, s) for p in prompts for s in cfg.eval.seeds]
+    chunks = [pairs[i : i + cfg.eval.batch_size] for i in range(0, len(pairs), cfg.eval.batch_size)]
     steps = cfg.eval.steps or cfg.sampling.steps
+    world, rank = (eng.world_size(), eng.rank()) if eng.dist_ready() else (1, 0)
     out = []
-    for i in range(0, len(pairs), cfg.eval.batch_size):
-        chunk = pairs[i : i + cfg.eval.batch_size]
-        chunk_prompts = [p for p, _ in chunk]
-        z_T = torch.cat([eval_noise(shape_fn, s) for _, s in chunk]).to(device)
-        cond = prompt_cache.get(chunk_prompts)
-        uncond = unconditional(cfg, prompt_cache, len(chunk))
-        result = ddim_sample(models, cond, uncond, z_T, steps=steps, guidance_scale=cfg.sampling.guidance_scale,
-                             eta=0.0, window=0, use_checkpoint=False)
-        out.append(decode(models, result.latents).cpu())
+    for start in range(0, len(chunks), world):
+        this_round = chunks[start : start + world]
+        images = None
+        if rank < len(this_round):
+            chunk = this_round[rank]
+            z_T = torch.cat([eval_noise(shape_fn, s) for _, s in chunk]).to(device)
+            cond = prompt_cache.get([p for p, _ in chunk])
+            uncond = unconditional(cfg, prompt_cache, len(chunk))
+            result = ddim_sample(models, cond, uncond, z_T, steps=steps, guidance_scale=cfg.sampling.guidance_scale,
+                                 eta=0.0, window=0, use_checkpoint=False)
+            images = decode(models, result.latents).cpu()
+        gathered = eng.all_gather_objects(images) if world > 1 else [images]
+        out += [g for g in gathered if g is not None]  # rank order = batch order
         if progress is not None:
-            progress.update(len(chunk))
+            progress.update(sum(len(c) for c in this_round))
     return torch.cat(out), [p for p, _ in pairs]
 
 

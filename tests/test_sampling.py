@@ -116,3 +116,36 @@ def test_decode_checkpoint_and_slices_agree(sd):
     gb, = torch.autograd.grad(b.sum(), z)
     torch.testing.assert_close(ga, gb)
     assert a.min() >= 0 and a.max() <= 1
+
+
+def test_eval_batches_are_dealt_to_ranks_and_gathered_in_order(tiny_model_dirs, monkeypatch):
+    """sample_images with 2 ranks (collective simulated): rank r samples batches r, r+2, ...; the
+    images gathered in rank order per round equal what one process samples."""
+    from ril_fast import engine as eng
+    from ril_fast.config import config_from_dict
+    from ril_fast.evaluate import sample_images
+    from ril_fast.methods.objective import latent_shape
+
+    models = load_models(str(tiny_model_dirs["sd"]))
+    prompts = ["a red cat", "a blue dog", "a green bird"]
+    cfg = config_from_dict({"sampling": {"steps": 2, "guidance_scale": 3.0},
+                            "eval": {"seeds": [0, 1], "batch_size": 2},  # 6 pairs: 3 batches, 2 rounds
+                            "tasks": [{"name": "t", "reward": "brightness", "train_prompts": prompts,
+                                       "eval_prompts": prompts}]})
+    cache = PromptCache(models)
+    cache.warm(prompts + [""])
+    shape = lambda n: latent_shape(models, cfg, n)  # noqa: E731
+    single, pair_prompts = sample_images(models, cfg, cache, prompts, "cpu", shape)
+
+    local = {}
+    for r in (0, 1):
+        sent = []
+        monkeypatch.setattr(eng, "dist_ready", lambda: True)
+        monkeypatch.setattr(eng, "world_size", lambda: 2)
+        monkeypatch.setattr(eng, "rank", lambda r=r: r)
+        monkeypatch.setattr(eng, "all_gather_objects", lambda obj: sent.append(obj) or [obj, obj])
+        sample_images(models, cfg, cache, prompts, "cpu", shape)
+        local[r] = sent
+    assert [x is None for x in local[1]] == [False, True]  # round 2 has one batch: rank 1 idles
+    gathered = torch.cat([img for rnd in zip(local[0], local[1]) for img in rnd if img is not None])
+    assert torch.equal(gathered, single) and pair_prompts == [p for p in prompts for _ in (0, 1)]
