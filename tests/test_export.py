@@ -135,3 +135,29 @@ def test_sdxl_unet_ff_layers_load(tmp_path):
         export_task_adapter(unet, layers, 3, tmp_path / "t3")
     with pytest.raises(ValueError, match="not modules of the model"):
         export_task_adapter(ref, layers, 1, tmp_path / "t1b")
+
+
+def test_metadata_order_is_canonical(tmp_path):
+    """safetensors writes metadata in HashMap order (it changes between calls): sorted afterwards,
+    equal tensors and metadata give equal bytes, and the file still loads with its metadata."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ril_fast.lora.export import sort_metadata_keys
+
+    tensors = {"b": torch.zeros(2), "a": torch.arange(3, dtype=torch.float16)}
+    meta = {"format": "pt", "ril_fast": _json.dumps({"task": 1, "note": "x"}), "zz": "1", "aa": "é"}
+    files = []
+    for i in range(6):  # enough calls to see more than one order
+        path = tmp_path / f"{i}.safetensors"
+        save_file(tensors, path, metadata=meta)
+        files.append(path)
+    assert len({f.read_bytes() for f in files}) > 1, "the writer's order did not vary this time"
+    assert all(sort_metadata_keys(f) for f in files)
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(str(files[0]), "pt") as fh:
+        assert fh.metadata() == meta
+    loaded = load_file(files[0])
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

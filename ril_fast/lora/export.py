@@ -53,6 +53,32 @@ def task_adapter_state_dict(
     return sd
 
 
+def sort_metadata_keys(path) -> bool:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted.
+
+    safetensors serialises the metadata from a Rust HashMap, whose order changes from call to call,
+    so two exports of the same tensors differed in bytes. Sorting keeps the header's length (same
+    content) and the tensor entries' order, so the data offsets stay valid. Returns False (file
+    untouched) if the rewritten header would not have the same length.
+    """
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta:
+            return True
+        ordered = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):  # not the writer's compact form: leave it alone
+            return False
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+    return True
+
+
 def export_task_adapter(
     model: nn.Module,
     layers: Sequence[LoRAGroupLinear],
@@ -93,6 +119,7 @@ def export_task_adapter(
     os.close(fd)
     try:
         save_file(sd, tmp, metadata={"format": "pt", "ril_fast": json.dumps(info)})
+        sort_metadata_keys(tmp)
         os.replace(tmp, folder / WEIGHT_NAME)
     finally:
         if os.path.exists(tmp):
