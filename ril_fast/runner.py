@@ -51,6 +51,18 @@ def _diff_keys(a, b, prefix="") -> list[str]:
     return [] if a == b else [prefix]
 
 
+def _neutral(key: str) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in _RESUME_NEUTRAL)
+
+
+def extends(old: dict, new: dict) -> bool:
+    """``new`` is ``old`` with tasks appended and nothing else that changes training."""
+    old_tasks, new_tasks = old.get("tasks") or [], new.get("tasks") or []
+    if not (len(new_tasks) > len(old_tasks) and new_tasks[: len(old_tasks)] == old_tasks):
+        return False
+    return all(_neutral(k) for k in _diff_keys({**old, "tasks": None}, {**new, "tasks": None}))
+
+
 def preflight(cfg: Config) -> None:
     """Checks that need no model: output dir writable with space, and not holding another config's run."""
     out = Path(cfg.output_dir)
@@ -71,8 +83,13 @@ def preflight(cfg: Config) -> None:
             old = json.loads(saved.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
-        changed = [k for k in _diff_keys(old, cfg.to_dict())
-                   if not any(k == n or k.startswith(n + ".") for n in _RESUME_NEUTRAL)]
+        changed = [k for k in _diff_keys(old, cfg.to_dict()) if not _neutral(k)]
+        if changed and extends(old, cfg.to_dict()) and not cfg.overwrite:
+            if not cfg.method.adapter_per_task:
+                raise ConfigError([f"tasks: {cfg.output_dir!r} holds a {cfg.method.name} run; appending tasks to it "
+                                   "needs one adapter per task (method group or rid), so the model after each earlier "
+                                   "task can be evaluated on the new ones; use another output_dir"])
+            return  # appending tasks: the run goes on from its last checkpoint (extend_results)
         if changed and not cfg.overwrite:
             raise ConfigError([f"output_dir: {cfg.output_dir!r} holds a run of a different config (changed: "
                                f"{', '.join(changed[:5])}); use another output_dir or --set overwrite=true"])
@@ -356,6 +373,36 @@ def evaluate_row(run: Run, row: int) -> None:
     ckpt.fault_point("eval")
 
 
+def extend_results(run: Run) -> None:
+    """Tasks appended to a run's config: evaluate every earlier row on the new tasks, so the reward
+    matrix stays complete. Row r is the model after task r, i.e. its first r adapters (later ones
+    only trained after it; older ones are frozen), row 0 the base model; the new tasks' base images
+    join those of structure drift."""
+    cfg, res = run.cfg, run.results
+    have = len(res["tasks"])
+    rows = len(res["reward_matrix"])
+    from dataclasses import replace
+
+    sub = replace(cfg, tasks=cfg.tasks[have:])
+    _log.warning("config appends %d task(s) to this run: evaluating rows 0..%d on them", len(sub.tasks), rows - 1)
+    n_images = sum(len(p) for p in run.eval_prompts[have:]) * len(cfg.eval.seeds) * rows
+    with tqdm(total=n_images, desc="eval new tasks", disable=not run.is_main) as bar:
+        for row in range(rows):
+            lora.set_active_tasks(run.layers, row)
+            try:
+                result = evaluate_all_tasks(run.models, sub, run.prompt_cache, run.eval_prompts[have:],
+                                            run.rewards[have:], run.device, run.shape, progress=bar,
+                                            idle_device=idle_reward_device(cfg, run.device))
+            finally:
+                lora.set_active_tasks(run.layers, None)
+            res["reward_matrix"][row] = res["reward_matrix"][row] + result.rewards
+            if row == 0:
+                run.base_images.update({k: v.clone() for k, v in result.images.items()})
+                if run.is_main:
+                    ckpt.save_tensors_atomic(run.out / "eval" / "base_images.safetensors", run.base_images)
+    res["tasks"] = [t.name for t in cfg.tasks]
+
+
 def write_results(run: Run, wall: float) -> dict:
     res = dict(run.results)
     rows = len(res["reward_matrix"])  # mid-run: rows 0..t over the t tasks trained so far
@@ -383,6 +430,10 @@ def run_all(cfg: Config) -> dict:
         task, phase, step, optim = 0, "start", 0, None
     else:
         task, phase, step, optim = resumed
+        if len(run.results.get("tasks", cfg.tasks)) < len(cfg.tasks):  # tasks were appended to the config
+            extend_results(run)
+            if phase != "train":  # mid-task the next checkpoint (with the optimizer) will hold it
+                save(run, task, phase, step)
         if phase == "done":
             task, phase, step, optim = task + 1, "start", 0, None
     n = len(cfg.tasks)

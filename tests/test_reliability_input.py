@@ -142,7 +142,10 @@ def test_invalid_configs_exit_2(model, workdir, capsys, cases, via_set, extra):
     # type errors are reported before cross-field checks run, so with several bad values at least one shows
     _assert_config_error(rc, err)
     joined = "\n".join(err)
-    if extra is not None:  # an unknown key is a type-phase error: always reported
+    emptied = not via_set and any(bad.key == "tasks" for bad, _ in cases)
+    if extra is not None and emptied and extra[0] == "tasks.0.":  # the file left no task 0 to set
+        assert "index 0 out of range" in joined, err
+    elif extra is not None:  # an unknown key is a type-phase error: always reported
         assert f"unknown key '{extra[0]}{extra[1]}'" in joined, err
     else:
         assert any(bad.needle in joined for bad, _ in cases), (cases, err)

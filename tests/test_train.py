@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from ril_fast.metrics_log import read_metrics
 from ril_fast.train import main
@@ -152,3 +153,39 @@ def test_idle_rewards_wait_on_the_cpu_during_gpu_training(monkeypatch):
                                 idle_device=torch.device("meta"))
     assert calls == [(n, (n, "cpu")) for n in "xyz"]  # each scored while on the scoring device
     assert log == [(n, d) for n in "xyz" for d in ("cpu", "meta")]
+
+
+def test_appending_tasks_continues_the_run(finished_run, tiny_model_dirs, tmp_path, capsys):
+    """Train task 1 alone, then rerun with task 2 appended to the config: the run goes on from its
+    checkpoint, the earlier rows are evaluated on the new task (row r = first r adapters), and the
+    results equal those of the straight two-task run."""
+    straight, cfg2 = finished_run
+    data = json.loads(cfg2.read_text())
+    data["output_dir"] = str(tmp_path / "run")
+    first = dict(data, tasks=data["tasks"][:1])
+    (tmp_path / "one.json").write_text(json.dumps(first))
+    assert main(["--config", str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["tasks"] == ["bright"]
+    (tmp_path / "two.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["--config", str(tmp_path / "two.json")]) == 0
+    assert "eval new tasks" in capsys.readouterr().err  # rows 0..1 evaluated on the appended task
+    got = json.loads((tmp_path / "run" / "results.json").read_text())
+    want = json.loads((straight / "results.json").read_text())
+    assert got["tasks"] == want["tasks"] == ["bright", "smooth"]
+    np.testing.assert_allclose(np.array(got["reward_matrix"]), np.array(want["reward_matrix"]), rtol=1e-5, atol=1e-7)
+    for key in ("per_task", "mean"):
+        np.testing.assert_allclose(got["forgetting"][key], want["forgetting"][key], rtol=1e-4, atol=1e-6)
+    for task in ("task_01", "task_02"):
+        name = "pytorch_lora_weights.safetensors"
+        a = load_file(tmp_path / "run" / "adapters" / task / name)
+        b = load_file(straight / "adapters" / task / name)
+        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in b)
+    # a single-LoRA method cannot be extended (its earlier states are gone), and says so
+    base = dict(first, output_dir=str(tmp_path / "base"), method={"name": "baseline"})
+    (tmp_path / "b1.json").write_text(json.dumps(base))
+    assert main(["--config", str(tmp_path / "b1.json")]) == 0
+    (tmp_path / "b2.json").write_text(json.dumps(dict(base, tasks=data["tasks"])))
+    capsys.readouterr()
+    assert main(["--config", str(tmp_path / "b2.json")]) == 2
+    assert "needs one adapter per task" in capsys.readouterr().err
