@@ -37,7 +37,7 @@ GIB = 2**30
 ARCH_DIR = Path(__file__).resolve().parent / "models" / "arch"
 # reward name -> vision tower arch file; the rest of the registry is model-free (costs only its ops).
 REWARD_TOWERS = {"aesthetic": "clip_vit_l14", "hpsv2": "clip_vit_h14", "pickscore": "clip_vit_h14",
-                 "imagereward": "clip_vit_l14"}  # ImageReward (BLIP ViT-L/16 + BERT) approximated by ViT-L/14
+                 "imagereward": "imagereward_blip"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -170,7 +170,7 @@ def _unet_tag(mod, name, is_param):
 
 
 class _FakeTokenizer:
-    """Stands in for the reward's tokenizer: only the shape of ``input_ids`` matters here."""
+    """Stands in for the reward's tokenizer: only the shapes of ``input_ids`` / ``attention_mask`` matter."""
 
     def __init__(self, length: int):
         self.length = length
@@ -178,7 +178,8 @@ class _FakeTokenizer:
     def __call__(self, prompts, **_):
         from types import SimpleNamespace
 
-        return SimpleNamespace(input_ids=torch.zeros(len(prompts), self.length, dtype=torch.long))
+        ids = torch.zeros(len(prompts), self.length, dtype=torch.long)
+        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 def build_reward(name: str, options: dict):
@@ -198,6 +199,8 @@ def build_reward(name: str, options: dict):
 
     dtype = parse_dtype(options.get("dtype") or "float32")
     ckpt = bool(options.get("gradient_checkpointing", False))
+    if name == "imagereward":
+        return _build_imagereward(dtype, ckpt)
     config = _read(ARCH_DIR / f"{REWARD_TOWERS[name]}.json")
     with torch.device("meta"):
         if "vision_config" in config:
@@ -223,6 +226,34 @@ def build_reward(name: str, options: dict):
                                    gradient_checkpointing=ckpt)
         parts = [model]
     return reward, parts
+
+
+def _build_imagereward(dtype, ckpt: bool):
+    """ImageReward as the reward class runs it (BLIP ViT-L/16, BERT with cross-attention, fp32 MLP
+    head), built on meta from ``imagereward_blip.json``."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from ril_fast.rewards import clip_rewards as cr
+    from ril_fast.rewards import imagereward as ir
+    from ril_fast.rewards.weights import enable_checkpointing
+
+    config = _read(ARCH_DIR / f"{REWARD_TOWERS['imagereward']}.json")
+    with torch.device("meta"):
+        vision = BlipVisionModel(BlipVisionConfig(**config["vision_config"]))
+        text = BlipTextModel(BlipTextConfig(**config["text_config"]), add_pooling_layer=False)
+        head = cr.MLPHead(config["text_config"]["hidden_size"])
+    for tower in (vision, text):
+        tower.to(dtype).requires_grad_(False).eval()
+        if ckpt:
+            enable_checkpointing(tower)
+    model = ir.ImageRewardModel(vision, text, head.requires_grad_(False).eval())
+    reward = ir.ImageRewardReward.__new__(ir.ImageRewardReward)
+    nn.Module.__init__(reward)
+    reward.device, reward.dtype = torch.device("cpu"), dtype
+    reward.__dict__["model"] = model
+    reward.tokenizer = _FakeTokenizer(ir.MAX_LENGTH)
+    reward.image_size = vision.config.image_size
+    return reward, [model]
 
 
 class _FakePromptCache:
@@ -611,9 +642,6 @@ def plan(cfg, tasks: list[int] | None = None, include_eval: bool = True) -> Memo
         notes.append("ZeRO offload: optimizer state and fp32 gradients on the host (cpu_offload_gib)")
     if cfg.train.optimizer == "adamw8bit" and not optimizer_offloaded(cfg):
         notes.append("adamw8bit state sized as bitsandbytes allocates it (its kernels cannot run on fake tensors)")
-    for t in cfg.tasks:
-        if t.reward == "imagereward":
-            notes.append("imagereward planned with a CLIP ViT-L/14 tower + MLP head (BLIP ViT-L/16 + BERT in reality)")
     per_task = [{"task": s.task, "name": cfg.tasks[s.task].name, "reward": cfg.tasks[s.task].reward,
                  "peak_gib": round(s.peak_bytes / GIB, 3)} for s in steps]
     out = MemoryPlan(worst.peak_bytes, worst.task, worst.breakdown, per_task, worst.cpu_bytes,

@@ -151,6 +151,21 @@ def test_idle_rewards_keep_only_the_current_task_reward_on_device(tiny_path):
     assert every.peak_bytes - own0.peak_bytes == vit_h
 
 
+def test_imagereward_is_planned_as_blip(tiny_path):
+    """ImageReward's tower is BLIP ViT-L/16 + BERT with cross-attention + fp32 MLP head: 446.2M
+    parameters, the public ImageReward.pt (1.79 GB in fp32); one step with it traces."""
+    reward, parts = memory.build_reward("imagereward", {"dtype": "bfloat16"})
+    model = parts[0]
+    n = sum(p.numel() for p in model.parameters())
+    assert n * 4 == pytest.approx(1.79e9, rel=5e-3)
+    head = sum(p.numel() for p in model.head.parameters())
+    ir = {"tasks": [{"name": "i", "reward": "imagereward", "train_prompts": ["a red cat"], "eval_prompts": ["a dog"]}],
+          "memory.reward_dtype": "bfloat16"}
+    plan = memory.plan_step(tiny_cfg(tiny_path, **ir), 0)
+    assert plan.resident["reward_model"] == (n - head) * 2 + head * 4 + 512 * 8  # + the position_ids buffer
+    assert plan.breakdown.get("activations_reward", 0) > 0
+
+
 def test_reward_dtype_and_offload(tiny_path, base_plan):
     aest = {"tasks": [{"name": "a", "reward": "aesthetic", "train_prompts": ["a red cat"], "eval_prompts": ["a dog"]}]}
     fp32 = memory.plan_step(tiny_cfg(tiny_path, **aest, **{"memory.reward_dtype": "float32"}), 0)
