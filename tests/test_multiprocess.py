@@ -46,21 +46,35 @@ def _config(model, out, grad_accum):
     return cfg
 
 
-def test_two_ranks_match_one_process(tmp_path):
-    model = rs.tiny_model_dir("sd")
-    one = rs.write_config(_config(model, tmp_path / "one", grad_accum=2), tmp_path / "one.json")
-    two = rs.write_config(_config(model, tmp_path / "two", grad_accum=1), tmp_path / "two.json")
+def _launch_two_ranks(conf, fault=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{DEEPSPEED.parent}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONPATH=f"{REPO}{os.pathsep}{Path(__file__).parent}")
     env.pop("RIL_FAST_FAULT", None)
-    proc = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()),
-                           "ril_fast/train.py", "--config", two], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    if fault:
+        env["RIL_FAST_FAULT"] = fault  # every rank reaches the point at the same step and dies there
+    return subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()),
+                           "ril_fast/train.py", "--config", str(conf)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """An uninterrupted 2-rank run (grad_accum 1) and its config."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    conf = rs.write_config(_config(rs.tiny_model_dir("sd"), root / "two", grad_accum=1), root / "two.json")
+    proc = _launch_two_ranks(conf)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return root / "two", conf
+
+
+def test_two_ranks_match_one_process(tmp_path, two_ranks):
+    model = rs.tiny_model_dir("sd")
+    one = rs.write_config(_config(model, tmp_path / "one", grad_accum=2), tmp_path / "one.json")
+    two_dir = two_ranks[0]
     assert rs.run_forked(["--config", one], tmp_path / "one.log") == 0, (tmp_path / "one.log").read_text()[-3000:]
 
     # replicas: identical bytes on both ranks after every step, and the weights did move
-    train = [m for m in rs.read_metrics(tmp_path / "two") if m["kind"] == "train"]
+    train = [m for m in rs.read_metrics(two_dir) if m["kind"] == "train"]
     assert len(train) == 3
     prints = [m["replica_fingerprints"] for m in train]
     assert all(len(p) == 2 and p[0] == p[1] for p in prints), prints
@@ -68,20 +82,20 @@ def test_two_ranks_match_one_process(tmp_path):
     assert not any("replica_fingerprints" in m for m in rs.read_metrics(tmp_path / "one"))
 
     # every rank's RNG state is in the (verified) checkpoints
-    for folder in ckpt.list_checkpoints(tmp_path / "two"):
+    for folder in ckpt.list_checkpoints(two_dir):
         meta = json.loads((folder / "meta.json").read_text())
         assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= set(meta["files"])
-    assert ckpt.load_latest(tmp_path / "two", rank=1)[3] is not None
+    assert ckpt.load_latest(two_dir, rank=1)[3] is not None
 
     # same global batch -> same training, within the stated tolerance
     for task in ("task_01", "task_02"):
-        a = load_file(tmp_path / "two" / "adapters" / task / "pytorch_lora_weights.safetensors")
+        a = load_file(two_dir / "adapters" / task / "pytorch_lora_weights.safetensors")
         b = load_file(tmp_path / "one" / "adapters" / task / "pytorch_lora_weights.safetensors")
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
         assert any(float(b[k].abs().max()) > 0 for k in b if "lora_B" in k)  # trained, not the zero init
-    res_two, res_one = rs.comparable_results(tmp_path / "two"), rs.comparable_results(tmp_path / "one")
+    res_two, res_one = rs.comparable_results(two_dir), rs.comparable_results(tmp_path / "one")
     torch.testing.assert_close(torch.tensor(res_two["reward_matrix"]), torch.tensor(res_one["reward_matrix"]),
                                rtol=1e-5, atol=1e-7)
     # the logged training reward is the mean over both ranks' batches, like the 1-process mean over micro-batches
@@ -89,3 +103,21 @@ def test_two_ranks_match_one_process(tmp_path):
     for m2, m1 in zip(train, train_one):
         assert m2["reward"] == pytest.approx(m1["reward"], rel=1e-5, abs=1e-7)
         assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+
+
+def test_two_ranks_killed_mid_task_resume_exactly(two_ranks, tmp_path):
+    """Both ranks SIGKILLed after step 2 (before its checkpoint); rerunning the same launcher command
+    resumes every rank from its own RNG state and ends equal to the uninterrupted 2-rank run."""
+    ref, conf = two_ranks
+    data = json.loads(Path(conf).read_text())
+    data["output_dir"] = str(tmp_path / "run")
+    conf2 = rs.write_config(data, tmp_path / "cfg.json")
+    killed = _launch_two_ranks(conf2, fault="step:2")
+    assert killed.returncode != 0
+    assert [m["kind"] for m in rs.read_metrics(tmp_path / "run")].count("train") == 2  # step 2 logged, then killed
+    resumed = _launch_two_ranks(conf2)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert "resuming from checkpoint" in resumed.stdout + resumed.stderr
+    assert rs.adapter_bytes(tmp_path / "run") == rs.adapter_bytes(ref)
+    assert rs.comparable_results(tmp_path / "run") == rs.comparable_results(ref)
+    assert rs.comparable_metrics(tmp_path / "run") == rs.comparable_metrics(ref)
