@@ -147,6 +147,20 @@ def _patch_shm_op() -> None:
         comm_torch.build_shm_op = lambda *a, **k: None
 
 
+def init_process_group(cfg) -> None:
+    """Under a launcher with several ranks, join the process group now (DeepSpeed would at the first
+    Engine), so the base-model evaluation and the first checkpoint already see every rank."""
+    if not (use_deepspeed(cfg) and launched_distributed() and world_size() > 1):
+        return
+    import deepspeed
+
+    if torch.cuda.is_available():  # NCCL collectives (all_gather_object, ...) use the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        _patch_shm_op()
+    deepspeed.init_distributed()
+
+
 class Engine:
     """Backward, clipping, the optimizer step and non-finite detection, for one task.
 

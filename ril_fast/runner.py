@@ -152,6 +152,7 @@ def build_run(cfg: Config) -> Run:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     device = eng.pick_device(cfg)
+    eng.init_process_group(cfg)
     # The VAE decodes in fp32: the SD/SDXL VAEs overflow in fp16 and lose detail in bf16.
     try:  # a broken weights file is a config problem (exit 2), not a traceback
         models = load_models(cfg.model.path, dtype=eng.DTYPES[cfg.model.dtype], device=device, vae_dtype=torch.float32)
