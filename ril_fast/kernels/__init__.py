@@ -21,6 +21,10 @@ def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
         scales: list of floats.
     Returns:
         (..., d_out).
+
+    On the Triton backend each direction runs the implementation this GPU's tuning table names
+    for the shape (:mod:`ril_fast.kernels.lora_tuning`; ``RIL_FAST_LORA_FWD`` / ``RIL_FAST_LORA_BWD``
+    force one).
     """
     backend = select_backend("lora_group_linear", x.device)
     if backend == "torch":
