@@ -113,13 +113,10 @@ def build_case(m, d_in, d_out, r, k, dtype, device):
         providers["fused"] = lambda: lora_group.lora_group_linear(x, w, bias, a, b, scales, backend="triton")
         providers["triton_untuned"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
                                                 RIL_FAST_LORA_BWD="triton")
-        try:
-            from ril_fast.kernels import cuda_lib
+        from ril_fast.kernels import cuda_lib
 
-            if cuda_lib.available()[0]:
-                providers["cuda_lib"] = lambda: cuda_lib.lora_group_linear(x, w, bias, a, b, scales)
-        except ImportError:
-            pass
+        if cuda_lib.available()[0]:
+            providers["cuda_lib"] = lambda: cuda_lib.lora_group_linear(x, w, bias, a, b, scales)
     grads = [x, a[-1], b[-1]]
     return providers, grads
 

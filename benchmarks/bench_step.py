@@ -74,14 +74,11 @@ def gpu_step(cfg, task: int, iters: int) -> dict:
     # residency as the trainer's: memory.idle_rewards = device keeps every task's reward model on the
     # GPU (one per distinct reward + options); cpu keeps only this task's there (others not built)
     if cfg.memory.idle_rewards == "device":
-        own = json.dumps([t.reward, memory.reward_build_options(cfg, t)], sort_keys=True, default=str)
-        others = {json.dumps([o.reward, memory.reward_build_options(cfg, o)], sort_keys=True, default=str): o
-                  for o in cfg.tasks}
-        for key, o in others.items():
-            if key != own:
-                for part in memory.build_reward(o.reward, memory.reward_build_options(cfg, o))[1] or []:
-                    _to_device(part, device)
-                    idle_parts.append(part)
+        own = memory._reward_key(cfg, t)
+        for key, (_, others) in memory._build_rewards(cfg, cfg.tasks).items():
+            for part in (others or []) if key != own else []:
+                _to_device(part, device)
+                idle_parts.append(part)
     height, width = cfg.sampling.height or models.sample_size, cfg.sampling.width or models.sample_size
     cache = memory._FakePromptCache(models, arch, dtype, 1, height, width)  # zero embeddings, right shapes
     prompts = [f"prompt {i}" for i in range(cfg.train.batch_size)]

@@ -142,7 +142,7 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """No checkpoint under the run folder verifies, or one cannot be read."""
 
 
 def save_checkpoint(root: str | Path, seq: int, state: dict[str, torch.Tensor], meta: dict,

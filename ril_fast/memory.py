@@ -109,13 +109,7 @@ def build_meta_models(arch: Arch, dtype: torch.dtype):
         m.requires_grad_(False)
         m.eval()
     scheduler = DDIMScheduler.from_config(arch.scheduler)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    return Models(kind=arch.kind, unet=unet, vae=vae, text_encoders=[], tokenizers=[], scheduler=scheduler,
-                  vae_scale_factor=vae_scale, latent_channels=unet.config.in_channels,
-                  sample_size=unet.config.sample_size * vae_scale, prediction_type=scheduler.config.prediction_type,
-                  vae_scaling_factor=float(vae.config.scaling_factor),
-                  vae_shift_factor=getattr(vae.config, "shift_factor", None),
-                  force_zeros_for_empty_prompt=arch.force_zeros_for_empty_prompt, path=arch.source)
+    return Models.assemble(arch.kind, unet, vae, [], [], scheduler, arch.force_zeros_for_empty_prompt, arch.source)
 
 
 def text_encoder_bytes(arch: Arch, dtype: torch.dtype) -> int:
@@ -226,6 +220,21 @@ def build_reward(name: str, options: dict):
                                    gradient_checkpointing=ckpt)
         parts = [model]
     return reward, parts
+
+
+def _reward_key(cfg, task) -> str:
+    return json.dumps([task.reward, reward_build_options(cfg, task)], sort_keys=True, default=str)
+
+
+def _build_rewards(cfg, tasks) -> dict[str, tuple]:
+    """One (reward, modules) per distinct reward + options among ``tasks``, as ``rewards.weights``
+    shares identical reward models in the trainer."""
+    built: dict[str, tuple] = {}
+    for t in tasks:
+        key = _reward_key(cfg, t)
+        if key not in built:
+            built[key] = build_reward(t.reward, reward_build_options(cfg, t))
+    return built
 
 
 def _build_imagereward(dtype, ckpt: bool):
@@ -428,15 +437,9 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     width = cfg.sampling.width or models.sample_size
     # the trainer builds every task's reward up front (rewards.weights caches identical ones); with
     # memory.idle_rewards = cpu only this task's reward is on the device while it trains
-    built: dict[str, tuple] = {}
-    for t in cfg.tasks:
-        if cfg.memory.idle_rewards == "cpu" and t is not cfg.tasks[task]:
-            continue
-        key = json.dumps([t.reward, reward_build_options(cfg, t)], sort_keys=True, default=str)
-        if key not in built:
-            built[key] = build_reward(t.reward, reward_build_options(cfg, t))
-        if t is cfg.tasks[task]:
-            reward_fn = built[key][0]
+    own = cfg.tasks[task]
+    built = _build_rewards(cfg, [own] if cfg.memory.idle_rewards == "cpu" else cfg.tasks)
+    reward_fn = built[_reward_key(cfg, own)][0]
 
     tracker = MemoryTracker()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
@@ -473,11 +476,10 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
         tracker.push("optimizer_state")
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # Engine.step, minus its host sync
-        if optimizer_offloaded(cfg):
-            pass  # ZeRO offload: the step and its state live on the host
-        elif cfg.train.optimizer == "adamw8bit":
+        # with ZeRO offload the step and its state live on the host: nothing on the device
+        if not optimizer_offloaded(cfg) and cfg.train.optimizer == "adamw8bit":
             keep += _adamw8bit_state(params, tracker)
-        else:
+        elif not optimizer_offloaded(cfg):
             engine.optimizer.step()
         engine.zero_grad()
         tracker.pop()
@@ -516,10 +518,7 @@ def plan_eval(cfg, arch: Arch | None = None, fake: bool = True) -> StepPlan:
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
     for i in range(len(cfg.tasks) if cfg.method.adapter_per_task else 1):
         lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i, init=cfg.lora.init)
-    built: dict[str, tuple] = {}
-    for t in cfg.tasks:
-        key = json.dumps([t.reward, reward_build_options(cfg, t)], sort_keys=True, default=str)
-        built.setdefault(key, build_reward(t.reward, reward_build_options(cfg, t)))
+    built = _build_rewards(cfg, cfg.tasks)
     n_pairs = max(len(read_prompts(t.eval_prompts, f"tasks.{i}.eval_prompts")) for i, t in enumerate(cfg.tasks))
     n_pairs *= len(cfg.eval.seeds)
     height = cfg.sampling.height or models.sample_size
@@ -620,8 +619,7 @@ def _signatures(cfg) -> dict[tuple, int]:
     """Tasks with the same reward and distillation have the same step; keep the one with most adapters."""
     out: dict[tuple, int] = {}
     for i, t in enumerate(cfg.tasks):
-        key = (t.reward, json.dumps(reward_build_options(cfg, t), sort_keys=True, default=str),
-               cfg.method.distill and (i > 0 or cfg.method.distill_first_task))
+        key = (_reward_key(cfg, t), cfg.method.distill and (i > 0 or cfg.method.distill_first_task))
         out[key] = i  # later tasks hold more adapters
     return out
 

@@ -31,7 +31,7 @@ PREFIX = "ril_fast: config error: "
 
 
 class Tripwire(Exception):
-    pass
+    """Raised by a patched function that must not be reached."""
 
 
 @pytest.fixture(scope="module")

@@ -446,23 +446,14 @@ def da_launch(ds, x, lo, hi, deterministic, da=None):
     return da
 
 
-_MM_F32: dict = {}  # (device type, dtype) -> whether torch.mm(..., out_dtype=float32) runs there
-
-
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a·b with fp32 output (fp32 accumulation, one rounding), as the Triton dA/dB reductions give.
 
-    Half-precision inputs use cuBLAS' fp32-output GEMM where torch has it (CUDA), else upcast."""
+    Half-precision inputs use cuBLAS' fp32-output GEMM on CUDA (``torch.mm(..., out_dtype)``, which
+    torch has only there); elsewhere (the interpreter tests) they are upcast."""
     if a.dtype in (torch.float32, torch.float64):
         return torch.mm(a, b)
-    key = (a.device.type, a.dtype)
-    if key not in _MM_F32:
-        try:
-            probe = torch.zeros(16, 16, device=a.device, dtype=a.dtype)
-            _MM_F32[key] = torch.mm(probe, probe.t(), out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_F32[key] = False
-    if _MM_F32[key]:
+    if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 

@@ -58,6 +58,18 @@ class Models:
     def is_sdxl(self) -> bool:
         return self.kind == "sdxl"
 
+    @classmethod
+    def assemble(cls, kind: str, unet, vae, text_encoders: list, tokenizers: list, scheduler,
+                 force_zeros_for_empty_prompt: bool, path: str) -> "Models":
+        """Models with the sampler facts (scales, channels, sizes, prediction type) read off the parts."""
+        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        return cls(kind=kind, unet=unet, vae=vae, text_encoders=text_encoders, tokenizers=tokenizers,
+                   scheduler=scheduler, vae_scale_factor=vae_scale, latent_channels=unet.config.in_channels,
+                   sample_size=unet.config.sample_size * vae_scale, prediction_type=scheduler.config.prediction_type,
+                   vae_scaling_factor=float(vae.config.scaling_factor),
+                   vae_shift_factor=getattr(vae.config, "shift_factor", None),
+                   force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, path=path)
+
 
 def _not_found(path: str, why: str) -> str:
     return (
@@ -189,23 +201,8 @@ def _load(src: str, index: dict, dtype, device, vae_dtype, variant, common: dict
         _freeze(m).to(device)
     if kind == "sdxl":
         _check_sdxl_dims(src, unet, encoders[-1])
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    return Models(
-        kind=kind,
-        unet=unet,
-        vae=vae,
-        text_encoders=encoders,
-        tokenizers=tokenizers,
-        scheduler=scheduler,
-        vae_scale_factor=vae_scale,
-        latent_channels=unet.config.in_channels,
-        sample_size=unet.config.sample_size * vae_scale,
-        prediction_type=scheduler.config.prediction_type,
-        vae_scaling_factor=float(vae.config.scaling_factor),
-        vae_shift_factor=getattr(vae.config, "shift_factor", None),
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")),
-        path=src,
-    )
+    return Models.assemble(kind, unet, vae, encoders, tokenizers, scheduler,
+                           bool(index.get("force_zeros_for_empty_prompt", kind == "sdxl")), src)
 
 
 def _check_sdxl_dims(path: str, unet, pooled_encoder) -> None:
