@@ -36,6 +36,10 @@ from ril_fast.kernels.reference import PREDICTION_TYPES
 # with 8 warps while keeping the partial buffer small (1 float per 16 KB of bf16 input).
 BLOCK = 4096
 NUM_WARPS = 8
+# Forward programs reduce up to MAX_FWD_ITERS blocks each, enough to keep the grid at <= FWD_PROGRAMS
+# (a few waves on an H100/H200) where the input allows.
+FWD_PROGRAMS = 512
+MAX_FWD_ITERS = 8
 # The last program sums the partials; 1024 lanes cover every realistic partial count in <= a few iterations.
 SUM_BLOCK = 1024
 # Ticket counters are handed out from zeroed int32 slabs of this many, one counter per (device, stream).
@@ -65,19 +69,24 @@ def _coef_sq(alpha_ptr, b, PRED: tl.constexpr):
 @triton.jit
 def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, out_ptr, N, inv_nb, P,
                         PRED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
-                        SUM_BLOCK: tl.constexpr):
+                        SUM_BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    # Upcast right after the load: the interpreter (and bf16 math in general) needs fp32.
-    s = tl.load(s_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
-    d = s - t
+    # Each program reduces ITERS consecutive blocks, so big inputs draw fewer tickets on the one
+    # counter (its atomics serialise) and the last program sums fewer partials.
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(ITERS):
+        offs = (pid_n * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        # Upcast right after the load: the interpreter (and bf16 math in general) needs fp32.
+        s = tl.load(s_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+        d = s - t
+        acc += d * d
     scale = _coef_sq(alpha_ptr, b, PRED) * inv_nb
     if HAS_WEIGHT:
         scale = scale * tl.load(w_ptr + b).to(tl.float32)
-    tl.store(partial_ptr + b * tl.num_programs(0) + pid_n, tl.sum(d * d, axis=0) * scale)
+    tl.store(partial_ptr + b * tl.num_programs(0) + pid_n, tl.sum(acc, axis=0) * scale)
     # The partial store is ordered before the ticket (barrier + release); the last ticket's acquire
     # makes every program's partial visible to the program that drew it.
     tl.debug_barrier()
@@ -179,17 +188,29 @@ def _ticket_counter(device: torch.device) -> torch.Tensor:
         return counter
 
 
-def _triton_fwd(student, teacher, alpha, weight, pred: int) -> torch.Tensor:
+def _iters_for(nblk: int, bsz: int) -> int:
+    """Blocks per forward program: the smallest power of two <= MAX_FWD_ITERS that brings the
+    program count to FWD_PROGRAMS or fewer."""
+    iters = 1
+    while iters < MAX_FWD_ITERS and bsz * triton.cdiv(nblk, iters) > FWD_PROGRAMS:
+        iters *= 2
+    return iters
+
+
+def _triton_fwd(student, teacher, alpha, weight, pred: int, block: int | None = None,
+                iters: int | None = None, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """``block``/``iters``/``num_warps`` override the defaults (benchmarks/sweep_distill_fwd.py)."""
     bsz = student.shape[0]
     n = student.numel() // bsz
-    blk = _block_for(n)
-    nblk = triton.cdiv(n, blk)
+    blk = block or _block_for(n)
+    iters = iters or _iters_for(triton.cdiv(n, blk), bsz)
+    nblk = triton.cdiv(n, blk * iters)
     partials = torch.empty(bsz * nblk, device=student.device, dtype=torch.float32)
     out = torch.empty((), device=student.device, dtype=torch.float32)
     w = weight if weight is not None else alpha
     _distill_fwd_kernel[(nblk, bsz)](student, teacher, alpha, w, partials, _ticket_counter(student.device), out, n,
                                      1.0 / (n * bsz), bsz * nblk, PRED=pred, HAS_WEIGHT=weight is not None,
-                                     BLOCK=blk, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
+                                     BLOCK=blk, SUM_BLOCK=SUM_BLOCK, ITERS=iters, num_warps=num_warps)
     return out
 
 
