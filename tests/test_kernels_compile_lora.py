@@ -10,12 +10,13 @@ the pattern that made dB wrong on GPU only (see ``_ds_db_kernel``).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aot_gate import print_report, run_worker, signature  # noqa: E402
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
 CCS = (80, 90)
@@ -62,18 +63,6 @@ def smem_reads_in_branch(ttgir: str) -> list:
     return bad
 
 
-def _signature(fn, ptrs, constexprs, dtype):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + ptrs.get(name, dtype)
-        else:
-            sig[name] = "i32"
-    return sig
-
-
 def _compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -81,7 +70,7 @@ def _compile_one(job):
 
     index, cc = job
     name, dtype, (fn, ptrs, constexprs, num_warps, num_stages) = _cases()[index]
-    src = ASTSource(fn=fn, signature=_signature(fn, ptrs, constexprs, dtype), constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=signature(fn, constexprs, ptrs, dtype), constexprs=constexprs)
     try:
         ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
@@ -92,22 +81,13 @@ def _compile_one(job):
 
 
 def _worker():
-    import multiprocessing
-
     jobs = [(i, cc) for i, c in enumerate(_cases()) for cc in _ccs(c)]
-    with multiprocessing.get_context("fork").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
-        print(json.dumps(dict(pool.map(_compile_one, jobs, chunksize=1))))
+    print_report(_compile_one, jobs)
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, timeout=900)
 
 
 CASE_IDS = [f"{c[0]}-{cc}" for c in _cases() for cc in _ccs(c)]

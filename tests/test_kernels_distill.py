@@ -257,6 +257,19 @@ def test_many_programs_per_sample_match_ddim(backend, pred, shape, weighted):
     torch.testing.assert_close(student.grad.cpu(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max())
 
 
+@pytest.mark.parametrize("block,iters", [(16, 2), (32, 8), (64, 4)])
+def test_several_blocks_per_forward_program_match_ddim(block, iters):
+    """Programs that reduce ITERS blocks each (big inputs), with ragged last programs and blocks,
+    give the scheduler's loss; the program-count heuristic only grows ITERS past FWD_PROGRAMS."""
+    sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 7, 11), torch.float32, True,
+                                                                         "v_prediction")
+    got = D._triton_fwd(student.detach(), teacher, alpha_bar.float(), weight, 1, block=block, iters=iters)
+    ref_loss, _ = _oracle(sched, student, teacher, x_t, timesteps, weight)
+    torch.testing.assert_close(got.cpu(), ref_loss, rtol=2e-5, atol=1e-7)
+    assert D._iters_for(D.FWD_PROGRAMS, 1) == 1 and D._iters_for(D.FWD_PROGRAMS + 1, 1) == 2
+    assert D._iters_for(10 ** 6, 4) == D.MAX_FWD_ITERS and D._iters_for(320, 4) == 4
+
+
 def test_forward_is_one_triton_launch(monkeypatch):
     calls = _launch_counter(monkeypatch)
     _, _, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 71, 103), torch.bfloat16, True, "epsilon")

@@ -158,6 +158,25 @@ def test_tuning_table_picks_the_implementation(device, monkeypatch, tmp_path):
         lora_tuning.table_path("any-gpu")
     monkeypatch.setenv(lora_tuning.ENV, "off")
     assert lora_tuning.table_path("any-gpu") is None
+
+
+def test_shipped_tuning_tables_are_valid_and_compile_gated():
+    """Every table shipped in ril_fast/kernels/tuned/ (measured on a GPU by benchmarks/tune_lora.py)
+    validates, is looked up under its GPU's name, and names only tile configs from GEMM_CANDIDATES,
+    which the compile gate (tests/test_kernels_compile_lora.py) builds for sm_80 and sm_90."""
+    from ril_fast.kernels import lora_group, lora_tuning
+
+    tables = sorted(lora_tuning.SHIPPED.glob("*.json"))
+    assert tables, "no shipped tuning table"
+    candidates = {tuple(c) for c in lora_group.GEMM_CANDIDATES}
+    for path in tables:
+        raw = json.loads(path.read_text())
+        entries = lora_tuning.validate(raw, str(path))
+        assert path.stem == lora_tuning.gpu_slug(raw["gpu"])
+        assert entries
+        for key, e in entries.items():
+            for field in ("fwd_cfg", "bwd_cfg"):
+                assert e[field] is None or tuple(e[field]) in candidates, (path.name, key, field)
     lora_tuning.clear()
 
 

@@ -93,11 +93,11 @@ def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, 
     ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if ticket == P - 1:
         # Last program: sum all P partials in a fixed order (bitwise reproducible whoever is last).
-        acc = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
+        tot = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
         for start in range(0, P, SUM_BLOCK):
             o = start + tl.arange(0, SUM_BLOCK)
-            acc += tl.load(partial_ptr + o, mask=o < P, other=0.0, cache_modifier=".cg")  # L2, never stale L1
-        tl.store(out_ptr, tl.sum(acc, axis=0))
+            tot += tl.load(partial_ptr + o, mask=o < P, other=0.0, cache_modifier=".cg")  # L2, never stale L1
+        tl.store(out_ptr, tl.sum(tot, axis=0))
         tl.store(count_ptr, 0)  # clean for the next call on this stream
 
 
