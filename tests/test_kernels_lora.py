@@ -396,3 +396,56 @@ def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
     assert len(e["us"]["fwd"]) == 1 + 2 * len(lora_group.GEMM_CANDIDATES)
     assert len(e["us"]["bwd"]) == 1 + len(lora_group.GEMM_CANDIDATES)
     lora_tuning.validate({"entries": {"fp32:128:48:40:16": {k: v for k, v in e.items() if k != "us"}}}, "tuned")
+
+
+def test_rank_scale_vector_is_built_per_rank_and_cached():
+    got = lora_group._rank_scale((2, 3), (0.5, 2.0), "cpu")
+    assert got.tolist() == [0.5, 0.5, 2.0, 2.0, 2.0] and got.dtype == torch.float32
+    assert lora_group._rank_scale([2, 3], [0.5, 2], torch.device("cpu")) is got
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_with_new_scales(backend, monkeypatch):
+    """Forward + backward captured in a CUDA graph, with scales first seen inside the capture (the
+    per-rank scale vector must be built without a host-to-device copy), replayed, equals eager.
+    The CUDA library's op failed this way on an H200 ("Cannot copy between CPU and CUDA tensors
+    during CUDA graph capture"), in benchmarks/results/nvidia-h200/bench_lora_quick.json."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend == "cuda":
+        from ril_fast.kernels import cuda_lib
+
+        ok, why = cuda_lib.available()
+        if not ok:
+            pytest.skip(f"CUDA library not built: {why}")
+    monkeypatch.setenv("RIL_FAST_KERNELS", backend)
+    x, w, b, a, bb, _ = _make("cuda", torch.bfloat16, (256,), 320, 320, (4, 16), 1)
+    gy = torch.randn(256, 320, device="cuda").to(torch.bfloat16)
+    warm = [0.25, 0.75]
+    scales = [0.3125, 1.625]  # not in the scale cache before the capture
+
+    def step(sc):
+        for t in (x, a[1], bb[1]):
+            t.grad = None
+        y = kernels.lora_group_linear(x, w, b, a, bb, sc)
+        y.backward(gy)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(warm)  # compiles and loads everything outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step(scales)
+    graph.replay()
+    torch.cuda.synchronize()
+    got = {"y": y.detach().clone(), "dx": x.grad.clone(), "dA1": a[1].grad.clone(), "dB1": bb[1].grad.clone()}
+    for t in (x, a[1], bb[1]):
+        t.grad = None
+    ref = _run(kernels.lora_group_linear, x, w, b, a, bb, scales, gy)
+    for k, v in ref.items():
+        # same kernels and inputs; fp32 atomics (split-N dS) may sum in another order
+        torch.testing.assert_close(got[k], v, rtol=1.6e-2, atol=1e-2 * v.abs().max().item(), msg=k)

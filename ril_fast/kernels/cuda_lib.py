@@ -200,6 +200,8 @@ def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weigh
 class _LoraGroupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, scales, n, *ab):
+        from ril_fast.kernels import lora_group  # it imports this module
+
         lib = _lib()
         dt, dev = x2.dtype, x2.device
         m, d_in = x2.shape
@@ -209,8 +211,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         r_tot = sum(ranks)
         a_cat = torch.cat([a.to(dt) for a in a_list]).contiguous() if r_tot else None
         b_cat = torch.cat([b.to(dt) for b in b_list], dim=1).contiguous() if r_tot else None
-        rank_scale = torch.tensor([s for s, r in zip(scales, ranks) for _ in range(r)], dtype=torch.float32,
-                                  device=dev) if r_tot else None
+        rank_scale = lora_group._rank_scale(ranks, scales, dev) if r_tot else None
         s = torch.empty(m, r_tot, device=dev, dtype=dt) if r_tot else None
         y = torch.empty(m, d_out, device=dev, dtype=dt)
         _call(lib, "ril_lora_group_fwd", dt, f"M={m}, d_in={d_in}, d_out={d_out}, R={r_tot}", _ptr(x2), d_in,

@@ -648,12 +648,20 @@ _SCALE_CACHE: dict = {}
 
 
 def _rank_scale(ranks, scales, device) -> torch.Tensor:
-    """Per-rank scale vector, cached so steady-state calls do no host-to-device copy."""
-    key = (ranks, tuple(map(float, scales)), device)
+    """Per-rank scale vector (scale ``s_i`` repeated ``r_i`` times), cached so steady-state calls do
+    no host-to-device copy. Built on the device by fills, which a CUDA graph can capture (a copy from
+    pageable host memory cannot); one built during a capture lives in the graph's pool, so it is not
+    cached (as the distillation ticket counters)."""
+    key = (tuple(ranks), tuple(map(float, scales)), torch.device(device))
     t = _SCALE_CACHE.get(key)
     if t is None:
-        t = torch.cat([torch.full((r,), float(s), dtype=torch.float32) for r, s in zip(ranks, scales)]).to(device)
-        _SCALE_CACHE[key] = t
+        t = torch.empty(sum(ranks), dtype=torch.float32, device=device)
+        off = 0
+        for r, s in zip(ranks, scales):
+            t[off:off + r].fill_(float(s))
+            off += r
+        if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _SCALE_CACHE[key] = t
     return t
 
 
