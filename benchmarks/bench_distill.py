@@ -8,7 +8,7 @@ Providers (forward + backward of the loss w.r.t. the student output):
   cuda         the same ops through the CUDA C++ library, when it is built
   *_graph      the same, captured once in a CUDA graph and replayed (launch overhead removed);
                fwd+bwd, forward alone and backward alone. Bandwidth fractions are against a
-               512 MiB copy and against a graph-replayed copy of one input's size (same cache state)
+               512 MiB copy and against a graph-replayed copy of one input's size (same launch path)
 Shapes: SD1.5 latents (B,4,64,64), SDXL latents (B,4,128,128) for B in 1,4,8, and a UNet feature map
 (4,320,64,64) = 5.2M elements. GB/s counts the minimal traffic of the fused op (forward reads s and
 t, backward reads s and t and writes ds) against a measured device-to-device copy bandwidth.
@@ -151,7 +151,7 @@ def graph_bodies(prov, fn, args):
 
 def copy_bandwidth_gbs(device, n=256 * 1024 * 1024, graph=False) -> float:
     """Device-to-device copy of ``n`` bf16 elements (default 512 MiB: far beyond L2). ``graph``
-    replays it from a CUDA graph, as the fused ops are timed at small sizes (same cache state)."""
+    replays it from a CUDA graph, as the fused ops are timed (same launch path and cache flush)."""
     src = torch.empty(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     if graph:
@@ -172,11 +172,17 @@ def run_gpu(dtype) -> dict:
         n_el, es = args[0].numel(), args[0].element_size()
         ref = step(eager_loss, args).detach().clone()
         row = {"shape_name": name, "shape": list(shape), "elements": n_el, "providers": {}}
-        # Same-size copy, graph-replayed: the fair bandwidth yardstick at this size (tensors of a
-        # few MB stay in L2 between replays, for the copy and the fused op alike).
+        # Same-size copy, graph-replayed: the fair bandwidth yardstick at this size. A copy of a few
+        # MB does not reach the 512 MiB copy's rate (launch and ramp-up latency are a large share);
+        # do_bench flushes L2 before every replay, so the copy and the op both start from HBM.
         copy_here = copy_bandwidth_gbs("cuda", n_el * es // 2, graph=True)
         row["copy_bandwidth_gbs_same_size"] = copy_here
         for prov, fn in providers(cuda_ok).items():
+            # A fresh leaf per provider: an autograd graph kept alive from the previous provider
+            # (the retained loss below) holds the leaf's AccumulateGrad node, made on the default
+            # stream, which a capture then runs on (torch warns it may break capture). Suspected
+            # cause of the one failed capture on an H200 (first shape, cuda provider), unverified.
+            args = (args[0].detach().clone().requires_grad_(True),) + tuple(args[1:])
             got = step(fn, args).detach()
             full_b, fwd_b, bwd_b = graph_bodies(prov, fn, args)
             res = {"full": bench_ms(lambda: step(fn, args)),
@@ -186,6 +192,7 @@ def run_gpu(dtype) -> dict:
                 fwd = bench_ms(lambda: fn(*args))
                 loss = fn(*args)
                 bwd = bench_ms(lambda: loss.backward(retain_graph=True), grad_to_none=[args[0]])  # no grad accumulation
+                del loss  # frees the retained autograd graph before the next provider
                 res.update(forward=fwd, backward=bwd, forward_graph=bench_graph_ms(fwd_b),
                            backward_graph=bench_graph_ms(bwd_b))
                 # Minimal traffic: forward reads s and t, backward reads s and t and writes ds.
