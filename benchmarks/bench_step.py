@@ -109,6 +109,18 @@ def gpu_step(cfg, task: int, iters: int) -> dict:
             "max_memory_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
 
 
+def kernel_dispatch(device: torch.device) -> dict:
+    """Which backend each fused op runs on here, and the LoRA tuning table in force: a step time
+    means little without them (the H200 steps were 1.5-1.8x slower than the H100 ones, most likely
+    because the CUDA library built earlier on that machine ran the LoRA layers; unrecorded then)."""
+    from ril_fast.kernels import dispatch, lora_tuning
+
+    table = lora_tuning.table_path(lora_tuning.gpu_slug(torch.cuda.get_device_name(device)))
+    return {"RIL_FAST_KERNELS": os.environ.get("RIL_FAST_KERNELS", "auto"),
+            **{op: dispatch.select_backend(op, device) for op in ("lora_group_linear", "distill_mse")},
+            "cuda_lib": dispatch.cuda_lib_available(device)[1], "lora_tuning_table": str(table) if table else None}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -131,6 +143,7 @@ def main(argv=None) -> int:
                       plan_seconds=round(time.perf_counter() - t0, 1))
     if torch.cuda.is_available():
         result["device"] = torch.cuda.get_device_name()
+        result["kernels"] = kernel_dispatch(torch.device("cuda"))
         result.update(gpu_step(cfg, task, args.iters))
         if "planned_peak_gib" in result:
             result["measured_over_planned"] = round(result["max_memory_allocated_gib"] / result["planned_peak_gib"], 3)
