@@ -82,8 +82,10 @@ def _with_env(fn, **env):
     return call
 
 
-def build_case(m, d_in, d_out, r, k, dtype, device):
-    """Tensors shared by every provider, and one callable per provider (returns y)."""
+def build_case(m, d_in, d_out, r, k, dtype, device, ours=None):
+    """Tensors shared by every provider, and one callable per provider (returns y). ``ours``: add
+    our op's providers (default: on CUDA); True also adds ``public`` (the dispatching entry point the
+    adapter-group module calls), for ``profile_lora_host.py``, which stubs the launches on CPU."""
     base = torch.nn.Linear(d_in, d_out, bias=True).to(device=device, dtype=dtype).requires_grad_(False)
     layer, names = _peft_layer(base, [(r, 2 * r)] * k)
     layer.to(device=device, dtype=dtype)
@@ -105,7 +107,8 @@ def build_case(m, d_in, d_out, r, k, dtype, device):
         return torch.addmm(F.linear(x, w, bias), F.linear(x, a_cat), b_cat.t())
 
     providers = {"base": lambda: F.linear(x, w, bias), "peft_eager": lambda: layer(x), "torch_stacked": torch_stacked}
-    if torch.device(device).type == "cuda":
+    is_cuda = torch.device(device).type == "cuda"
+    if is_cuda if ours is None else ours:
         from ril_fast.kernels import lora_group
 
         # "fused": the op as dispatched (this GPU's tuning table, else its cuBLAS default);
@@ -113,9 +116,13 @@ def build_case(m, d_in, d_out, r, k, dtype, device):
         providers["fused"] = lambda: lora_group.lora_group_linear(x, w, bias, a, b, scales, backend="triton")
         providers["triton_untuned"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
                                                 RIL_FAST_LORA_BWD="triton")
+        if ours:
+            from ril_fast import kernels
+
+            providers["public"] = lambda: kernels.lora_group_linear(x, w, bias, a, b, scales)
         from ril_fast.kernels import cuda_lib
 
-        if cuda_lib.available()[0]:
+        if is_cuda and cuda_lib.available()[0]:
             providers["cuda_lib"] = lambda: cuda_lib.lora_group_linear(x, w, bias, a, b, scales)
     grads = [x, a[-1], b[-1]]
     return providers, grads

@@ -59,8 +59,14 @@ def main_config(N: int) -> tuple:
     return _GPU_MAIN[1] if N >= 1024 else _GPU_MAIN[0]
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / next_power_of_2 are constexpr functions
+# in Triton 3.7 and cost microseconds per call, a dozen times per layer call.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 @triton.jit
@@ -221,7 +227,18 @@ def _ds_db_kernel(
 # host side
 
 
+_FLAGS: dict = {}
+
+
 def _flags(dtype: torch.dtype) -> dict:
+    """Dtype constexprs of the kernels (cached: built once per dtype)."""
+    flags = _FLAGS.get(dtype)
+    if flags is None:
+        flags = _FLAGS[dtype] = _dtype_flags(dtype)
+    return flags
+
+
+def _dtype_flags(dtype: torch.dtype) -> dict:
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"lora_group_linear supports float16/bfloat16/float32/float64 inputs, got {dtype}; "
                          "cast x first")
@@ -309,7 +326,7 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
     else:
         (bm, bn, bk, warps), gm, stages = blocks, 1, 1 if INTERPRET else 3
     # R_PAD only shapes EPI 2's register tile; EPI 1 walks R in RB-wide chunks
-    _gemm_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn), split_k)](
+    _gemm_kernel[(_cdiv(M, bm) * _cdiv(N, bn), split_k)](
         *args, EPI=epi, ATOMIC=bool(atomic), R_PAD=_pow2(r) if epi == 2 else 16, RB=RB, **fl,
         BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
 
@@ -323,13 +340,13 @@ def _dsdb_split(m_tiles: int, n_chunks: int) -> int:
     interpreter, where every program costs tens of ms; tests force more)."""
     if INTERPRET:
         return 1
-    return max(1, min(n_chunks, triton.cdiv(264, max(m_tiles, 1))))
+    return max(1, min(n_chunks, _cdiv(264, max(m_tiles, 1))))
 
 
 def _split_for(M: int, tiles: int) -> int:
     if INTERPRET:
         return 1 if M <= 128 else 2
-    return max(1, min(64, triton.cdiv(264, max(tiles, 1)), triton.cdiv(M, 256)))
+    return max(1, min(64, _cdiv(264, max(tiles, 1)), _cdiv(M, 256)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +363,7 @@ def fwd_launch(x, weight, bias, a_cat, b_cat, rscale, mode, cfg=None):
     if mode == 0:
         s = torch.mm(x, a_cat.t())
         y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        y.addmm_(s, (b_cat * rscale.to(b_cat.dtype)).t())
+        y.addmm_(s, (b_cat * _as(rscale, b_cat.dtype)).t())
         return y, s
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     s = torch.empty(M, R, device=x.device, dtype=x.dtype)
@@ -374,17 +391,17 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
         db = torch.zeros(N, rt, device=dy.device, dtype=torch.float32)
     if _pow2(R) <= MAX_DSDB_R:
         bm, bn, warps, stages = DSDB_CFG
-        n_chunks = triton.cdiv(N, bn)
-        split = min(split_n or _dsdb_split(triton.cdiv(M, bm), n_chunks), n_chunks)
-        n_per = triton.cdiv(n_chunks, split) * bn
-        split = triton.cdiv(N, n_per)
+        n_chunks = _cdiv(N, bn)
+        split = min(split_n or _dsdb_split(_cdiv(M, bm), n_chunks), n_chunks)
+        n_per = _cdiv(n_chunks, split) * bn
+        split = _cdiv(N, n_per)
         if split == 1:
             out, mode = ds, 0
         elif deterministic:  # fp32 partial per N-range, summed in order below
             out, mode = torch.empty(split, M, R, device=dy.device, dtype=torch.float32), 2
         else:
             out, mode = torch.zeros(M, R, device=dy.device, dtype=torch.float32), 1
-        _ds_db_kernel[(triton.cdiv(M, bm), split)](
+        _ds_db_kernel[(_cdiv(M, bm), split)](
             dy, b_cat, s, rscale, out, db if fused_db else ds, M, N, R, lo, rt, n_per, *dy.stride(),
             *b_cat.stride(), *s.stride(), out.stride(0) if mode == 2 else 0, *out.stride()[-2:],
             *(db.stride() if fused_db else (0, 0)), NEED_DB=fused_db, DS_ATOMIC=mode == 1, R_PAD=_pow2(R),
@@ -395,7 +412,7 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
         _gemm(dy, b_cat, ds, M=M, N=R, K=N, cscale=rscale)
     if rt > 0 and not fused_db:  # dB = dYᵀ·(S·diag(rscale)) as a split-K reduction over M, ordered sum
         blocks = REDUCE_BLOCKS
-        split = _split_for(M, triton.cdiv(N, blocks[0]) * triton.cdiv(rt, blocks[1]))
+        split = _split_for(M, _cdiv(N, blocks[0]) * _cdiv(rt, blocks[1]))
         part = torch.empty(split, N, rt, device=dy.device, dtype=torch.float32)
         s_t = s[:, lo:hi]
         _gemm(dy, s_t, part, M=N, N=rt, K=M, cscale=rscale[lo:hi], split_k=split, blocks=blocks,
@@ -426,7 +443,7 @@ def da_launch(ds, x, lo, hi, deterministic, da=None):
     M, K = x.shape
     rt = hi - lo
     blocks = REDUCE_BLOCKS
-    split = _split_for(M, triton.cdiv(rt, blocks[0]) * triton.cdiv(K, blocks[1]))
+    split = _split_for(M, _cdiv(rt, blocks[0]) * _cdiv(K, blocks[1]))
     ds_t = ds[:, lo:hi]
     if deterministic or split == 1:
         out = da if da is not None and split == 1 else torch.empty(split, rt, K, device=x.device,
@@ -461,11 +478,11 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def backward_cublas(dy, x, weight, a_cat, b_cat, s, rscale, lo, hi, need_x, need_a, need_b):
     """The backward as cuBLAS GEMMs: (dX or None, dA of rows [lo, hi) fp32 or None, dB of columns
     [lo, hi) fp32 or None). Frozen adapters cost nothing beyond their share of dS (dX needs it)."""
-    b_scaled = b_cat * rscale.to(b_cat.dtype)  # (d_out, R): the scale folded into the tiny operand
+    b_scaled = b_cat * _as(rscale, b_cat.dtype)  # (d_out, R): the scale folded into the tiny operand
     ds = torch.mm(dy, b_scaled) if (need_x or need_a) else None  # (M, R)
     dx = torch.mm(dy, weight).addmm_(ds, a_cat) if need_x else None
     da = _mm_f32(ds[:, lo:hi].t(), x) if need_a else None
-    db = _mm_f32(dy.t(), s[:, lo:hi] * rscale[lo:hi].to(s.dtype)) if need_b else None
+    db = _mm_f32(dy.t(), s[:, lo:hi] * _as(rscale[lo:hi], s.dtype)) if need_b else None
     return dx, da, db
 
 
@@ -529,7 +546,7 @@ class _LoraGroupFn(torch.autograd.Function):
         x2 = x.reshape(-1, d_in)
         a_cat, b_cat = _stacked(ab[:k], ab[k:], dt)
         shape = (x2.device, dt, x2.shape[0], d_in, d_out, a_cat.shape[0])
-        args = (x2, weight.to(dt), None if bias is None else bias.to(dt), a_cat, b_cat, rscale,
+        args = (x2, _as(weight, dt), None if bias is None else _as(bias, dt), a_cat, b_cat, rscale,
                 *forward_plan(*shape))
         y, s = lora_fwd(*args) if _compiling() else fwd_launch(*args)
         ctx.save_for_backward(x2, weight, a_cat, b_cat, s, rscale)
@@ -545,7 +562,7 @@ class _LoraGroupFn(torch.autograd.Function):
         train = [i for i in range(k) if need[5 + i] or need[5 + k + i]]
         lo, hi = (offs[min(train)], offs[max(train) + 1]) if train else (0, 0)
         det, ops = deterministic(), _compiling()
-        dy = gy.reshape(-1, gy.shape[-1]).to(x2.dtype).contiguous()
+        dy = _as(gy.reshape(-1, gy.shape[-1]), x2.dtype).contiguous()
         gx = gw = gb = None
         grads_a, grads_b = [None] * k, [None] * k
         if need[0] or train:
@@ -553,7 +570,7 @@ class _LoraGroupFn(torch.autograd.Function):
             need_a = any(need[5 + i] for i in train)
             impl, cfg = ctx.bwd_plan
             if impl == "cublas":
-                gx, da, db = backward_cublas(dy, x2, weight.to(x2.dtype), a_cat, b_cat, s, rscale, lo, hi,
+                gx, da, db = backward_cublas(dy, x2, _as(weight, x2.dtype), a_cat, b_cat, s, rscale, lo, hi,
                                              need[0], need_a, need_b)
                 gx = None if gx is None else gx.reshape(ctx.x_shape)
             else:
@@ -562,9 +579,9 @@ class _LoraGroupFn(torch.autograd.Function):
             for i in train:
                 sl = slice(offs[i] - lo, offs[i + 1] - lo)
                 if need[5 + i]:
-                    grads_a[i] = da[sl].to(ctx.dtypes[-2 * k + i])
+                    grads_a[i] = _as(da[sl], ctx.dtypes[-2 * k + i])
                 if need[5 + k + i]:
-                    grads_b[i] = db[:, sl].to(ctx.dtypes[-k + i])
+                    grads_b[i] = _as(db[:, sl], ctx.dtypes[-k + i])
         if need[1]:  # W is frozen by contract; a trainable W still gets its exact gradient
             gw = (dy.t().to(torch.float32) @ x2.to(torch.float32)).to(weight.dtype)
         if need[2]:
@@ -585,8 +602,8 @@ def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_
         db_buf = acc[:n_out * rt].view(n_out, rt) if need_b else None
         ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)
     if need[0]:
-        gx = (lora_bwd_dx(dy, weight.to(x2.dtype), ds, a_cat, cfg) if ops
-              else dx_launch(dy, weight.to(x2.dtype), ds, a_cat, cfg)).reshape(ctx.x_shape)
+        gx = (lora_bwd_dx(dy, _as(weight, x2.dtype), ds, a_cat, cfg) if ops
+              else dx_launch(dy, _as(weight, x2.dtype), ds, a_cat, cfg)).reshape(ctx.x_shape)
     da = None
     if need_a:
         da = (lora_bwd_da(ds, x2, lo, hi, det) if ops
@@ -594,7 +611,7 @@ def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_
     dts = {ctx.dtypes[-2 * k + i] for i in train if need[5 + i]} | {
         ctx.dtypes[-k + i] for i in train if need[5 + k + i]}
     if not ops and len(dts) == 1:  # cast dA and dB together
-        acc = acc.to(dts.pop())
+        acc = _as(acc, dts.pop())
         db = acc[:n_out * rt].view(n_out, rt) if need_b else None
         da = acc[n_out * rt * need_b:].view(rt, n_in) if need_a else None
     return gx, da, db
@@ -611,6 +628,11 @@ def clear_stack_cache() -> None:
     _STACK_CACHE.clear()
 
 
+def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``t.to(dt)`` without the dispatcher round trip when it is already ``dt`` (a few µs per call)."""
+    return t if t.dtype == dt else t.to(dt)
+
+
 def _stacked(a_list, b_list, dt):
     k = len(a_list)
     if k == 1 and a_list[0].dtype == dt and b_list[0].dtype == dt:
@@ -619,7 +641,7 @@ def _stacked(a_list, b_list, dt):
     # several forwards before one backward (truncated backprop over K sampler steps) each save
     # their own stack, and a shared buffer rewritten in place would fail autograd's version check.
     if _compiling() or any(t.requires_grad for t in (*a_list, *b_list)):
-        return torch.cat([a.to(dt) for a in a_list]), torch.cat([b.to(dt) for b in b_list], dim=1)
+        return torch.cat([_as(a, dt) for a in a_list]), torch.cat([_as(b, dt) for b in b_list], dim=1)
     ts = (*a_list, *b_list)
     key = (dt, *((t.data_ptr(), t.shape, t.stride()) for t in ts))
     ent = _STACK_CACHE.get(key)

@@ -1,0 +1,145 @@
+"""Host (CPU) cost of one LoRA layer call per provider: what training without CUDA graphs pays.
+
+    python benchmarks/profile_lora_host.py [--out DIR_OR_JSON] [--calls 20] [--rounds 25] [--device cuda|cpu]
+
+Plain ``do_bench`` rows of ``bench_lora.py`` on an H200 put our op's forward at 121-475 µs and its
+forward+backward at 0.8-1.4 ms, against 18-34 µs and 62-94 µs of GPU time (graph replay): host-bound.
+
+- On a GPU the wall time of N calls with no synchronisation inside is the host cost per call,
+  Triton's launch cost included, wherever the host is slower than the GPU (the point of the
+  exercise: the GPU times are in ``bench_lora.py``'s graph rows).
+- On CPU (the default without CUDA) the Triton launches are stubbed out and the shapes are tiny
+  (M = 16, d = 64, fp32), so the wall time is the Python and torch-dispatch cost of each provider
+  around its kernels, not counting Triton's own launch cost (which needs a GPU).
+
+Providers as in ``bench_lora.py`` (``fused`` = our op with its dispatched plan, ``triton_untuned``
+= every GEMM in Triton), plus ``public`` (``ril_fast.kernels.lora_group_linear``: backend
+selection included, as the adapter-group module calls it) and, on CPU, ``fused_cublas_bwd`` (the
+cuBLAS backward an untuned GPU runs). Modes: ``forward`` (graph kept) and ``full`` (fwd + bwd).
+A cProfile of ``public``'s full step lists where its host time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_lora import GPU_SHAPES, _with_env, build_case  # noqa: E402
+from common import env_info, results_path, write_record  # noqa: E402
+
+GPU_CASES = [("sd15_l1_attn", 16, 4), ("sd15_l1_attn", 4, 1), ("sdxl_l3_attn", 16, 4)]
+CPU_CASES = [("tiny", 4, 1), ("tiny", 16, 4)]
+CPU_SHAPE = (16, 64, 64)
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel on CPU: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_us(fn, calls: int) -> float:
+    """Wall time per call (µs) of ``calls`` calls with no synchronisation inside: on a GPU the
+    launches are asynchronous, so this is the host cost whenever it exceeds the GPU time."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def interleaved_us(fns: dict, calls: int, rounds: int, cuda: bool) -> dict:
+    """Median over ``rounds`` of :func:`host_us` per callable, the callables taking turns in every
+    round (a shared CPU drifts; interleaving spreads the drift over all of them), GC paused."""
+    times = {name: [] for name in fns}
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(host_us(fn, calls))
+                if cuda:
+                    torch.cuda.synchronize()  # drain between timings, outside them
+    finally:
+        gc.enable()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--calls", type=int, default=20, help="calls per timing")
+    ap.add_argument("--rounds", type=int, default=25, help="interleaved rounds; the median is reported")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ns = ap.parse_args(argv)
+    cuda = ns.device == "cuda"
+    from ril_fast.kernels import lora_group
+
+    if cuda:
+        shapes = {name: (m, d_in, d_out) for name, m, d_in, d_out in GPU_SHAPES}
+        cases, dtype = GPU_CASES, torch.bfloat16
+    else:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("run without TRITON_INTERPRET: the CPU mode stubs the kernels out instead")
+        lora_group._gemm_kernel = lora_group._ds_db_kernel = _NoLaunch()
+        torch.set_num_threads(1)
+        shapes, cases, dtype = {"tiny": CPU_SHAPE}, CPU_CASES, torch.float32
+    os.environ["RIL_FAST_KERNELS"] = "triton"  # the public entry on CPU tensors too (stubbed)
+    os.environ["TRITON_INTERPRET"] = "0" if cuda else "1"  # lets dispatch accept CPU tensors; kernels are stubs
+    rows, profile_text = [], ""
+    for name, r, k in cases:
+        providers, grads = build_case(*shapes[name], r, k, dtype, ns.device, ours=True)
+        if not cuda:
+            providers["fused_cublas_bwd"] = _with_env(providers["fused"], RIL_FAST_LORA_BWD="cublas")
+        gy = torch.randn(shapes[name][0], shapes[name][2], device=ns.device, dtype=dtype)
+        fns = {}
+        for prov, fn in providers.items():
+            def full(fn=fn):
+                for g in grads:
+                    g.grad = None
+                fn().backward(gy)
+
+            for _ in range(5):  # compile, cache plans and stacks
+                full()
+            fns[(prov, "forward")], fns[(prov, "full")] = fn, full
+        got = interleaved_us(fns, ns.calls, ns.rounds, cuda)
+        for prov in providers:
+            row = {"shape": name, "m_din_dout": shapes[name], "r": r, "k": k, "provider": prov,
+                   "forward_host_us": got[(prov, "forward")], "full_host_us": got[(prov, "full")]}
+            rows.append(row)
+            print(f"{name:14s} r{r:<3d} k{k}  {prov:17s} forward {row['forward_host_us']:7.1f} us   "
+                  f"full {row['full_host_us']:7.1f} us", flush=True)
+        if not profile_text:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(200):
+                for g in grads:
+                    g.grad = None
+                providers["public"]().backward(gy)
+            prof.disable()
+            if cuda:
+                torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+            profile_text = f"{name} r{r} k{k}, 200 calls\n" + buf.getvalue()
+    path = write_record(results_path("profile_lora_host", ns.device, ns.out),
+                        {"name": "profile_lora_host", "env": env_info(ns.device), "kernel_launches_stubbed": not cuda,
+                         "rows": rows, "public_full_cprofile": profile_text})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
