@@ -3,7 +3,8 @@
     python benchmarks/profile_lora_host.py [--out DIR_OR_JSON] [--calls 20] [--rounds 25] [--device cuda|cpu]
 
 Plain ``do_bench`` rows of ``bench_lora.py`` on an H200 put our op's forward at 121-475 µs and its
-forward+backward at 0.8-1.4 ms, against 18-34 µs and 62-94 µs of GPU time (graph replay): host-bound.
+forward+backward at 0.92-1.22 ms at SD1.5's 8192x320 layer, against 16-31 µs and 62-75 µs of GPU
+time (graph replay): host-bound.
 
 - On a GPU the wall time of N calls with no synchronisation inside is the host cost per call,
   Triton's launch cost included, wherever the host is slower than the GPU (the point of the

@@ -4,10 +4,10 @@
 explicitly that cannot run raises; ``auto`` falls back and logs the reason once.
 
 ``auto`` puts Triton before the CUDA C++ library because that is what an H200 measured
-(``benchmarks/results/nvidia-h200/``): the library's LoRA op took 1.2–2.5 ms forward and
-12–26 ms backward at SDXL's 32k–64k-token layers where the Triton/cuBLAS op took 0.18 ms and
-0.6–0.9 ms, and its distillation loss took 13–14 µs per fwd+bwd at latent size against Triton's
-10–11 µs (feature size: 21.7 against 22.6 µs). The library stays selectable with
+(``benchmarks/results/nvidia-h200/``): the library's LoRA op took 1.2–2.9 ms forward and
+12–32 ms backward at SDXL's 32k–64k-token layers, where the Triton/cuBLAS op needs 0.24–0.53 ms
+of GPU time for both, and its distillation loss took 13–14 µs per fwd+bwd at latent size against
+Triton's 10–11 µs (feature size: 21.7 against 22.6 µs). The library stays selectable with
 ``RIL_FAST_KERNELS=cuda``, and is the fallback where Triton cannot run.
 """
 
