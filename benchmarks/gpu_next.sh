@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check waiting for the next session with a device, on one H100/H200, in two calls:
-#   bash benchmarks/gpu_next.sh kernels   (timeouts sum to <= 8.6 min, a call may run 10; ~4 min on an H200)
+#   bash benchmarks/gpu_next.sh kernels   (timeouts sum to <= 9.3 min, a call may run 10; ~4.5 min on an H200)
 #   bash benchmarks/gpu_next.sh step      (<= 4.5 min)
 #   1. CUDA library build (sm_90) + distillation tests + LoRA tests on CUDA (incl. graph capture of
 #      both backends with new scales, the shipped tuning table's validity);
 #   2. benchmarks/tune_lora.py --quick, only where no table ships for this GPU (H200 has one);
 #   3. bench_lora --quick with the table in force (provider "fused" = the op as dispatched);
 #   4. bench_distill (graph-replayed fwd / bwd / fwd+bwd; fresh leaf per provider);
-#   5. profile_lora_host: host cost per LoRA call against a busy GPU, and a cProfile of ours;
+#   5. sweep_distill_fwd (launch shapes, and the two-launch forward against the ticket forward);
+#      profile_lora_host: host cost per LoRA call (async launches), and a cProfile of ours;
 #   6. (step) bench_step SD1.5 / SDXL, recording the backends in force (auto = Triton first now).
 # At most 8 files come back from the device: logs are tarred, results copied flat to $OUT.
 set -x
@@ -55,10 +56,13 @@ print(table(summarize(rec["results"])))
 PYEOF
 timeout 45 python3 benchmarks/bench_distill.py --out "$WORK/distill/bench_distill.json" > "$WORK/distill/log" 2>&1
 tail -n 8 "$WORK/distill/log"
+timeout 40 python3 benchmarks/sweep_distill_fwd.py --out "$WORK/distill/sweep_distill_fwd.json" > "$WORK/distill/sweep.log" 2>&1
+echo "sweep rc=$?"; grep -E "best|two launches|default" "$WORK/distill/sweep.log"
 timeout 40 python3 benchmarks/profile_lora_host.py --out "$WORK/lora/profile_lora_host.json" > "$WORK/lora/host.log" 2>&1
 echo "profile_lora_host rc=$?"; grep -E "forward .* full" "$WORK/lora/host.log"
 cp "$WORK"/tune/tune_lora.json "$WORK"/lora/bench_lora_quick.json "$WORK"/lora/summary.txt \
-   "$WORK"/distill/bench_distill.json "$WORK"/lora/profile_lora_host.json "$FINAL"/ 2>/dev/null
+   "$WORK"/distill/bench_distill.json "$WORK"/lora/profile_lora_host.json "$WORK"/distill/sweep_distill_fwd.json \
+   "$FINAL"/ 2>/dev/null
 tar -czf "$FINAL/logs.tar.gz" -C "$WORK" .
 ls -la "$FINAL"
 exit 0

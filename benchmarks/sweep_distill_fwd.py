@@ -4,7 +4,8 @@
 
 Times the raw forward op replayed from a CUDA graph at the UNet-feature size and the largest latent
 size, next to a graph-replayed copy of one input (same size, same cache state) and the backward op.
-Bandwidth counts the forward's minimal traffic (reads student and teacher). Needs CUDA.
+Bandwidth counts the forward's minimal traffic (reads student and teacher). The two-launch forward
+(``RIL_FAST_DISTILL_FWD_LAUNCHES=2``) is timed at the default and at the best shape. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def main(argv=None) -> int:
         best = min((r for r in rows if r["shape"] == name), key=lambda r: r["p50_us"])
         print(f"  best: block {best['block']} iters {best['iters']} warps {best['num_warps']} "
               f"({best['programs']} programs) {best['p50_us']:.1f} us = {best['gbs']:.0f} GB/s", flush=True)
+        # The two-launch forward (partials, then a one-program sum) at the default and the best shape
+        for cfg in ({}, {"block": best["block"], "iters": best["iters"], "num_warps": best["num_warps"]}):
+            got = distill._triton_fwd(s, t, ab, w, 0, launches=2, **cfg)
+            us = bench_graph_ms(lambda: distill._triton_fwd(s, t, ab, w, 0, launches=2, **cfg)).get("p50_us")
+            rows.append({"shape": name, "launches": 2, **cfg, "p50_us": us, "gbs": nbytes / (us * 1e-6) / 1e9,
+                         "bitwise_equal_to_one_launch": bool(torch.equal(got, distill._triton_fwd(s, t, ab, w, 0, **cfg))),
+                         "copy_same_size_us": copy_us, "default_us": default})
+            print(f"  two launches {cfg or 'default'}: {us:.1f} us", flush=True)
     write_json(ns.out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                         "triton": triton.__version__, "rows": rows})
     print(f"wrote {ns.out}")

@@ -32,9 +32,14 @@ def _cases():
                 for iters in sorted({1, distill.MAX_FWD_ITERS}):
                     out.append((f"fwd-{dt}-p{pred}-w{int(weighted)}-i{iters}", "_distill_fwd_kernel", dt,
                                 {"PRED": pred, "HAS_WEIGHT": weighted, "BLOCK": distill.BLOCK,
-                                 "SUM_BLOCK": distill.SUM_BLOCK, "ITERS": iters}))
+                                 "SUM_BLOCK": distill.SUM_BLOCK, "ITERS": iters, "TICKET": True}))
                 out.append((f"bwd-{dt}-p{pred}-w{int(weighted)}", "_distill_bwd_kernel", dt,
                             {"PRED": pred, "HAS_WEIGHT": weighted, "BLOCK": distill.BLOCK}))
+        # the two-launch forward (RIL_FAST_DISTILL_FWD_LAUNCHES=2): partials without the ticket
+        out.append((f"fwd2-{dt}", "_distill_fwd_kernel", dt,
+                    {"PRED": 0, "HAS_WEIGHT": True, "BLOCK": distill.BLOCK, "SUM_BLOCK": distill.SUM_BLOCK,
+                     "ITERS": distill.MAX_FWD_ITERS, "TICKET": False}))
+    out.append(("sum", "_distill_sum_kernel", "fp32", {"SUM_BLOCK": distill.SUM_BLOCK}))
     return out
 
 
@@ -53,7 +58,9 @@ def _compile_one(job):
     index, cc = job
     name, kernel, dtype, constexprs = _cases()[index]
     fn = getattr(distill, kernel)
-    sig = signature(fn, constexprs, _PTRS, dtype, {"inv_nb": "fp32"})
+    # without the ticket the launcher passes the fp32 partials buffer as the unused counter
+    ptrs = dict(_PTRS, count_ptr="fp32") if constexprs.get("TICKET") is False else _PTRS
+    sig = signature(fn, constexprs, ptrs, dtype, {"inv_nb": "fp32"})
     try:
         ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                             target=GPUTarget("cuda", cc, 32), options={"num_warps": distill.NUM_WARPS})
@@ -76,14 +83,17 @@ CASE_IDS = [f"{c[0]}-{cc}" for c in _cases() for cc in CCS]
 
 
 def test_cases_cover_every_launch_variant():
-    """Both kernels, all dtypes, prediction types and weight modes, and the forward's ITERS extremes."""
+    """Every kernel, all dtypes, prediction types and weight modes, the forward's ITERS extremes and
+    both forward variants (ticket, two-launch)."""
     from ril_fast.kernels import distill
 
     cases = _cases()
     assert {c[1] for c in cases} == {n for n in vars(distill) if n.startswith("_distill_") and n.endswith("_kernel")}
     assert {c[2] for c in cases} == set(DTYPES)
     assert {c[3]["ITERS"] for c in cases if "ITERS" in c[3]} == {1, distill.MAX_FWD_ITERS}
-    assert {(c[3]["PRED"], c[3]["HAS_WEIGHT"]) for c in cases} == {(p, w) for p in (0, 1, 2) for w in (True, False)}
+    assert {c[3]["TICKET"] for c in cases if "TICKET" in c[3]} == {True, False}
+    assert {(c[3]["PRED"], c[3]["HAS_WEIGHT"]) for c in cases if "PRED" in c[3]} == {
+        (p, w) for p in (0, 1, 2) for w in (True, False)}
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)

@@ -270,6 +270,25 @@ def test_several_blocks_per_forward_program_match_ddim(block, iters):
     assert D._iters_for(10 ** 6, 4) == D.MAX_FWD_ITERS and D._iters_for(320, 4) == 4
 
 
+@pytest.mark.parametrize("iters", [1, 4])
+def test_two_launch_forward_is_bitwise_the_ticket_forward(monkeypatch, iters):
+    """RIL_FAST_DISTILL_FWD_LAUNCHES=2 (partials, then a one-program sum) sums in the ticket tail's
+    order: the same loss bit for bit, in two launches; bad values are refused."""
+    _, _, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 7, 11), torch.float32, True, "epsilon")
+    s, ab = student.detach(), alpha_bar.float()
+    one = D._triton_fwd(s, teacher, ab, weight, 0, block=16, iters=iters)
+    calls = _launch_counter(monkeypatch)
+    monkeypatch.setenv("RIL_FAST_DISTILL_FWD_LAUNCHES", "2")
+    two = D._triton_fwd(s, teacher, ab, weight, 0, block=16, iters=iters)
+    assert calls == ["_distill_fwd_kernel", "_distill_sum_kernel"]
+    assert torch.equal(one, two)
+    ref = K.reference.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight)
+    torch.testing.assert_close(two.cpu(), ref.detach().float().cpu(), rtol=2e-5, atol=0)
+    monkeypatch.setenv("RIL_FAST_DISTILL_FWD_LAUNCHES", "3")
+    with pytest.raises(ValueError, match="must be 1"):
+        D._triton_fwd(s, teacher, ab, weight, 0)
+
+
 def test_forward_is_one_triton_launch(monkeypatch):
     calls = _launch_counter(monkeypatch)
     _, _, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 71, 103), torch.bfloat16, True, "epsilon")

@@ -24,6 +24,7 @@ library (:mod:`ril_fast.kernels.cuda_lib`).
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -69,7 +70,7 @@ def _coef_sq(alpha_ptr, b, PRED: tl.constexpr):
 @triton.jit
 def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, out_ptr, N, inv_nb, P,
                         PRED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
-                        SUM_BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                        SUM_BLOCK: tl.constexpr, ITERS: tl.constexpr, TICKET: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     # Each program reduces ITERS consecutive blocks, so big inputs draw fewer tickets on the one
@@ -87,18 +88,30 @@ def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, 
     if HAS_WEIGHT:
         scale = scale * tl.load(w_ptr + b).to(tl.float32)
     tl.store(partial_ptr + b * tl.num_programs(0) + pid_n, tl.sum(acc, axis=0) * scale)
-    # The partial store is ordered before the ticket (barrier + release); the last ticket's acquire
-    # makes every program's partial visible to the program that drew it.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-    if ticket == P - 1:
-        # Last program: sum all P partials in a fixed order (bitwise reproducible whoever is last).
-        tot = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
-        for start in range(0, P, SUM_BLOCK):
-            o = start + tl.arange(0, SUM_BLOCK)
-            tot += tl.load(partial_ptr + o, mask=o < P, other=0.0, cache_modifier=".cg")  # L2, never stale L1
-        tl.store(out_ptr, tl.sum(tot, axis=0))
-        tl.store(count_ptr, 0)  # clean for the next call on this stream
+    if TICKET:
+        # The partial store is ordered before the ticket (barrier + release); the last ticket's
+        # acquire makes every program's partial visible to the program that drew it.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if ticket == P - 1:
+            # Last program: sum all P partials in a fixed order (bitwise reproducible whoever is last).
+            tot = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
+            for start in range(0, P, SUM_BLOCK):
+                o = start + tl.arange(0, SUM_BLOCK)
+                tot += tl.load(partial_ptr + o, mask=o < P, other=0.0, cache_modifier=".cg")  # L2, never stale L1
+            tl.store(out_ptr, tl.sum(tot, axis=0))
+            tl.store(count_ptr, 0)  # clean for the next call on this stream
+
+
+@triton.jit
+def _distill_sum_kernel(partial_ptr, out_ptr, P, SUM_BLOCK: tl.constexpr):
+    """The two-launch forward's second launch: one program sums the P partials in the same fixed
+    order as the ticket tail, so both forwards give bitwise-equal losses."""
+    tot = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
+    for start in range(0, P, SUM_BLOCK):
+        o = start + tl.arange(0, SUM_BLOCK)
+        tot += tl.load(partial_ptr + o, mask=o < P, other=0.0)
+    tl.store(out_ptr, tl.sum(tot, axis=0))
 
 
 @triton.jit
@@ -198,20 +211,36 @@ def _iters_for(nblk: int, bsz: int) -> int:
 
 
 def _triton_fwd(student, teacher, alpha, weight, pred: int, block: int | None = None,
-                iters: int | None = None, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """``block``/``iters``/``num_warps`` override the defaults (benchmarks/sweep_distill_fwd.py)."""
+                iters: int | None = None, num_warps: int = NUM_WARPS, launches: int | None = None) -> torch.Tensor:
+    """``block``/``iters``/``num_warps`` override the defaults (benchmarks/sweep_distill_fwd.py).
+    ``launches``: 1 = the ticket forward (default), 2 = partials then a one-program sum, without the
+    ticket's atomic and tail (``RIL_FAST_DISTILL_FWD_LAUNCHES=2``; an experiment to time on a GPU:
+    the H200 put the one-launch forward at 0.72 of a same-size copy)."""
     bsz = student.shape[0]
     n = student.numel() // bsz
     blk = block or _block_for(n)
     iters = iters or _iters_for(triton.cdiv(n, blk), bsz)
     nblk = triton.cdiv(n, blk * iters)
+    launches = launches or _fwd_launches()
     partials = torch.empty(bsz * nblk, device=student.device, dtype=torch.float32)
     out = torch.empty((), device=student.device, dtype=torch.float32)
     w = weight if weight is not None else alpha
-    _distill_fwd_kernel[(nblk, bsz)](student, teacher, alpha, w, partials, _ticket_counter(student.device), out, n,
+    counter = _ticket_counter(student.device) if launches == 1 else partials  # unused without the ticket
+    _distill_fwd_kernel[(nblk, bsz)](student, teacher, alpha, w, partials, counter, out, n,
                                      1.0 / (n * bsz), bsz * nblk, PRED=pred, HAS_WEIGHT=weight is not None,
-                                     BLOCK=blk, SUM_BLOCK=SUM_BLOCK, ITERS=iters, num_warps=num_warps)
+                                     BLOCK=blk, SUM_BLOCK=SUM_BLOCK, ITERS=iters, TICKET=launches == 1,
+                                     num_warps=num_warps)
+    if launches == 2:
+        _distill_sum_kernel[(1,)](partials, out, bsz * nblk, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
     return out
+
+
+def _fwd_launches() -> int:
+    value = os.environ.get("RIL_FAST_DISTILL_FWD_LAUNCHES", "1").strip() or "1"
+    if value not in ("1", "2"):
+        raise ValueError(f"RIL_FAST_DISTILL_FWD_LAUNCHES={value!r} must be 1 (ticket forward) or 2 "
+                         "(partials + sum); unset it for the default")
+    return int(value)
 
 
 def _triton_bwd(grad, student, teacher, alpha, weight, pred: int) -> torch.Tensor:
