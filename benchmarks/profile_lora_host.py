@@ -16,7 +16,9 @@ time (graph replay): host-bound.
 Providers as in ``bench_lora.py`` (``fused`` = our op with its dispatched plan, ``triton_untuned``
 = every GEMM in Triton), plus ``public`` (``ril_fast.kernels.lora_group_linear``: backend
 selection included, as the adapter-group module calls it) and, on CPU, ``fused_cublas_bwd`` (the
-cuBLAS backward an untuned GPU runs). Modes: ``forward`` (graph kept) and ``full`` (fwd + bwd).
+cuBLAS backward an untuned GPU runs). Modes: ``forward`` (graph kept), ``full`` (fwd + bwd) and
+``no_grad`` (forward under ``torch.no_grad``, as the sampler's steps without backprop and the EMA
+teacher run it).
 A cProfile of ``public``'s full step lists where its host time goes.
 """
 
@@ -114,14 +116,20 @@ def main(argv=None) -> int:
 
             for _ in range(5):  # compile, cache plans and stacks
                 full()
-            fns[(prov, "forward")], fns[(prov, "full")] = fn, full
+            def sample(fn=fn):
+                with torch.no_grad():
+                    fn()
+
+            fns[(prov, "forward")], fns[(prov, "full")], fns[(prov, "no_grad")] = fn, full, sample
         got = interleaved_us(fns, ns.calls, ns.rounds, cuda)
         for prov in providers:
             row = {"shape": name, "m_din_dout": shapes[name], "r": r, "k": k, "provider": prov,
-                   "forward_host_us": got[(prov, "forward")], "full_host_us": got[(prov, "full")]}
+                   "forward_host_us": got[(prov, "forward")], "full_host_us": got[(prov, "full")],
+                   "no_grad_forward_host_us": got[(prov, "no_grad")]}
             rows.append(row)
             print(f"{name:14s} r{r:<3d} k{k}  {prov:17s} forward {row['forward_host_us']:7.1f} us   "
-                  f"full {row['full_host_us']:7.1f} us", flush=True)
+                  f"full {row['full_host_us']:7.1f} us   no-grad forward {row['no_grad_forward_host_us']:7.1f} us",
+                  flush=True)
         if not profile_text:
             prof = cProfile.Profile()
             prof.enable()

@@ -295,6 +295,23 @@ def test_auto_prefers_triton_then_the_cuda_library(monkeypatch, triton_ok, cuda_
         assert dispatch.select_backend("lora_group_linear", torch.device("cuda")) == "cuda"
 
 
+def test_no_grad_forward_skips_the_autograd_function(device, monkeypatch):
+    """Under no_grad (sampling steps, the EMA teacher) the op launches the forward without the
+    autograd Function (host cost) and gives the same output as with grad enabled."""
+    x, w, b, a, bb, s = _make(device, torch.float32, (3, 50), 48, 40, (4, 12), 1)
+    with_grad = kernels.lora_group_linear(x, w, b, a, bb, s).detach()
+    calls = []
+    real = lora_group._LoraGroupFn.apply
+    monkeypatch.setattr(lora_group._LoraGroupFn, "apply", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        y = kernels.lora_group_linear(x, w, b, a, bb, s)
+    assert calls == [] and not y.requires_grad and y.shape == (3, 50, 40)
+    assert torch.equal(y, with_grad)
+    ref = reference.lora_group_linear(x.double(), w.double(), b.double(), [t.double() for t in a],
+                                      [t.double() for t in bb], s)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_only_x_or_only_adapter_requires_grad(device):
     x, w, b, a, bb, s = _make(device, torch.float32, (70,), 32, 24, (4, 4), 1)
     x.requires_grad_(False)

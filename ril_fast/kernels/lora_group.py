@@ -538,21 +538,28 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _forward(x, weight, bias, rscale, a_list, b_list):
+    """The forward launch shared by the autograd Function and the no-grad path: (x2, a_cat, b_cat,
+    plan key, y (M, d_out), S)."""
+    d_in, d_out, dt = x.shape[-1], weight.shape[0], x.dtype
+    x2 = x.reshape(-1, d_in)
+    a_cat, b_cat = _stacked(a_list, b_list, dt)
+    shape = (x2.device, dt, x2.shape[0], d_in, d_out, a_cat.shape[0])
+    args = (x2, _as(weight, dt), None if bias is None else _as(bias, dt), a_cat, b_cat, rscale,
+            *forward_plan(*shape))
+    y, s = lora_fwd(*args) if _compiling() else fwd_launch(*args)
+    return x2, a_cat, b_cat, shape, y, s
+
+
 class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rscale, ranks, *ab):
         k = len(ranks)
-        d_in, d_out, dt = x.shape[-1], weight.shape[0], x.dtype
-        x2 = x.reshape(-1, d_in)
-        a_cat, b_cat = _stacked(ab[:k], ab[k:], dt)
-        shape = (x2.device, dt, x2.shape[0], d_in, d_out, a_cat.shape[0])
-        args = (x2, _as(weight, dt), None if bias is None else _as(bias, dt), a_cat, b_cat, rscale,
-                *forward_plan(*shape))
-        y, s = lora_fwd(*args) if _compiling() else fwd_launch(*args)
+        x2, a_cat, b_cat, shape, y, s = _forward(x, weight, bias, rscale, ab[:k], ab[k:])
         ctx.save_for_backward(x2, weight, a_cat, b_cat, s, rscale)
         ctx.ranks, ctx.x_shape, ctx.bwd_plan = ranks, x.shape, backward_plan(*shape)
         ctx.dtypes = [t.dtype for t in (weight, bias) if t is not None] + [t.dtype for t in ab]
-        return y.reshape(*x.shape[:-1], d_out)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
@@ -640,6 +647,8 @@ def _stacked(a_list, b_list, dt):
     # With a trainable adapter, build fresh stacks (two launches, as many as refreshing slices):
     # several forwards before one backward (truncated backprop over K sampler steps) each save
     # their own stack, and a shared buffer rewritten in place would fail autograd's version check.
+    # Not cached under no_grad either: DeepSpeed ZeRO writes updated weights through ``.data``, which
+    # moves no version counter, so a cached stack of a trainable adapter would go stale.
     if _compiling() or any(t.requires_grad for t in (*a_list, *b_list)):
         return torch.cat([_as(a, dt) for a in a_list]), torch.cat([_as(b, dt) for b in b_list], dim=1)
     ts = (*a_list, *b_list)
@@ -716,6 +725,11 @@ def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"x has last dim {x.shape[-1]} but W expects d_in={d_in}")
     ranks = tuple(int(a.shape[0]) for a in lora_a)
     rscale = _rank_scale(ranks, scales, x.device)
+    if not torch.is_grad_enabled():
+        # No graph will be recorded (sampling steps, the EMA teacher): skip the autograd Function
+        # and its saved tensors (host cost, measured by benchmarks/profile_lora_host.py).
+        y = _forward(x, weight, bias, rscale, lora_a, lora_b)[4]
+        return y.reshape(*x.shape[:-1], d_out)
     return _LoraGroupFn.apply(x, weight, bias, rscale, ranks, *lora_a, *lora_b)
 
 
