@@ -47,7 +47,7 @@ GPU_SHAPES = [
 ]
 GPU_ADAPTERS = [(r, k) for r in (4, 16, 64) for k in (1, 2, 4, 8)]
 QUICK_SHAPES = ["sd15_l1_attn", "sdxl_l3_attn", "sdxl_l2_attn_m32k", "sdxl_l2_attn_m64k"]
-QUICK_ADAPTERS = [(4, 1), (16, 4), (64, 1), (16, 8)]
+QUICK_ADAPTERS = [(4, 1), (16, 2), (16, 4), (64, 1), (16, 8)]  # k = 2: the PEFT target's smallest k
 CPU_SHAPES = [("sd15_l1_attn_m512", 512, 320, 320), ("sd15_l1_ff_out_m512", 512, 1280, 320)]
 CPU_ADAPTERS = [(4, 1), (4, 4), (16, 4)]
 MODES = ("forward", "backward", "full")

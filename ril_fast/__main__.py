@@ -26,6 +26,15 @@ def main() -> None:
         print(f"  {check.__name__:20s} {'yes' if ok else 'no'}: {why}")
     for op in ("lora_group_linear", "distill_mse"):
         print(f"  {op:20s} -> {dispatch.select_backend(op, device)}")
+    if device.type == "cuda":
+        from ril_fast.kernels import lora_tuning
+
+        slug = lora_tuning.gpu_slug(torch.cuda.get_device_name())
+        try:
+            table = lora_tuning.table_path(slug)
+        except ValueError as exc:  # a bad RIL_FAST_LORA_TUNING: report it, as the op would raise it
+            table = f"error: {exc}"
+        print(f"LoRA tuning table: {table or f'none for {slug} (untuned defaults; benchmarks/tune_lora.py writes one)'}")
 
 
 if __name__ == "__main__":
