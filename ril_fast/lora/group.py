@@ -150,9 +150,11 @@ class LoRAGroupLinear(nn.Module):
     def adapters_for_forward(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
         """The (lora_a, lora_b, scales) lists the forward passes to the kernel."""
         n = self.num_tasks if self._active_tasks is None else self._active_tasks
-        # Index instead of slicing: slicing a ParameterList builds a new Module on every forward.
-        lora_a = [self.lora_a[i] for i in range(n)]
-        lora_b = [self.lora_b[i] for i in range(n)]
+        # Read the lists' parameter dicts: slicing a ParameterList builds a new Module, and indexing
+        # it costs ~3 µs per item (per layer call: 27 of 165 µs host time at k = 4 on CPU).
+        pa, pb = self.lora_a._parameters, self.lora_b._parameters
+        lora_a = [pa[str(i)] for i in range(n)]
+        lora_b = [pb[str(i)] for i in range(n)]
         if self.use_teacher and n == self.num_tasks and n > 0:
             lora_a[-1], lora_b[-1] = self.ema_a, self.ema_b
         return lora_a, lora_b, self.scales[:n]
