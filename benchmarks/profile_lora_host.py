@@ -1,6 +1,6 @@
 """Host (CPU) cost of one LoRA layer call per provider: what training without CUDA graphs pays.
 
-    python benchmarks/profile_lora_host.py [--out DIR_OR_JSON] [--calls 20] [--rounds 25] [--device cuda|cpu]
+    python benchmarks/profile_lora_host.py [--out DIR_OR_JSON] [--calls 20] [--rounds N] [--device cuda|cpu]
 
 Plain ``do_bench`` rows of ``bench_lora.py`` on an H200 put our op's forward at 121-475 µs and its
 forward+backward at 0.92-1.22 ms at SD1.5's 8192x320 layer, against 16-31 µs and 62-75 µs of GPU
@@ -84,10 +84,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--calls", type=int, default=20, help="calls per timing")
-    ap.add_argument("--rounds", type=int, default=25, help="interleaved rounds; the median is reported")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds, the median is reported (default 25 on CPU, 8 on a GPU)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     ns = ap.parse_args(argv)
     cuda = ns.device == "cuda"
+    rounds = ns.rounds or (8 if cuda else 25)
     from ril_fast.kernels import lora_group
 
     if cuda:
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
                     fn()
 
             fns[(prov, "forward")], fns[(prov, "full")], fns[(prov, "no_grad")] = fn, full, sample
-        got = interleaved_us(fns, ns.calls, ns.rounds, cuda)
+        got = interleaved_us(fns, ns.calls, rounds, cuda)
         for prov in providers:
             row = {"shape": name, "m_din_dout": shapes[name], "r": r, "k": k, "provider": prov,
                    "forward_host_us": got[(prov, "forward")], "full_host_us": got[(prov, "full")],
