@@ -484,3 +484,28 @@ def test_cuda_graph_capture_with_new_scales(backend, monkeypatch):
     for k, v in ref.items():
         # same kernels and inputs; fp32 atomics (split-N dS) may sum in another order
         torch.testing.assert_close(got[k], v, rtol=1.6e-2, atol=1e-2 * v.abs().max().item(), msg=k)
+
+
+def test_profile_lora_host_runs_on_cpu(tmp_path):
+    """benchmarks/profile_lora_host.py's CPU mode (kernel launches stubbed, in its own process so the
+    stubs never reach other tests) writes a host-cost row per provider, case and mode."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "host.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "profile_lora_host.py"), "--device", "cpu",
+                           "--rounds", "1", "--calls", "2", "--out", str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["kernel_launches_stubbed"] is True
+    provs = {"base", "peft_eager", "torch_stacked", "fused", "triton_untuned", "public", "fused_cublas_bwd"}
+    assert {(r["r"], r["k"]) for r in rec["rows"]} == {(4, 1), (16, 4)}
+    for case in ((4, 1), (16, 4)):
+        rows = [r for r in rec["rows"] if (r["r"], r["k"]) == case]
+        assert {r["provider"] for r in rows} == provs
+        assert all(r[m] > 0 for r in rows for m in ("forward_host_us", "full_host_us", "no_grad_forward_host_us"))
+    assert "lora_group_linear" in rec["public_full_cprofile"]
