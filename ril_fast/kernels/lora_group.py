@@ -717,13 +717,16 @@ def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if k == 0 or len(lora_b) != k or len(scales) != k:
         raise ValueError(f"need k >= 1 adapters with matching lists, got {k} A, {len(lora_b)} B, {len(scales)} scales")
     d_out, d_in = weight.shape
+    ranks = []
     for a, b in zip(lora_a, lora_b):
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
-            raise ValueError(f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit W "
+        sa, sb = a.shape, b.shape  # one Size each: every .shape / .dim() call is a dispatcher trip
+        if len(sa) != 2 or len(sb) != 2 or sa[1] != d_in or sb[0] != d_out or sa[0] != sb[1]:
+            raise ValueError(f"adapter shapes A {tuple(sa)}, B {tuple(sb)} do not fit W "
                              f"{tuple(weight.shape)}; A must be (r, d_in) and B (d_out, r)")
+        ranks.append(sa[0])
     if x.shape[-1] != d_in:
         raise ValueError(f"x has last dim {x.shape[-1]} but W expects d_in={d_in}")
-    ranks = tuple(int(a.shape[0]) for a in lora_a)
+    ranks = tuple(ranks)
     rscale = _rank_scale(ranks, scales, x.device)
     if not torch.is_grad_enabled():
         # No graph will be recorded (sampling steps, the EMA teacher): skip the autograd Function
