@@ -285,11 +285,16 @@ def test_auto_prefers_triton_then_the_cuda_library(monkeypatch, triton_ok, cuda_
     from ril_fast.kernels import dispatch
 
     monkeypatch.setenv("RIL_FAST_KERNELS", "auto")
-    monkeypatch.setattr(dispatch, "triton_available", lambda dev: (triton_ok, "stub"))
+    checks = []
+    monkeypatch.setattr(dispatch, "triton_available", lambda dev: checks.append(dev) or (triton_ok, "stub"))
     monkeypatch.setattr(dispatch, "cuda_lib_available", lambda dev: (cuda_ok, "stub"))
+    monkeypatch.setattr(dispatch, "_decided", {})  # decisions made with the stubs stay here
     for op in ("lora_group_linear", "distill_mse"):
         assert dispatch.select_backend(op, torch.device("cuda")) == want
         assert dispatch.select_backend(op, torch.device("cpu")) == "torch"
+    # decided once per (op, env, device): the per-layer-call path does no checks
+    n = len(checks)
+    assert dispatch.select_backend("lora_group_linear", torch.device("cuda")) == want and len(checks) == n
     monkeypatch.setenv("RIL_FAST_KERNELS", "cuda")
     if cuda_ok:
         assert dispatch.select_backend("lora_group_linear", torch.device("cuda")) == "cuda"

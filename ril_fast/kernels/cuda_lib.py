@@ -40,8 +40,12 @@ _cache: dict[str, object] = {}
 
 
 def reset() -> None:
-    """Forget the loaded library (tests; or after building it in-process)."""
+    """Forget the loaded library (tests; or after building it in-process) and the backend decisions
+    made with it."""
+    from ril_fast.kernels import dispatch
+
     _cache.clear()
+    dispatch.clear_cache()
 
 
 def _candidates() -> list[Path]:

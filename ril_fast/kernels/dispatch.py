@@ -54,8 +54,26 @@ def cuda_lib_available(device: torch.device) -> tuple[bool, str]:
     return cuda_lib.available()
 
 
+# Decisions per (op, RIL_FAST_KERNELS, TRITON_INTERPRET, device): select_backend runs once per LoRA
+# layer call, thousands of times per training step, and deciding costs ~10 µs of host time.
+_decided: dict[tuple, str] = {}
+
+
+def clear_cache() -> None:
+    """Forget the decisions (after the CUDA library is (re)loaded, or when tests stub the checks)."""
+    _decided.clear()
+
+
 def select_backend(op: str, device: torch.device) -> str:
     """Return the backend that runs ``op`` on tensors of ``device``: 'cuda', 'triton' or 'torch'."""
+    key = (op, os.environ.get("RIL_FAST_KERNELS"), os.environ.get("TRITON_INTERPRET"), device.type, device.index)
+    choice = _decided.get(key)
+    if choice is None:
+        choice = _decided[key] = _select(op, device)
+    return choice
+
+
+def _select(op: str, device: torch.device) -> str:
     want = requested_backend()
     if want == "torch":
         return "torch"
