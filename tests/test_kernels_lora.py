@@ -300,6 +300,28 @@ def test_auto_prefers_triton_then_the_cuda_library(monkeypatch, triton_ok, cuda_
         assert dispatch.select_backend("lora_group_linear", torch.device("cuda")) == "cuda"
 
 
+@pytest.mark.parametrize("ranks", [(8,), (4, 12, 8)], ids=["k1", "k3"])
+def test_fp32_adapters_on_a_half_precision_model(device, ranks):
+    """The trainer's default: fp32 adapters (and their grads) on a bf16 model. The op computes in
+    x's dtype and returns fp32 adapter grads that match the fp64 reference to bf16 accuracy."""
+    x, w, b, a, bb, scales = _make(device, torch.bfloat16, (70,), 48, 40, ranks, len(ranks) - 1)
+    a = [t.detach().float().requires_grad_(t.requires_grad) for t in a]
+    bb = [t.detach().float().requires_grad_(t.requires_grad) for t in bb]
+    gy = torch.randn(70, 40, device=device).to(torch.bfloat16)
+    got = _run(kernels.lora_group_linear, x, w, b, a, bb, scales, gy)
+    c64 = lambda t: _leaf(t, torch.float64)  # noqa: E731
+    ref = _run(reference.lora_group_linear, c64(x), c64(w), c64(b), [c64(t) for t in a], [c64(t) for t in bb],
+               scales, gy.double())
+    assert got["y"].dtype == torch.bfloat16 and got["dx"].dtype == torch.bfloat16
+    trained = len(ranks) - 1
+    assert got[f"dA{trained}"].dtype == torch.float32 and got[f"dB{trained}"].dtype == torch.float32
+    for key in ref:
+        scale = ref[key].abs().max().item()
+        err = (got[key].double() - ref[key]).abs().max().item() / scale
+        assert err < 3e-2, f"{key}: rel err {err:.3e}"  # bf16 inputs and products: ~2^-8 per rounding
+    assert all(t.grad is None for t in a[:-1] + bb[:-1])
+
+
 def test_no_grad_forward_skips_the_autograd_function(device, monkeypatch):
     """Under no_grad (sampling steps, the EMA teacher) the op launches the forward without the
     autograd Function (host cost) and gives the same output as with grad enabled."""

@@ -640,17 +640,23 @@ def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
+def _cat_as(ts, dim: int, dt: torch.dtype) -> torch.Tensor:
+    """Concatenate, then cast once: two kernels, not one cast per adapter plus the concatenation."""
+    out = torch.cat(list(ts), dim=dim)
+    return out if out.dtype == dt else out.to(dt)
+
+
 def _stacked(a_list, b_list, dt):
     k = len(a_list)
-    if k == 1 and a_list[0].dtype == dt and b_list[0].dtype == dt:
-        return a_list[0], b_list[0]
+    if k == 1:  # nothing to stack: at most a cast (fp32 adapters on a bf16 model, the default)
+        return _as(a_list[0], dt), _as(b_list[0], dt)
     # With a trainable adapter, build fresh stacks (two launches, as many as refreshing slices):
     # several forwards before one backward (truncated backprop over K sampler steps) each save
     # their own stack, and a shared buffer rewritten in place would fail autograd's version check.
     # Not cached under no_grad either: DeepSpeed ZeRO writes updated weights through ``.data``, which
     # moves no version counter, so a cached stack of a trainable adapter would go stale.
     if _compiling() or any(t.requires_grad for t in (*a_list, *b_list)):
-        return torch.cat([_as(a, dt) for a in a_list]), torch.cat([_as(b, dt) for b in b_list], dim=1)
+        return _cat_as(a_list, 0, dt), _cat_as(b_list, 1, dt)
     ts = (*a_list, *b_list)
     key = (dt, *((t.data_ptr(), t.shape, t.stride()) for t in ts))
     ent = _STACK_CACHE.get(key)
@@ -664,8 +670,8 @@ def _stacked(a_list, b_list, dt):
         return a_cat, b_cat
     import weakref
 
-    a_cat = torch.cat([a.to(dt) for a in a_list])
-    b_cat = torch.cat([b.to(dt) for b in b_list], dim=1)
+    a_cat = _cat_as(a_list, 0, dt)
+    b_cat = _cat_as(b_list, 1, dt)
     offs = [0]
     for a in a_list:
         offs.append(offs[-1] + a.shape[0])
