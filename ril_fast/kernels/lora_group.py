@@ -648,14 +648,16 @@ def _cat_as(ts, dim: int, dt: torch.dtype) -> torch.Tensor:
 
 def _stacked(a_list, b_list, dt):
     k = len(a_list)
-    if k == 1:  # nothing to stack: at most a cast (fp32 adapters on a bf16 model, the default)
-        return _as(a_list[0], dt), _as(b_list[0], dt)
+    if k == 1 and a_list[0].dtype == dt and b_list[0].dtype == dt:
+        return a_list[0], b_list[0]
     # With a trainable adapter, build fresh stacks (two launches, as many as refreshing slices):
     # several forwards before one backward (truncated backprop over K sampler steps) each save
     # their own stack, and a shared buffer rewritten in place would fail autograd's version check.
     # Not cached under no_grad either: DeepSpeed ZeRO writes updated weights through ``.data``, which
     # moves no version counter, so a cached stack of a trainable adapter would go stale.
     if _compiling() or any(t.requires_grad for t in (*a_list, *b_list)):
+        if k == 1:  # nothing to stack, only a cast (fp32 adapters on a bf16 model, the default)
+            return _as(a_list[0], dt), _as(b_list[0], dt)
         return _cat_as(a_list, 0, dt), _cat_as(b_list, 1, dt)
     ts = (*a_list, *b_list)
     key = (dt, *((t.data_ptr(), t.shape, t.stride()) for t in ts))
