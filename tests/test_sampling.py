@@ -149,3 +149,16 @@ def test_eval_batches_are_dealt_to_ranks_and_gathered_in_order(tiny_model_dirs, 
     assert [x is None for x in local[1]] == [False, True]  # round 2 has one batch: rank 1 idles
     gathered = torch.cat([img for rnd in zip(local[0], local[1]) for img in rnd if img is not None])
     assert torch.equal(gathered, single) and pair_prompts == [p for p in prompts for _ in (0, 1)]
+
+
+def test_weight_dtype_agrees_with_diffusers(tiny_model_dirs):
+    """The sampler's cheap dtype lookup gives what diffusers' ModelMixin.dtype gives (which walks
+    every submodule per access), in fp32 and after a cast, for the UNet and the VAE."""
+    from ril_fast.sampling import weight_dtype
+
+    models = load_models(str(tiny_model_dirs["sd"]))
+    lora.inject_adapter_group(models.unet, "attn")  # fp32 adapters on the model, as in training
+    for module in (models.unet, models.vae):
+        assert weight_dtype(module) == module.dtype == torch.float32
+        module.to(torch.bfloat16)
+        assert weight_dtype(module) == module.dtype == torch.bfloat16
