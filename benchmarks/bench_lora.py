@@ -18,6 +18,7 @@ fp32, and the summary is empty (it compares the fused provider).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -128,12 +129,13 @@ def build_case(m, d_in, d_out, r, k, dtype, device, ours=None):
     return providers, grads
 
 
-def time_provider(fn, mode, grads, device, quick, graph=False):
-    """``graph``: time a CUDA-graph replay of the forward / full step (GPU time, no launch cost)."""
+def time_provider(fn, mode, grads, device, quick, graph=False, repeat=1):
+    """``graph``: time a CUDA-graph replay of the forward / full step (GPU time, no launch cost);
+    ``repeat``: calls captured back to back in that graph, times per call (``common.bench_graph``)."""
     warm, rep = (10, 30) if quick else (25, 100)
     if torch.device(device).type == "cpu":
         warm, rep = 5, 40
-    timer = bench_graph if graph else bench
+    timer = functools.partial(bench_graph, repeat=repeat) if graph else bench
     if mode == "forward":
         if graph:
             def fwd():
@@ -160,6 +162,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timings")
     ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: the grid)")
+    ap.add_argument("--graph-repeat", type=int, default=1,
+                    help="calls captured back to back per CUDA graph, times per call (spreads the graph's "
+                         "own launch latency, as inside a UNet); 1 = one call per replay")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -174,7 +179,7 @@ def main(argv=None):
         shapes, adapters, dtype = CPU_SHAPES, CPU_ADAPTERS, torch.float32
     path = results_path("bench_lora", device, args.out)
     record = {"name": "bench_lora", "env": env_info(device), "dtype": str(dtype), "quick": args.quick,
-              "modes": list(MODES), "results": [], "summary": {}}
+              "modes": list(MODES), "graph_repeat": args.graph_repeat, "results": [], "summary": {}}
     t0 = time.time()
     variants = [("forward", False), ("backward", False), ("full", False)]
     if gpu and not args.no_graph:
@@ -186,7 +191,8 @@ def main(argv=None):
             for mode, graph in variants:
                 for prov, fn in providers.items():
                     try:
-                        t = time_provider(fn, mode, grads, device, args.quick, graph=graph)
+                        t = time_provider(fn, mode, grads, device, args.quick, graph=graph,
+                                          repeat=args.graph_repeat)
                     except Exception as exc:  # one failing provider must not lose the run
                         t = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                     if prov == "base":

@@ -5,7 +5,8 @@
 #   1. CUDA library build (sm_90) + distillation tests + LoRA tests on CUDA (incl. graph capture of
 #      both backends with new scales, the shipped tuning table's validity);
 #   2. benchmarks/tune_lora.py --quick, only where no table ships for this GPU (H200 has one);
-#   3. bench_lora --quick with the table in force (provider "fused" = the op as dispatched);
+#   3. bench_lora --quick --graph-repeat 8 with the table in force (provider "fused" = the op as
+#      dispatched; 8 calls per graph spread the replay's own ~9 µs latency, as inside a UNet);
 #   4. bench_distill (graph-replayed fwd / bwd / fwd+bwd; fresh leaf per provider);
 #   5. sweep_distill_fwd (launch shapes, and the two-launch forward against the ticket forward);
 #      profile_lora_host: host cost per LoRA call (async launches), and a cProfile of ours;
@@ -44,14 +45,15 @@ else
   echo "tune skipped: a tuning table ships for this GPU"
 fi
 cp ~/.cache/ril_fast/lora_tuning/*.json "$FINAL/" 2>/dev/null
-RIL_FAST_KERNELS=triton timeout 80 python3 benchmarks/bench_lora.py --quick --out "$WORK/lora/bench_lora_quick.json" \
+RIL_FAST_KERNELS=triton timeout 80 python3 benchmarks/bench_lora.py --quick --graph-repeat 8 --out "$WORK/lora/bench_lora_quick.json" \
   > "$WORK/lora/bench.log" 2>&1; echo "bench_lora rc=$?"
 python3 - "$WORK/lora/bench_lora_quick.json" <<'PYEOF' 2>&1 | tee "$WORK/lora/summary.txt"
 import json, sys
 sys.path.insert(0, "benchmarks")
 from bench_lora import summarize, table
 rec = json.load(open(sys.argv[1]))
-print(f"{rec['env'].get('gpu')}  torch {rec['env'].get('torch')}  triton {rec['env'].get('triton')}  p = plain, g = graph")
+print(f"{rec['env'].get('gpu')}  torch {rec['env'].get('torch')}  triton {rec['env'].get('triton')}  p = plain, "
+      f"g = graph ({rec.get('graph_repeat', 1)} calls per replay)")
 print(table(summarize(rec["results"])))
 PYEOF
 timeout 45 python3 benchmarks/bench_distill.py --out "$WORK/distill/bench_distill.json" > "$WORK/distill/log" 2>&1
