@@ -322,6 +322,28 @@ def test_fp32_adapters_on_a_half_precision_model(device, ranks):
     assert all(t.grad is None for t in a[:-1] + bb[:-1])
 
 
+@pytest.mark.parametrize("ranks", [(8,), (4, 12)], ids=["k1", "k2"])
+def test_frozen_fp32_group_on_half_model_follows_in_place_updates(device, ranks):
+    """The EMA teacher's path: an all-frozen fp32 group on a bf16 model is stacked and cast once,
+    cached, and re-copied when an adapter changes in place (the EMA update's ``lerp_``)."""
+    x, w, b, a, bb, scales = _make(device, torch.bfloat16, (33,), 32, 24, ranks, ())
+    a = [t.detach().float() for t in a]
+    bb = [t.detach().float() for t in bb]
+
+    def ref():
+        c64 = lambda t: t.detach().double()  # noqa: E731
+        return reference.lora_group_linear(c64(x), c64(w), c64(b), [c64(t).to(torch.bfloat16).double() for t in a],
+                                           [c64(t).to(torch.bfloat16).double() for t in bb], scales)
+
+    with torch.no_grad():
+        for step in range(2):
+            y = kernels.lora_group_linear(x, w, b, a, bb, scales)
+            want = ref()
+            err = (y.double() - want).abs().max().item() / want.abs().max().item()
+            assert err < 2e-2, f"step {step}: rel err {err:.3e}"
+            bb[-1].lerp_(torch.randn_like(bb[-1]), 0.5)  # moves the version counter: next call re-copies
+
+
 def test_no_grad_forward_skips_the_autograd_function(device, monkeypatch):
     """Under no_grad (sampling steps, the EMA teacher) the op launches the forward without the
     autograd Function (host cost) and gives the same output as with grad enabled."""
