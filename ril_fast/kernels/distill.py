@@ -95,23 +95,25 @@ def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, 
         ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
         if ticket == P - 1:
             # Last program: sum all P partials in a fixed order (bitwise reproducible whoever is last).
-            tot = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
-            for start in range(0, P, SUM_BLOCK):
-                o = start + tl.arange(0, SUM_BLOCK)
-                tot += tl.load(partial_ptr + o, mask=o < P, other=0.0, cache_modifier=".cg")  # L2, never stale L1
-            tl.store(out_ptr, tl.sum(tot, axis=0))
+            _ordered_sum(partial_ptr, out_ptr, P, SUM_BLOCK)
             tl.store(count_ptr, 0)  # clean for the next call on this stream
 
 
 @triton.jit
-def _distill_sum_kernel(partial_ptr, out_ptr, P, SUM_BLOCK: tl.constexpr):
-    """The two-launch forward's second launch: one program sums the P partials in the same fixed
-    order as the ticket tail, so both forwards give bitwise-equal losses."""
+def _ordered_sum(partial_ptr, out_ptr, P, SUM_BLOCK: tl.constexpr):
+    """``out = Σ partials`` in one fixed order (SUM_BLOCK-lane loop, then tl.sum's tree); the ticket
+    tail and the two-launch forward's sum kernel share it, so both give the same bits."""
     tot = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
     for start in range(0, P, SUM_BLOCK):
         o = start + tl.arange(0, SUM_BLOCK)
-        tot += tl.load(partial_ptr + o, mask=o < P, other=0.0)
+        tot += tl.load(partial_ptr + o, mask=o < P, other=0.0, cache_modifier=".cg")  # L2, never stale L1
     tl.store(out_ptr, tl.sum(tot, axis=0))
+
+
+@triton.jit
+def _distill_sum_kernel(partial_ptr, out_ptr, P, SUM_BLOCK: tl.constexpr):
+    """The two-launch forward's second launch: one program, :func:`_ordered_sum`."""
+    _ordered_sum(partial_ptr, out_ptr, P, SUM_BLOCK)
 
 
 @triton.jit

@@ -260,7 +260,7 @@ def _env_choice(name: str, allowed: tuple) -> str:
     return value
 
 
-def forward_mode(d_out: int, r: int) -> int:
+def forward_mode(r: int) -> int:
     """Untuned Triton choice: 2 = F1 (shrink in the GEMM's K-loop), 1 = F2 (split).
 
     F1 only for R ≤ 16: on the H100 (graph replay, fixed tiles) F1 at R ≤ 16 beat cuBLAS
@@ -279,13 +279,13 @@ def forward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[
     """
     force = _env_choice("RIL_FAST_LORA_FWD", ("auto", "fused", "split", "cublas", "triton"))
     if force == "triton":
-        return forward_mode(d_out, r), None
+        return forward_mode(r), None
     if force != "auto":
         mode = FWD_CODES[force]
         return (1 if mode == 2 and r > MAX_FUSED_R else mode), None
     tuned = lora_tuning.plan(device, dtype, m, d_in, d_out, r)
     if tuned is None:
-        return forward_mode(d_out, r), None
+        return forward_mode(r), None
     mode = FWD_CODES[tuned["fwd"]]
     return (1 if mode == 2 and r > MAX_FUSED_R else mode), tuned["fwd_cfg"]
 
@@ -642,8 +642,7 @@ def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 def _cat_as(ts, dim: int, dt: torch.dtype) -> torch.Tensor:
     """Concatenate, then cast once: two kernels, not one cast per adapter plus the concatenation."""
-    out = torch.cat(list(ts), dim=dim)
-    return out if out.dtype == dt else out.to(dt)
+    return _as(torch.cat(list(ts), dim=dim), dt)
 
 
 def _stacked(a_list, b_list, dt):
