@@ -37,6 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench, bench_graph  # noqa: E402
+
 from ril_fast.kernels import distill  # noqa: E402
 
 LATENTS = [("sd15", (b, 4, 64, 64)) for b in (1, 4, 8)] + [("sdxl", (b, 4, 128, 128)) for b in (1, 4, 8)]
@@ -92,36 +95,25 @@ def step(fn, args):
     return loss
 
 
+def _us(timed: dict) -> dict:
+    """``common.bench*``'s median / p20 / p80 in ms as this benchmark's µs keys."""
+    return {"p50_us": timed["median_ms"] * 1e3, "p20_us": timed["p20_ms"] * 1e3, "p80_us": timed["p80_ms"] * 1e3}
+
+
 def bench_ms(fn, grad_to_none=None) -> dict:
-    p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
-                                            quantiles=[0.5, 0.2, 0.8])
-    return {"p50_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
-
-
-def _capture(body):
-    """Capture ``body()`` in a CUDA graph after three warm-up calls on a side stream."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph
+    return _us(bench(fn, "cuda", grad_to_none=grad_to_none, warmup_ms=25, rep_ms=100))
 
 
 def bench_graph_ms(body) -> dict:
     """Time the replay of ``body`` captured in one CUDA graph. A failed capture is reported and tried
     once more, so a first-capture-only failure shows as an error with a timed ``retry``."""
     try:
-        return bench_ms(_capture(body).replay)
+        return _us(bench_graph(body, "cuda", warmup_ms=25, rep_ms=100))
     except Exception as exc:  # report instead of aborting the whole benchmark
         err = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     torch.cuda.synchronize()
     try:
-        err["retry"] = bench_ms(_capture(body).replay)
+        err["retry"] = _us(bench_graph(body, "cuda", warmup_ms=25, rep_ms=100))
     except Exception as exc:
         err["retry"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     return err
@@ -157,7 +149,7 @@ def copy_bandwidth_gbs(device, n=256 * 1024 * 1024, graph=False) -> float:
     if graph:
         ms = bench_graph_ms(lambda: dst.copy_(src))["p50_us"] * 1e-3
     else:
-        ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+        ms = bench(lambda: dst.copy_(src), device, warmup_ms=25, rep_ms=200)["median_ms"]
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 

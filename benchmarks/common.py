@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import statistics
 import subprocess
 import tempfile
@@ -22,11 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def device_slug(device: torch.device | str) -> str:
+    """Results folder name: the GPU's slug as the LoRA tuning tables name it, or ``cpu``."""
     device = torch.device(device)
     if device.type != "cuda":
         return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+    from ril_fast.kernels.lora_tuning import gpu_slug
+
+    return gpu_slug(torch.cuda.get_device_name(device))
 
 
 def env_info(device: torch.device | str) -> dict:
