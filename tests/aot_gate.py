@@ -34,11 +34,13 @@ def print_report(compile_one, jobs) -> None:
 
 def signature(fn, constexprs: dict, ptrs: dict, dtype: str, scalars: dict | None = None) -> dict:
     """Triton signature of ``fn``: constexprs by name, ``*_ptr`` args as ``*ptrs.get(name, dtype)``,
-    other scalars ``scalars.get(name, "i32")``."""
+    ``*_desc`` args (TMA descriptors) as ``ptrs[name]`` verbatim, other scalars ``scalars.get(name, "i32")``."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name.endswith("_desc"):
+            sig[name] = ptrs[name]
         elif name.endswith("_ptr"):
             sig[name] = "*" + ptrs.get(name, dtype)
         else:

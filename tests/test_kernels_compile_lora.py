@@ -11,6 +11,7 @@ the pattern that made dB wrong on GPU only (see ``_ds_db_kernel``).
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -23,19 +24,24 @@ CCS = (80, 90)
 
 
 def _cases():
-    from ril_fast.kernels import lora_group
+    from ril_fast.kernels import lora_group, lora_tma
 
     out = [(f"bf16-{i}", "bf16", c) for i, c in enumerate(lora_group.gpu_launch_cases("bf16"))]
     # fp16 shares bf16's code shape; fp32 switches the dots to IEEE
     cases = lora_group.gpu_launch_cases("fp32")
     out += [("fp32-gemm", "fp32", cases[0]), ("fp32-fused", "fp32", cases[len(lora_group.GEMM_CANDIDATES)])]
     out += [("fp32-dsdb", "fp32", next(c for c in cases if c[0].__name__ == "_ds_db_kernel"))]
+    # the persistent TMA GEMM (sm_90+ only; 16-bit I/O, fp16 shares bf16's code shape)
+    out += [(f"tma-bf16-{i}", "bf16", c) for i, c in enumerate(lora_tma.gpu_launch_cases("bf16"))]
     return out
 
 
 def _ccs(case):
-    """sm_90 for every variant; sm_80 for a representative subset (keeps the cold gate < 90 s)."""
+    """sm_90 for every variant; sm_80 for a representative subset (keeps the cold gate < 90 s); the
+    TMA kernel only for sm_90 (the op never selects it below)."""
     fn, _, cx = case[2][0], case[2][1], case[2][2]
+    if fn.__name__ == "_gemm_tma_kernel":
+        return (90,)
     rep = case[1] == "bf16" and (
         (fn.__name__ == "_gemm_kernel" and cx["EPI"] == 2 and cx["R_PAD"] == 64 and cx["BN"] == 128)
         or (fn.__name__ == "_ds_db_kernel" and cx["R_PAD"] == 128 and cx["NEED_DB"]))
@@ -46,8 +52,10 @@ def smem_reads_in_branch(ttgir: str) -> list:
     """Lines where a shared-memory read sits in an ``scf.if`` nested in an ``scf.for``.
 
     The pipeliner refills a loop's shared-memory slots without seeing reads inside a branch:
-    such a read can see the next tiles (the GPU-only dB bug, invisible to the interpreter)."""
-    stack, bad = [], []
+    such a read can see the next tiles (the GPU-only dB bug, invisible to the interpreter). Reads
+    of a write-once buffer (``ttg.local_alloc %value``: a register tile staged through shared
+    memory for a dot, as the TMA kernel's epilogue does) are not pipeline slots and pass."""
+    stack, bad, staged = [], [], set()
     for n, line in enumerate(ttgir.splitlines()):
         t = line.strip()
         if t.startswith("}"):
@@ -56,7 +64,12 @@ def smem_reads_in_branch(ttgir: str) -> list:
             if t.endswith("{"):
                 stack.append("else")
             continue
-        if "ttg.local_load" in t and "for" in stack and any(k in ("if", "else") for k in stack[stack.index("for"):]):
+        alloc = re.match(r"(%[\w#]+) = ttg\.local_alloc %", t)
+        if alloc:
+            staged.add(alloc.group(1))
+        load = re.search(r"ttg\.local_load (%[\w#]+)", t)
+        if (load and load.group(1) not in staged and "for" in stack
+                and any(k in ("if", "else") for k in stack[stack.index("for"):])):
             bad.append(f"{n}: {t[:160]}")
         if t.endswith("{"):
             stack.append("for" if "scf.for" in t else "if" if "scf.if" in t else "other")
@@ -74,8 +87,11 @@ def _compile_one(job):
     try:
         ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
+        ptx = ck.asm["ptx"]
         return f"{name}-{cc}", {"cubin": len(ck.asm["cubin"]), "shared": ck.metadata.shared,
-                                 "smem_reads_in_branch": smem_reads_in_branch(ck.asm["ttgir"])}
+                                 "smem_reads_in_branch": smem_reads_in_branch(ck.asm["ttgir"]),
+                                 "tma_loads": ptx.count("cp.async.bulk.tensor"), "wgmma": ptx.count("wgmma.mma_async"),
+                                 "flattened": ck.asm["ttgir"].count("tt.flatten")}
     except Exception as exc:  # reported per case by the test
         return f"{name}-{cc}", {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
@@ -94,11 +110,16 @@ CASE_IDS = [f"{c[0]}-{cc}" for c in _cases() for cc in _ccs(c)]
 
 
 def test_cases_cover_every_launch_variant():
-    from ril_fast.kernels import lora_group
+    from ril_fast.kernels import lora_group, lora_tma
 
     cases = _cases()
     names = {c[2][0].__name__ for c in cases}
-    assert names == {"_gemm_kernel", "_ds_db_kernel"}
+    assert names == {"_gemm_kernel", "_ds_db_kernel", "_gemm_tma_kernel"}
+    tma = [c[2] for c in cases if c[2][0].__name__ == "_gemm_tma_kernel"]
+    # every TMA tuning tile with both TMA variants, each GEMM role (fused / split fwd, dX, plain)
+    assert {(cx["BM"], cx["BN"], cx["BK"], cx["GROUP_M"], w, st) for _, _, cx, w, st in tma} == set(lora_tma.TILES)
+    assert {(cx["SUBTILE"], cx["EPI"], cx["B_NK"]) for _, _, cx, _, _ in tma} == {
+        (False, 2, True), (False, 1, True), (False, 1, False), (False, 0, False), (True, 2, True), (True, 1, False)}
     fused_r = {c[2][2]["R_PAD"] for c in cases if c[2][2].get("EPI") == 2}
     assert fused_r == {16, 32, 64} and lora_group.MAX_FUSED_R == 64
     dsdb_r = {c[2][2]["R_PAD"] for c in cases if c[2][0].__name__ == "_ds_db_kernel"}
@@ -123,6 +144,10 @@ def test_branch_scan_flags_the_old_ds_db_pattern():
   } loc(#loc2)"""
     assert len(smem_reads_in_branch(bad)) == 1
     assert smem_reads_in_branch(bad.replace("scf.if %flag {", "%q = arith.addi %x, %y {")) == []
+    # a register tile staged through a write-once buffer inside the branch is no pipeline slot
+    staged = bad.replace("      %p2 = ttg.local_load %t", "      %s = ttg.local_alloc %r : (tensor<64x64xf32>) -> "
+                         "!ttg.memdesc<64x64xf32>\n      %p2 = ttg.local_load %s")
+    assert smem_reads_in_branch(staged) == []
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
@@ -133,6 +158,8 @@ def test_compiles_for_gpu(report, case_id):
     assert got["cubin"] > 0
     assert got["shared"] <= SMEM_LIMIT[cc], f"{got['shared']} B shared memory > sm_{cc} limit"
     assert not got["smem_reads_in_branch"], got["smem_reads_in_branch"]
+    if case_id.startswith("tma-"):  # what the kernel exists for: TMA loads, wgmma, the tile loop flattened
+        assert got["tma_loads"] > 0 and got["wgmma"] > 0 and got["flattened"] > 0, got
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -32,7 +32,8 @@ def device(request, monkeypatch):
         pytest.skip("needs a CUDA device")
     monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
     monkeypatch.delenv("RIL_FAST_DETERMINISTIC", raising=False)
-    monkeypatch.delenv("RIL_FAST_LORA_FWD", raising=False)
+    for var in ("RIL_FAST_LORA_FWD", "RIL_FAST_LORA_BWD", "RIL_FAST_LORA_GEMM"):
+        monkeypatch.delenv(var, raising=False)
     return request.param
 
 
@@ -122,6 +123,82 @@ def test_half_precision(device, monkeypatch, dtype, mode):
     _compare(device, dtype, (150,), 64, 72, (4, 12), 1)
 
 
+def _spy_tma(monkeypatch) -> list:
+    """Record (EPI, B_NK, variant) of every persistent TMA GEMM launch."""
+    from ril_fast.kernels import lora_tma
+
+    calls, real = [], lora_tma.gemm
+
+    def spy(*args, **kw):
+        calls.append((kw["epi"], kw["b_nk"], kw["variant"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lora_tma, "gemm", spy)
+    return calls
+
+
+@pytest.mark.parametrize("variant", ["tma", "tma_subtile"])
+@pytest.mark.parametrize("mode,dtype", [("fused", torch.bfloat16), ("fused", torch.float16), ("split", torch.float16)])
+def test_tma_gemm_matches_fp64_reference(device, monkeypatch, variant, mode, dtype):
+    """The persistent TMA main GEMM (forward, and dX = dY·W + dS·A_cat): M, N and K tails (150, 88,
+    72 against 64-wide tiles), R = 17 (pointer-loaded LoRA operands), several tiles per program."""
+    from ril_fast.kernels import lora_tma
+
+    calls = _spy_tma(monkeypatch)
+    monkeypatch.setenv("RIL_FAST_LORA_GEMM", variant)
+    monkeypatch.setenv("RIL_FAST_LORA_FWD", mode)
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "triton")
+    _compare(device, dtype, (2, 75), 72, 88, (4, 13), 1)
+    v = lora_tma.VARIANTS[variant]
+    want = [(2 if mode == "fused" else 1, True, v), (1, False, v)]  # forward on W (N×K), dX on W (K×N)
+    assert calls == (want if lora_tma.available(torch.device(device)) else [])
+
+
+def test_tma_gemm_falls_back_where_tma_cannot_address(device, monkeypatch):
+    """Rows whose byte stride is not a multiple of 16 (d_in = 71 in fp16), and fp32 I/O, run the
+    pointer kernel even when the TMA kernel is forced; the result is still right."""
+    calls = _spy_tma(monkeypatch)
+    monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "triton")
+    _compare(device, torch.float16, (96,), 71, 40, (8,), 0)
+    _compare(device, torch.float32, (96,), 64, 40, (8,), 0)
+    assert calls == []
+
+
+def test_tma_gemm_plain_and_bias_against_torch(device):
+    """EPI 0 (no LoRA, the ``triton_base`` benchmark provider) with a bias, both B layouts."""
+    from ril_fast.kernels import lora_tma
+
+    if not lora_tma.available(torch.device(device)):
+        pytest.skip("no TMA on this device")
+    torch.manual_seed(0)
+    x = torch.randn(130, 80, device=device).half()
+    w = torch.randn(56, 80, device=device).half()
+    bias = torch.randn(56, device=device).half()
+    ref = x.double() @ w.double().t() + bias.double()
+    for b_nk, b in ((True, w), (False, w.t().contiguous())):
+        y = torch.empty(130, 56, device=device, dtype=torch.float16)
+        lora_tma.gemm(x, b, y, b_nk=b_nk, M=130, N=56, K=80, cfg=(64, 32, 32, 4, 4, 2), variant=1, upcast=False,
+                      bias=bias)
+        torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-2)
+
+
+def test_tma_descriptors_built_without_revalidation_match_tritons_own():
+    """lora_tma builds TensorDescriptors without their validating __init__ (host cost); the fields
+    must be what the validating constructor gives, and that constructor must accept them."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from ril_fast.kernels import lora_tma
+
+    assert lora_tma._FAST_DESC, "TensorDescriptor's fields changed: review lora_tma._desc"
+    t = torch.zeros(96, 40, dtype=torch.bfloat16)
+    got = lora_tma._desc(t, [96, 40], [64, 32])
+    want = TensorDescriptor(t, [96, 40], [40, 1], [64, 32])
+    for f in lora_tma._DESC_FIELDS:
+        g, w = getattr(got, f), getattr(want, f)
+        assert (g is w) if f == "base" else (g == w), f
+
+
 def test_tuning_table_picks_the_implementation(device, monkeypatch, tmp_path):
     """A table entry (as benchmarks/tune_lora.py writes) decides forward and backward per shape; the
     result still matches the reference; untuned shapes get the defaults; bad tables fail naming the entry."""
@@ -163,12 +240,14 @@ def test_tuning_table_picks_the_implementation(device, monkeypatch, tmp_path):
 def test_shipped_tuning_tables_are_valid_and_compile_gated():
     """Every table shipped in ril_fast/kernels/tuned/ (measured on a GPU by benchmarks/tune_lora.py)
     validates, is looked up under its GPU's name, and names only tile configs from GEMM_CANDIDATES,
-    which the compile gate (tests/test_kernels_compile_lora.py) builds for sm_80 and sm_90."""
-    from ril_fast.kernels import lora_group, lora_tuning
+    which the compile gate (tests/test_kernels_compile_lora.py) builds for sm_80 and sm_90 (with
+    the TMA kernel: from lora_tma.TILES, built for sm_90)."""
+    from ril_fast.kernels import lora_group, lora_tma, lora_tuning
 
     tables = sorted(lora_tuning.SHIPPED.glob("*.json"))
     assert tables, "no shipped tuning table"
-    candidates = {tuple(c) for c in lora_group.GEMM_CANDIDATES}
+    candidates = {tuple(c) for c in lora_group.GEMM_CANDIDATES} | {(*c, 0) for c in lora_group.GEMM_CANDIDATES} | {
+        (*c, v) for c in lora_tma.TILES for v in (1, 2)}
     for path in tables:
         raw = json.loads(path.read_text())
         entries = lora_tuning.validate(raw, str(path))
@@ -471,15 +550,27 @@ def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import tune_lora
 
+    from ril_fast.kernels import lora_tma
+
+    # the interpreter counts as TMA-capable: every tile config with the pointer and both TMA kernels
+    full = tune_lora.candidates("cpu")
+    assert len(full) == len(lora_group.GEMM_CANDIDATES) + 2 * len(lora_tma.TILES)
+    assert {c[6] for c in full} == {0, 1, 2}
+    # time three of them (one per kernel; the interpreter is slow), in fp16 so the TMA ones can run
+    cands = [full[0], next(c for c in full if c[6] == 1), full[-1]]
+    monkeypatch.setattr(tune_lora, "candidates", lambda dev: cands)
+    tma_calls = []
+    real_tma = lora_tma.gemm
+    monkeypatch.setattr(lora_tma, "gemm", lambda *a, **kw: (tma_calls.append(kw["variant"]), real_tma(*a, **kw))[1])
     fake = iter(range(1000, 0, -1))  # later candidates are "faster": the last of each kind wins
     monkeypatch.setattr(tune_lora, "_time", lambda fn: (fn(), float(next(fake)))[1])
-    e = tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float32, dev="cpu")
-    last = len(lora_group.GEMM_CANDIDATES) - 1
-    assert (e["fwd"], e["fwd_cfg"]) == ("fused", list(lora_group.GEMM_CANDIDATES[last]))
-    assert (e["bwd"], e["bwd_cfg"]) == ("triton", list(lora_group.GEMM_CANDIDATES[last]))
-    assert len(e["us"]["fwd"]) == 1 + 2 * len(lora_group.GEMM_CANDIDATES)
-    assert len(e["us"]["bwd"]) == 1 + len(lora_group.GEMM_CANDIDATES)
-    lora_tuning.validate({"entries": {"fp32:128:48:40:16": {k: v for k, v in e.items() if k != "us"}}}, "tuned")
+    e = tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float16, dev="cpu")
+    assert (e["fwd"], e["fwd_cfg"]) == ("fused", list(cands[-1]))
+    assert (e["bwd"], e["bwd_cfg"]) == ("triton", list(cands[-1]))
+    assert len(e["us"]["fwd"]) == 1 + 2 * len(cands) and len(e["us"]["bwd"]) == 1 + len(cands)
+    assert all(isinstance(v, float) for d in ("fwd", "bwd") for v in e["us"][d].values()), e["us"]
+    assert set(tma_calls) == {1, 2}  # the TMA candidates ran their kernel (and agreed with cuBLAS)
+    lora_tuning.validate({"entries": {"fp16:128:48:40:16": {k: v for k, v in e.items() if k != "us"}}}, "tuned")
 
 
 def test_rank_scale_vector_is_built_per_rank_and_cached():

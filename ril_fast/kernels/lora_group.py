@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ril_fast.kernels import lora_tuning
+from ril_fast.kernels import lora_tma, lora_tuning
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_FUSED_R = 64  # F1 keeps the whole S tile in registers
@@ -307,13 +307,31 @@ def backward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple
     return tuned["bwd"], tuned["bwd_cfg"]
 
 
+def gemm_variant(cfg) -> int:
+    """Kernel of a main GEMM (:data:`lora_tma.VARIANTS`): ``RIL_FAST_LORA_GEMM`` forces one, else the
+    tuned config's 7th entry, else 0 (the pointer kernel)."""
+    force = _env_choice("RIL_FAST_LORA_GEMM", ("auto", *lora_tma.VARIANTS))
+    if force != "auto":
+        return lora_tma.VARIANTS[force]
+    return cfg[6] if cfg is not None and len(cfg) > 6 else 0
+
+
 def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s=None, cscale=None,
           epi=1, r=0, split_k=1, atomic=False, blocks=None, sa=None, sb=None, sc=None, se=None, sf=None, sg=None,
           cfg=None):
     """Launch ``_gemm_kernel``; ``sa``.. are (row, col) strides of the logical operands; ``cfg``: a
-    tuned (BM, BN, BK, GROUP_M, warps, stages) for the main GEMM (ignored by the interpreter)."""
-    dummy = c
+    tuned (BM, BN, BK, GROUP_M, warps, stages[, variant]) for the main GEMM (tiles ignored by the
+    interpreter). A main GEMM (no split-K) whose variant is TMA runs :mod:`lora_tma` instead where
+    its operands allow (16-bit, row-contiguous, 16-byte aligned, sm_90+)."""
     fl = _flags(a.dtype)
+    if blocks is None and split_k == 1 and sa is None and sc is None and gemm_variant(cfg):
+        b_nk = sb is not None and sb[0] == 1 and b.shape[0] == N  # B given as the transpose of W (N, K)
+        if (b_nk or sb is None) and lora_tma.usable(a, b, c, g if epi == 2 else None):
+            lora_tma.gemm(a, b, c, b_nk=b_nk, M=M, N=N, K=K, cfg=main_config(N) if cfg is None or INTERPRET
+                          else tuple(cfg[:6]), variant=gemm_variant(cfg), upcast=fl["UPCAST"], bias=bias, g=g, e=e,
+                          f=f, escale=escale, s=s, cscale=cscale, epi=epi, r=r, se=se, sf=sf)
+            return
+    dummy = c
     args = (a, b, c, bias if bias is not None else dummy, g if g is not None else dummy,
             e if e is not None else dummy, f if f is not None else dummy,
             escale if escale is not None else dummy, s if s is not None else dummy,
@@ -322,7 +340,7 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
             *(sa or a.stride()), *(sb or b.stride()), *(sc or (c.stride() if c.dim() == 3 else (0, *c.stride()))),
             *(sg or (0, 0)), *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)))
     if blocks is None:
-        bm, bn, bk, gm, warps, stages = main_config(N) if cfg is None or INTERPRET else cfg
+        bm, bn, bk, gm, warps, stages = main_config(N) if cfg is None or INTERPRET else cfg[:6]
     else:
         (bm, bn, bk, warps), gm, stages = blocks, 1, 1 if INTERPRET else 3
     # R_PAD only shapes EPI 2's register tile; EPI 1 walks R in RB-wide chunks

@@ -23,7 +23,9 @@ Table format (JSON)::
                                           "bwd": "cublas", "bwd_cfg": null}, ...}}
 
 Keys are ``dtype:M-bucket:d_in:d_out:R-bucket`` (buckets: next power of two, R at least 16);
-``*_cfg`` is the Triton tile config (BM, BN, BK, GROUP_M, warps, stages) of the main GEMM.
+``*_cfg`` is the Triton tile config (BM, BN, BK, GROUP_M, warps, stages) of the main GEMM, with an
+optional 7th entry naming its kernel: 0 the pointer kernel (the default), 1 or 2 the persistent TMA
+kernel of :mod:`ril_fast.kernels.lora_tma` (2: C stored in two half-width slices).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ SHIPPED = Path(__file__).resolve().parent / "tuned"
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ril_fast" / "lora_tuning"
 FWD_IMPLS = ("cublas", "split", "fused")
 BWD_IMPLS = ("cublas", "triton")
+VARIANTS = (0, 1, 2)  # main-GEMM kernel: pointer, TMA persistent, TMA persistent with split stores (lora_tma)
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 _tables: dict[str, dict | None] = {}  # gpu slug -> entries (None: no table)
@@ -88,8 +91,10 @@ def validate(table: dict, source: str) -> dict:
             raise ValueError(f"{where}: needs fwd in {FWD_IMPLS} and bwd in {BWD_IMPLS}")
         for field in ("fwd_cfg", "bwd_cfg"):
             cfg = e.get(field)
-            if cfg is not None and not (isinstance(cfg, list) and len(cfg) == 6 and all(isinstance(v, int) for v in cfg)):
-                raise ValueError(f"{where}: {field} must be null or 6 ints (BM, BN, BK, GROUP_M, warps, stages)")
+            if cfg is not None and not (isinstance(cfg, list) and len(cfg) in (6, 7)
+                                        and all(isinstance(v, int) for v in cfg) and (len(cfg) == 6 or cfg[6] in VARIANTS)):
+                raise ValueError(f"{where}: {field} must be null or 6 ints (BM, BN, BK, GROUP_M, warps, stages) "
+                                 f"and optionally a 7th, the kernel variant in {VARIANTS}")
         if e["fwd"] == "fused" and int(key.rsplit(":", 1)[-1]) > 64:
             raise ValueError(f"{where}: the fused forward holds S in registers and takes R <= 64")
     return entries

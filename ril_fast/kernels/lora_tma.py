@@ -1,0 +1,280 @@
+"""Hopper variant of the LoRA group's main GEMM: persistent programs, TMA loads and stores.
+
+Same contract as ``lora_group._gemm_kernel`` for the GEMMs that carry the whole layer (the
+forward's base GEMM with the LoRA shrink in its K-loop or the LoRA expand in its epilogue, and
+dX = dY·W + dS·A_cat), for 16-bit I/O only. Why a second kernel: on the H200 the pointer kernel
+ran the base GEMM of SDXL's 64k×640×640 layer at about half cuBLAS' rate (176 against 93 µs,
+``benchmarks/results/nvidia-h200``), and its LoRA work was not the cost (R 4..64 all took
+170-180 µs). With K = 320..1280 every tile runs only 5-20 K-steps, so the prologue (filling the
+pipeline) and the epilogue (the store) are a large share of each tile. This kernel:
+
+- launches one program per SM and walks the output tiles (GROUP_M-swizzled) in a flattened
+  ``tl.range`` loop, so Triton's pipeliner issues the next tile's loads during this tile's
+  epilogue;
+- loads X, W (and A_cat for the in-loop shrink) with TMA descriptors: no address arithmetic or
+  masks in the K-loop, tails zero-filled by the hardware;
+- stores C through a TMA descriptor, optionally in two half-width slices (less shared memory for
+  the epilogue's staging buffer, so more pipeline stages fit).
+
+The small LoRA operands (S or dS, B_cat or A_cat, the scales, bias) keep pointer loads: they
+are a few KB per tile, their rank R is often not a multiple of 8 (TMA needs 16-byte row
+strides), and they live in L2.
+
+Whether it beats the pointer kernel is a per-GPU, per-shape measurement: the tuning table picks
+it with a 7-entry tile config whose last entry is :data:`VARIANTS` (``benchmarks/tune_lora.py``).
+Selected only on GPUs with compute capability >= 9 (TMA) and when every TMA operand is 2-D,
+row-contiguous, 16-byte aligned; anything else runs the pointer kernel. The interpreter runs it
+on CPU tensors for the tests (programs = 4 there, so each walks several tiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Tile-config variant codes (7th entry of a tuned config): 0 = pointer kernel (lora_group),
+# 1 = this kernel, 2 = this kernel storing C in two half-width slices.
+VARIANTS = {"pointer": 0, "tma": 1, "tma_subtile": 2}
+INTERP_PROGRAMS = 4
+# Tile configs (BM, BN, BK, GROUP_M, warps, stages) the tuner tries with this kernel. Its epilogue
+# stages C in shared memory next to the pipeline buffers, so the 128x256 tile gets 2 stages (3 need
+# 264 KB with the fused shrink; sm_90 has 227 KB) and 128x128 also tries 4.
+TILES = [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 64, 64, 8, 4, 4),
+         (64, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 2)]
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+RB_MAX = 32  # rank chunk of the EPI 1 epilogue
+
+
+@triton.jit
+def _tile_coords(tile, group, num_m, GROUP_M: tl.constexpr):
+    """GROUP_M-swizzled (pid_m, pid_n) of linear tile ``tile`` (as the pointer kernel's grid)."""
+    first_m = (tile // group) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % gsize, (tile % group) // gsize
+
+
+@triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE"])
+def _gemm_tma_kernel(
+    a_desc, b_desc, c_desc, g_desc,
+    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr,
+    M, N, K, R, NUM_PROGRAMS, HAS_BIAS, ESCALE, CSCALE,
+    s_em, s_er, s_fr, s_fn, s_sm, s_sr,
+    EPI: tl.constexpr, B_NK: tl.constexpr, SUBTILE: tl.constexpr,
+    R_PAD: tl.constexpr, RB: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A·B (+ LoRA) (+ bias), persistent over output tiles; A (M×K) by ``a_desc``, B by
+    ``b_desc`` as N×K (``B_NK``: W of the forward) or K×N (W of dX), C (M×N) by ``c_desc``.
+
+    EPI 0: plain GEMM. EPI 1: ``+ (E·diag(escale))·F``, E (M×R) and F (R×N) by pointers, in
+    RB-wide rank chunks up to R_PAD.
+    EPI 2: ``S = A·Gᵀ`` alongside the K-loop (G = A_cat, R×K, by ``g_desc`` with R_PAD rows,
+    zero-filled past R), then ``+ (S·diag(escale))·F``; the pid_n == 0 tile stores S.
+    """
+    start = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    group = GROUP_M * num_n
+    # The epilogue recomputes its tile from its own counter: with the loop flattened, values
+    # carried from the prologue into the epilogue defeat the pipeliner (Triton tutorial 09).
+    tile_c = start - NUM_PROGRAMS
+    for tile in tl.range(start, num_m * num_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, group, num_m, GROUP_M)
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if EPI == 2:
+            s_acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BK
+            a = a_desc.load([off_m, off_k])
+            if B_NK:
+                b = b_desc.load([off_n, off_k])
+            else:
+                b = b_desc.load([off_k, off_n])
+            if UPCAST:  # bf16 dots are wrong in the interpreter
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if B_NK:
+                acc = tl.dot(a, b.T, acc)
+            else:
+                acc = tl.dot(a, b, acc)
+            if EPI == 2:
+                g = g_desc.load([0, off_k])
+                if UPCAST:
+                    g = g.to(tl.float32)
+                s_acc = tl.dot(a, g.T, s_acc)
+
+        tile_c += NUM_PROGRAMS
+        pid_m, pid_n = _tile_coords(tile_c, group, num_m, GROUP_M)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        mm = rm < M
+        mn = rn < N
+        if EPI == 2:
+            rr = tl.arange(0, R_PAD)
+            if pid_n == 0:
+                tl.store(s_ptr + rm[:, None] * s_sm + rr[None, :] * s_sr,
+                         s_acc.to(s_ptr.dtype.element_ty), mask=mm[:, None] & (rr[None, :] < R))
+            sc = tl.load(escale_ptr + rr, mask=rr < R, other=0.0)
+            s_q = (s_acc * sc[None, :]).to(f_ptr.dtype.element_ty)  # round S once, as the dot input
+            f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & mn[None, :],
+                        other=0.0)
+            if UPCAST:
+                s_q = s_q.to(tl.float32)
+                f = f.to(tl.float32)
+            acc = tl.dot(s_q, f, acc)
+        if EPI == 1:  # unrolled over R_PAD: a runtime loop here keeps the tile loop from flattening
+            for r0 in tl.static_range(0, R_PAD, RB):
+                rr1 = r0 + tl.arange(0, RB)
+                mr = rr1 < R
+                e = tl.load(e_ptr + rm[:, None] * s_em + rr1[None, :] * s_er, mask=mm[:, None] & mr[None, :],
+                            other=0.0)
+                if ESCALE:
+                    sc1 = tl.load(escale_ptr + rr1, mask=mr, other=0.0)
+                    e = (e.to(tl.float32) * sc1[None, :]).to(f_ptr.dtype.element_ty)
+                f = tl.load(f_ptr + rr1[:, None] * s_fr + rn[None, :] * s_fn, mask=mr[:, None] & mn[None, :],
+                            other=0.0)
+                if UPCAST:
+                    e = e.to(tl.float32)
+                    f = f.to(tl.float32)
+                acc = tl.dot(e, f, acc)
+        if CSCALE:
+            acc = acc * tl.load(cscale_ptr + rn, mask=mn, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        off_m = pid_m * BM
+        off_n = pid_n * BN
+        if SUBTILE:  # two (BM, BN/2) stores: half the staging buffer
+            halves = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1))
+            c0, c1 = tl.split(halves)
+            c_desc.store([off_m, off_n], c0.to(c_desc.dtype))
+            c_desc.store([off_m, off_n + BN // 2], c1.to(c_desc.dtype))
+        else:
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+# TensorDescriptor's own __init__ re-validates alignment and block shape (3.4 µs each, 4 per GEMM
+# call); :func:`usable` has checked the operands, so build the dataclass directly when its fields
+# are the ones this code knows (else, on another Triton, take the validating constructor).
+_DESC_FIELDS = ("base", "shape", "strides", "block_shape", "padding", "round_f32_to_tf32")
+_FAST_DESC = tuple(f.name for f in dataclasses.fields(TensorDescriptor)) == _DESC_FIELDS
+
+
+def _desc(t: torch.Tensor, shape: list, block: list) -> TensorDescriptor:
+    """TMA descriptor of row-contiguous 2-D ``t`` viewed as ``shape``, loading ``block`` tiles."""
+    strides = [t.stride(0), 1]
+    if not _FAST_DESC:
+        return TensorDescriptor(t, shape, strides, block)
+    d = object.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides, d.block_shape, d.padding, d.round_f32_to_tf32 = t, shape, strides, block, "zero", False
+    return d
+
+
+_PROGRAMS: dict = {}
+
+
+def _programs(device: torch.device) -> int:
+    """One program per SM (cached per device); a few in the interpreter, so each walks tiles."""
+    if INTERPRET or device.type != "cuda":
+        return INTERP_PROGRAMS
+    n = _PROGRAMS.get(device.index)
+    if n is None:
+        n = _PROGRAMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def tma_ok(t: torch.Tensor) -> bool:
+    """TMA can address ``t``: 2-D, row-contiguous, 16-byte aligned base and row stride."""
+    if t.dim() != 2 or t.stride(1) != 1:
+        return False
+    return (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+_CAPABLE: dict = {}
+
+
+def available(device: torch.device) -> bool:
+    """This kernel can run on ``device``: the interpreter, or a GPU with TMA (sm_90+)."""
+    if INTERPRET:
+        return True
+    if device.type != "cuda":
+        return False
+    ok = _CAPABLE.get(device.index)
+    if ok is None:
+        ok = _CAPABLE[device.index] = torch.cuda.get_device_capability(device)[0] >= 9
+    return ok
+
+
+def usable(a, b, c, g=None) -> bool:
+    """Every TMA operand fits (dtype, layout), on a device that has TMA."""
+    return (a.dtype in TMA_DTYPES and available(a.device)
+            and all(tma_ok(t) for t in (a, b, c) + ((g,) if g is not None else ())))
+
+
+def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=None, e=None, f=None,
+         escale=None, s=None, cscale=None, epi=1, r=0, se=None, sf=None):
+    """Launch :func:`_gemm_tma_kernel`. ``b`` is the tensor itself, (N, K) if ``b_nk`` else
+    (K, N); ``cfg`` = (BM, BN, BK, GROUP_M, warps, stages); ``variant`` 1 or 2 (:data:`VARIANTS`).
+    Callers check :func:`usable` first."""
+    bm, bn, bk, gm, warps, stages = cfg
+    if r == 0:
+        epi = 0
+    r_pad = max(16, 1 << (max(r, 1) - 1).bit_length())  # rank tile: next power of two >= 16
+    subtile = variant == VARIANTS["tma_subtile"]
+    a_desc = _desc(a, [M, K], [bm, bk])
+    b_desc = _desc(b, [N, K], [bn, bk]) if b_nk else _desc(b, [K, N], [bk, bn])
+    c_desc = _desc(c, [M, N], [bm, bn // 2 if subtile else bn])
+    g_desc = _desc(g, [r, K], [r_pad, bk]) if epi == 2 else None
+    dummy = c
+    tiles = -(-M // bm) * -(-N // bn)
+    programs = min(_programs(a.device), tiles)
+    _gemm_tma_kernel[(programs,)](
+        a_desc, b_desc, c_desc, g_desc,
+        bias if bias is not None else dummy, e if e is not None else dummy, f if f is not None else dummy,
+        escale if escale is not None else dummy, s if s is not None else dummy,
+        cscale if cscale is not None else dummy,
+        M, N, K, r, programs, int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None),
+        *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)),
+        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, R_PAD=r_pad, RB=min(RB_MAX, r_pad), UPCAST=upcast,
+        BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+
+
+def gpu_launch_cases(dtype: str = "bf16") -> list:
+    """The launch variants the AOT compile gate builds for sm_90 (tests/test_kernels_compile_lora.py):
+    ``(jit_fn, arg types, constexprs, num_warps, num_stages)``; arg types name every ``*_desc``
+    (``tensordesc<dtype[block]>``) and the fp32 pointers, other pointers take ``dtype``.
+
+    Per tile of :data:`TILES`: the fused forward at the largest rank tile (R_PAD 64), the split
+    forward and dX at the largest unrolled epilogue (R_PAD 512), and the plain GEMM; with split
+    stores (which change only the store) the fused forward and dX. Smaller R_PAD only shorten the
+    same code.
+    """
+    roles = {VARIANTS["tma"]: ((2, True, 64), (1, True, 512), (1, False, 512), (0, False, 16)),
+             VARIANTS["tma_subtile"]: ((2, True, 64), (1, False, 512))}
+    cases = []
+    for variant, role in roles.items():
+        for bm, bn, bk, gm, warps, stages in TILES:
+            for epi, b_nk, r_pad in role:
+                types = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>",
+                         "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if b_nk else f"tensordesc<{dtype}[{bk}, {bn}]>",
+                         "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2 if variant == 2 else bn}]>",
+                         "escale_ptr": "fp32", "cscale_ptr": "fp32"}
+                cx = dict(EPI=epi, B_NK=b_nk, SUBTILE=variant == 2, R_PAD=r_pad, RB=min(RB_MAX, r_pad),
+                          UPCAST=False, BM=bm, BN=bn, BK=bk, GROUP_M=gm)
+                if epi == 2:
+                    types["g_desc"] = f"tensordesc<{dtype}[{r_pad}, {bk}]>"
+                else:
+                    cx["g_desc"] = None
+                cases.append((_gemm_tma_kernel, types, cx, warps, stages))
+    return cases
