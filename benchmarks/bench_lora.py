@@ -4,7 +4,9 @@ Providers: ``base`` (F.linear, the denominator), ``peft_eager`` (a PEFT LoRA Lin
 adapters), ``torch_stacked`` (addmm on concatenated A/B under autograd), ``fused`` (our op as it
 dispatches on this GPU: the tuning table of ``benchmarks/tune_lora.py`` if one exists, else the
 Triton forward and the cuBLAS backward; GPU only), ``triton_untuned`` (every GEMM in our
-Triton kernels, fixed tiles) and ``cuda_lib`` (when ``ril_fast.kernels.cuda_lib.available()[0]``).
+Triton kernels, fixed tiles), ``triton_base`` / ``triton_base_tma`` (our main GEMM with no LoRA,
+pointer / persistent TMA kernel, forward only: the Triton GEMM against cuBLAS) and ``cuda_lib``
+(when ``ril_fast.kernels.cuda_lib.available()[0]``).
 Modes: ``forward`` (training forward), ``backward`` (backward of a retained graph), ``full``.
 Only the newest adapter trains; W, bias and older adapters are frozen.
 
@@ -52,6 +54,7 @@ QUICK_ADAPTERS = [(4, 1), (16, 2), (16, 4), (64, 1), (16, 8)]  # k = 2: the PEFT
 CPU_SHAPES = [("sd15_l1_attn_m512", 512, 320, 320), ("sd15_l1_ff_out_m512", 512, 1280, 320)]
 CPU_ADAPTERS = [(4, 1), (4, 4), (16, 4)]
 MODES = ("forward", "backward", "full")
+FORWARD_ONLY = ("triton_base", "triton_base_tma")  # our main GEMM without LoRA: no autograd graph
 
 
 def _peft_layer(base: torch.nn.Linear, adapters):
@@ -121,6 +124,19 @@ def build_case(m, d_in, d_out, r, k, dtype, device, ours=None):
             from ril_fast import kernels
 
             providers["public"] = lambda: kernels.lora_group_linear(x, w, bias, a, b, scales)
+        if is_cuda:  # the main GEMM alone (R = 0, forward only): Triton GEMM quality against cuBLAS
+            from ril_fast.kernels import lora_tma
+
+            y0 = torch.empty(m, d_out, device=device, dtype=dtype)
+
+            def triton_base():
+                lora_group._gemm(x.detach(), w, y0, M=m, N=d_out, K=d_in, bias=bias, epi=1, r=0,
+                                 sb=(w.stride(1), w.stride(0)), cfg=lora_group.main_config(d_out))
+                return y0
+
+            providers["triton_base"] = _with_env(triton_base, RIL_FAST_LORA_GEMM="pointer")
+            if lora_tma.available(torch.device(device)):
+                providers["triton_base_tma"] = _with_env(triton_base, RIL_FAST_LORA_GEMM="tma")
         from ril_fast.kernels import cuda_lib
 
         if is_cuda and cuda_lib.available()[0]:
@@ -190,6 +206,8 @@ def main(argv=None):
             base_t = {}
             for mode, graph in variants:
                 for prov, fn in providers.items():
+                    if prov in FORWARD_ONLY and mode != "forward":
+                        continue
                     try:
                         t = time_provider(fn, mode, grads, device, args.quick, graph=graph,
                                           repeat=args.graph_repeat)
@@ -223,17 +241,22 @@ def summarize(rows):
     ``fwd_x_base`` = fused / base forward (target ≤ 1.10 for R ≤ 16); ``full_x_base`` = fused /
     base full step (base full = forward + dX; target ≤ 1.35 for R ≤ 64); ``peft_speedup`` =
     PEFT / fused full (target ≥ 2 for k ≥ 2); ``stacked_speedup`` = torch_stacked / fused full
-    (target ≥ 1.2 for C ≤ 640). Plain timings include host launch cost; graph ones do not.
+    (target ≥ 1.2 for C ≤ 640); ``gemm_x_base`` / ``gemm_tma_x_base`` = our main GEMM alone (R = 0;
+    pointer / TMA kernel) over base forward (kernels-research §10: ≥ 0.9× cuBLAS, i.e. ≤ 1.11, or
+    the fused op cannot reach its targets). Plain timings include host launch cost; graph ones do not.
     """
     idx = {(r["shape"], r["r"], r["k"], r["mode"], r.get("graph", False), r["provider"]): r.get("median_ms")
            for r in rows}
     out = {}
     for (shape, r, k, mode, graph, prov), t in idx.items():
+        get = lambda p: idx.get((shape, r, k, mode, graph, p))  # noqa: E731
+        tag = "graph" if graph else "plain"
+        if prov in FORWARD_ONLY and t is not None and get("base"):  # target >= 0.9x cuBLAS, i.e. <= 1.11
+            col = "gemm_x_base" if prov == "triton_base" else "gemm_tma_x_base"
+            out.setdefault(f"{shape}/r{r}/k{k}", {})[f"{col}_{tag}"] = round(t / get("base"), 3)
         if prov != "fused" or t is None:
             continue
         row = out.setdefault(f"{shape}/r{r}/k{k}", {})
-        tag = "graph" if graph else "plain"
-        get = lambda p: idx.get((shape, r, k, mode, graph, p))  # noqa: E731
         if mode == "forward" and get("base"):
             row[f"fwd_x_base_{tag}"] = round(t / get("base"), 3)
         if mode == "full":
@@ -249,7 +272,7 @@ def summarize(rows):
 
 def table(summary) -> str:
     """Compact text table of :func:`summarize` (plain / graph)."""
-    cols = ["fwd_x_base", "full_x_base", "peft_speedup", "stacked_speedup", "full_ms"]
+    cols = ["fwd_x_base", "full_x_base", "peft_speedup", "stacked_speedup", "full_ms", "gemm_x_base", "gemm_tma_x_base"]
     head = f"{'case':32s}" + "".join(f"{c + ' p/g':>22s}" for c in cols)
     lines = [head]
     for case, row in summary.items():

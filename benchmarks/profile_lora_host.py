@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lora import GPU_SHAPES, _with_env, build_case  # noqa: E402
+from bench_lora import FORWARD_ONLY, GPU_SHAPES, _with_env, build_case  # noqa: E402
 from common import env_info, results_path, write_record  # noqa: E402
 
 GPU_CASES = [("sd15_l1_attn", 16, 4), ("sd15_l1_attn", 4, 1), ("sdxl_l3_attn", 16, 4)]
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     cuda = ns.device == "cuda"
     rounds = ns.rounds or (8 if cuda else 25)
-    from ril_fast.kernels import lora_group
+    from ril_fast.kernels import lora_group, lora_tma
 
     if cuda:
         shapes = {name: (m, d_in, d_out) for name, m, d_in, d_out in GPU_SHAPES}
@@ -106,8 +106,11 @@ def main(argv=None) -> int:
     rows, profile_text = [], ""
     for name, r, k in cases:
         providers, grads = build_case(*shapes[name], r, k, dtype, ns.device, ours=True)
+        providers = {p: fn for p, fn in providers.items() if p not in FORWARD_ONLY}
         if not cuda:
             providers["fused_cublas_bwd"] = _with_env(providers["fused"], RIL_FAST_LORA_BWD="cublas")
+        elif lora_tma.available(torch.device(ns.device)):  # the TMA main GEMM: descriptors built per call
+            providers["fused_tma"] = _with_env(providers["fused"], RIL_FAST_LORA_GEMM="tma")
         gy = torch.randn(shapes[name][0], shapes[name][2], device=ns.device, dtype=dtype)
         fns = {}
         for prov, fn in providers.items():

@@ -5,10 +5,14 @@
 For each layer shape of ``bench_lora.py`` and each stacked rank bucket R (16, 32, 64, 128 ...
 from the benchmark's (r, k) grid) it times, under CUDA-graph replay, bf16:
 
-- forward: cuBLAS (base + ``addmm_``), Triton split and Triton fused (R ≤ 64) with every tile
-  config of ``lora_group.GEMM_CANDIDATES``;
+- forward: cuBLAS (base + ``addmm_``), Triton split and Triton fused (R ≤ 64) with every
+  candidate of :func:`candidates`;
 - backward (dX, dA and dB of the newest 16 ranks): cuBLAS GEMMs, and the Triton kernels with every
-  tile config for the dX GEMM.
+  candidate for the dX GEMM.
+
+A candidate is the main GEMM's kernel with a tile config (:func:`candidates`): the pointer kernel
+with ``lora_group.GEMM_CANDIDATES``, and on sm_90+ the persistent TMA kernel
+(``ril_fast.kernels.lora_tma``, whole or half-width stores) with ``lora_tma.TILES``.
 
 The fastest of each becomes the shape's entry in the table (``ril_fast.kernels.lora_tuning``
 format), written atomically to ``--table`` (default: the user cache
@@ -21,7 +25,6 @@ GPU is recorded with its error and skipped. Needs CUDA.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import GPU_SHAPES, QUICK_SHAPES  # noqa: E402
 from common import bench_graph, env_info, results_path, write_record  # noqa: E402
 
-from ril_fast.kernels import lora_group, lora_tuning  # noqa: E402
+from ril_fast.kernels import lora_group, lora_tma, lora_tuning  # noqa: E402
 
 R_BUCKETS = (16, 32, 64, 128)  # stacked ranks seen in practice: r ∈ {4, 16, 64} × k ∈ {1..8}, padded
 QUICK_R = (16, 64)
@@ -47,6 +50,16 @@ def _time(fn) -> float | str:
     except Exception as exc:  # a tile config too big for this GPU's shared memory, etc.
         torch.cuda.synchronize()
         return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def candidates(dev) -> list:
+    """Every (BM, BN, BK, GROUP_M, warps, stages, variant) to time on ``dev``: the pointer kernel
+    with each of ``lora_group.GEMM_CANDIDATES``, and where this device has TMA both TMA variants
+    with each of ``lora_tma.TILES``."""
+    out = [(*c, 0) for c in lora_group.GEMM_CANDIDATES]
+    if lora_tma.available(torch.device(dev)):
+        out += [(*c, v) for v in (lora_tma.VARIANTS["tma"], lora_tma.VARIANTS["tma_subtile"]) for c in lora_tma.TILES]
+    return out
 
 
 def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev: str = "cuda") -> dict:
@@ -93,7 +106,8 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
 
     fwd["cublas"] = _time(lambda: lora_group.fwd_launch(x, w, bias, a, b, rs, 0))
     bwd["cublas"] = _time(bwd_cublas)
-    for i, cfg in enumerate(lora_group.GEMM_CANDIDATES):
+    cands = candidates(dev)
+    for i, cfg in enumerate(cands):
         for mode, name in ((1, "split"), (2, "fused")):
             if mode == 2 and r > lora_group.MAX_FUSED_R:
                 continue
@@ -106,7 +120,7 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
         return min(ok, key=ok.get)
 
     bf, bb = best(fwd), best(bwd)
-    cfg_of = lambda label: list(lora_group.GEMM_CANDIDATES[int(label.split(":")[1])]) if ":" in label else None  # noqa: E731
+    cfg_of = lambda label: list(cands[int(label.split(":")[1])]) if ":" in label else None  # noqa: E731
     return {"fwd": bf.split(":")[0], "fwd_cfg": cfg_of(bf), "bwd": bb.split(":")[0], "bwd_cfg": cfg_of(bb),
             "us": {"fwd": fwd, "bwd": bwd}}
 
@@ -128,25 +142,24 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     table_file = Path(args.table) if args.table else lora_tuning.USER_CACHE / f"{lora_tuning.gpu_slug(gpu)}.json"
     entries, t0 = {}, time.perf_counter()
+    info = env_info("cuda")
+    out = results_path("tune_lora", "cuda", args.out)
     for name, m, d_in, d_out in shapes:
         for r in QUICK_R if args.quick else R_BUCKETS:
             e = tune_shape(m, d_in, d_out, r)
             entries[lora_tuning.shape_key(torch.bfloat16, m, d_in, d_out, r)] = e
             us = e["us"]
             fast = {d: min(v for v in us[d].values() if isinstance(v, float)) for d in ("fwd", "bwd")}
-            print(f"{name:20s} R={r:4d} fwd {e['fwd']:6s} {fast['fwd']:8.1f} us (cublas {us['fwd']['cublas']:.1f})"
-                  f"  bwd {e['bwd']:6s} {fast['bwd']:8.1f} us (cublas {us['bwd']['cublas']:.1f})", flush=True)
-    info = env_info("cuda")
-    table = {"gpu": gpu, "torch": torch.__version__, "triton": info["triton"], "git_sha": info["git_sha"],
-             "entries": {k: {f: v for f, v in e.items() if f != "us"} for k, e in entries.items()}}
-    lora_tuning.validate(table, str(table_file))
-    table_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = table_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, table_file)
-    out = results_path("tune_lora", "cuda", args.out)
-    write_record(out, {"env": info, "seconds": time.perf_counter() - t0, "candidates": lora_group.GEMM_CANDIDATES,
-                       "entries": entries})
+            print(f"{name:20s} R={r:4d} fwd {e['fwd']:6s} {e['fwd_cfg']} {fast['fwd']:8.1f} us (cublas "
+                  f"{us['fwd']['cublas']:.1f})  bwd {e['bwd']:6s} {e['bwd_cfg']} {fast['bwd']:8.1f} us (cublas "
+                  f"{us['bwd']['cublas']:.1f})", flush=True)
+            # after every shape: a timeout keeps the table and the timings measured so far
+            table = {"gpu": gpu, "torch": torch.__version__, "triton": info["triton"], "git_sha": info["git_sha"],
+                     "entries": {k: {f: v for f, v in e.items() if f != "us"} for k, e in entries.items()}}
+            lora_tuning.validate(table, str(table_file))
+            write_record(table_file, table)
+            write_record(out, {"env": info, "seconds": time.perf_counter() - t0, "candidates": candidates("cuda"),
+                               "entries": entries})
     print(f"table: {table_file}\ntimings: {out}")
     return 0
 
