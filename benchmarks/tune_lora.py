@@ -7,8 +7,9 @@ from the benchmark's (r, k) grid) it times, under CUDA-graph replay, bf16:
 
 - forward: cuBLAS (base + ``addmm_``), Triton split and Triton fused (R ≤ 64) with every
   candidate of :func:`candidates`;
-- backward (dX, dA and dB of the newest 16 ranks): cuBLAS GEMMs, and the Triton kernels with every
-  candidate for the dX GEMM.
+- backward (dX, dA and dB of the newest 16 ranks): cuBLAS GEMMs, the Triton kernels with every
+  candidate for the dX GEMM, and (TMA candidates, R ≤ 64) the fused backward: dS, dB and dX in one
+  kernel, then dA.
 
 A candidate is the main GEMM's kernel with a tile config (:func:`candidates`): the pointer kernel
 with ``lora_group.GEMM_CANDIDATES``, and on sm_90+ the persistent TMA kernel
@@ -80,6 +81,11 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
         ds, db = lora_group.ds_db_launch(dy, b, s, rs, lo, hi, False)
         return lora_group.dx_launch(dy, w, ds, a, cfg), lora_group.da_launch(ds, x, lo, hi, False), db
 
+    def bwd_fused(cfg):
+        db = torch.zeros(d_out, hi - lo, device=dev, dtype=torch.float32)
+        ds, dx, db = lora_group.dx_ds_db_launch(dy, w, a, b, s, rs, lo, hi, db, cfg)
+        return dx, lora_group.da_launch(ds, x, lo, hi, False), db
+
     def bwd_cublas():
         return lora_group.backward_cublas(dy, x, w, a, b, s, rs, lo, hi, True, True, True)
 
@@ -114,6 +120,8 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
             attempt(f"{name}:{i}", fwd, lambda mode=mode, cfg=cfg: lora_group.fwd_launch(
                 x, w, bias, a, b, rs, mode, list(cfg))[0], (ref_y,))
         attempt(f"triton:{i}", bwd, lambda cfg=cfg: bwd_triton(list(cfg)), ref_bwd)
+        if cfg[6] and r <= lora_group.MAX_FUSED_R and lora_tma.usable(dy, w, x):  # dS, dB, dX in one kernel
+            attempt(f"fused:{i}", bwd, lambda cfg=cfg: bwd_fused(list(cfg)), ref_bwd)
 
     def best(times):
         ok = {k: v for k, v in times.items() if isinstance(v, float)}

@@ -35,6 +35,10 @@ def main() -> None:
         except ValueError as exc:  # a bad RIL_FAST_LORA_TUNING: report it, as the op would raise it
             table = f"error: {exc}"
         print(f"LoRA tuning table: {table or f'none for {slug} (untuned defaults; benchmarks/tune_lora.py writes one)'}")
+        from ril_fast.kernels import lora_tma
+
+        tma = "available (sm_90+): the tuning table may pick it" if lora_tma.available(device) else "not on this GPU"
+        print(f"LoRA persistent TMA GEMM: {tma}")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,48 @@ def test_tma_gemm_matches_fp64_reference(device, monkeypatch, variant, mode, dty
     assert calls == (want if lora_tma.available(torch.device(device)) else [])
 
 
+@pytest.mark.parametrize("dtype,ranks,train,variant", [
+    (torch.bfloat16, (4, 13), 1, "tma"),  # R = 17, last adapter trains
+    (torch.float16, (8, 8, 4), 0, "tma_subtile"),  # first adapter
+    (torch.float16, (16, 8, 8), (0, 2), "tma"),  # two trainable adapters: the slice spans the middle one
+])
+def test_fused_backward_matches_fp64_reference(device, monkeypatch, dtype, ranks, train, variant):
+    """dS, dB and dX from one read of dY (the TMA kernel's EPI 3), then dA. d_out = 200 gives four
+    64-wide K-steps and d_in = 136 three N-tiles in the interpreter, so every K-step's dB partial
+    is owned by a different N-tile (and the M tail, 150 rows, by a partial tile)."""
+    from ril_fast.kernels import lora_tma
+
+    calls = _spy_tma(monkeypatch)
+    monkeypatch.setenv("RIL_FAST_LORA_GEMM", variant)
+    monkeypatch.setenv("RIL_FAST_LORA_FWD", "fused")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
+    _compare(device, dtype, (150,), 136, 200, ranks, train)
+    v = lora_tma.VARIANTS[variant]
+    assert calls == ([(2, True, v), (3, False, v)] if lora_tma.available(torch.device(device)) else [])
+
+
+def test_fused_backward_falls_back_to_the_triton_one(device, monkeypatch):
+    """Deterministic mode (atomics), R > 64 (dS tile in registers) and a frozen x (no dX) take the
+    Triton backward; the gradients are still right."""
+    calls = _spy_tma(monkeypatch)
+    monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
+    monkeypatch.setenv("RIL_FAST_DETERMINISTIC", "1")
+    _compare(device, torch.float16, (96,), 64, 40, (8,), 0)
+    monkeypatch.delenv("RIL_FAST_DETERMINISTIC")
+    _compare(device, torch.float16, (96,), 64, 40, (48, 40), 1)
+    assert all(c[0] != 3 for c in calls), calls
+    x, w, b, a, bb, scales = _make(device, torch.float16, (96,), 64, 40, (8,), 0)
+    x.requires_grad_(False)
+    gy = torch.randn(96, 40, device=device).half()
+    kernels.lora_group_linear(x, w, b, a, bb, scales).backward(gy)
+    ref_a = a[0].detach().double().requires_grad_()
+    reference.lora_group_linear(x.double(), w.double(), b.double(), [ref_a], [bb[0].detach().double()],
+                                scales).backward(gy.double())
+    torch.testing.assert_close(a[0].grad.double(), ref_a.grad, rtol=2e-2, atol=2e-2 * ref_a.grad.abs().max().item())
+    assert all(c[0] != 3 for c in calls), calls
+
+
 def test_tma_gemm_falls_back_where_tma_cannot_address(device, monkeypatch):
     """Rows whose byte stride is not a multiple of 16 (d_in = 71 in fp16), and fp32 I/O, run the
     pointer kernel even when the TMA kernel is forced; the result is still right."""
@@ -561,15 +603,17 @@ def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
     monkeypatch.setattr(tune_lora, "candidates", lambda dev: cands)
     tma_calls = []
     real_tma = lora_tma.gemm
-    monkeypatch.setattr(lora_tma, "gemm", lambda *a, **kw: (tma_calls.append(kw["variant"]), real_tma(*a, **kw))[1])
+    monkeypatch.setattr(lora_tma, "gemm", lambda *a, **kw: (tma_calls.append((kw["epi"], kw["variant"])),
+                                                            real_tma(*a, **kw))[1])
     fake = iter(range(1000, 0, -1))  # later candidates are "faster": the last of each kind wins
     monkeypatch.setattr(tune_lora, "_time", lambda fn: (fn(), float(next(fake)))[1])
     e = tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float16, dev="cpu")
     assert (e["fwd"], e["fwd_cfg"]) == ("fused", list(cands[-1]))
-    assert (e["bwd"], e["bwd_cfg"]) == ("triton", list(cands[-1]))
-    assert len(e["us"]["fwd"]) == 1 + 2 * len(cands) and len(e["us"]["bwd"]) == 1 + len(cands)
+    assert (e["bwd"], e["bwd_cfg"]) == ("fused", list(cands[-1]))  # TMA candidates also time the fused backward
+    assert len(e["us"]["fwd"]) == 1 + 2 * len(cands) and len(e["us"]["bwd"]) == 1 + len(cands) + 2
     assert all(isinstance(v, float) for d in ("fwd", "bwd") for v in e["us"][d].values()), e["us"]
-    assert set(tma_calls) == {1, 2}  # the TMA candidates ran their kernel (and agreed with cuBLAS)
+    # their kernels ran (and agreed with cuBLAS): split (EPI 1) and fused (2) forward, fused backward (3)
+    assert set(tma_calls) == {(epi, v) for epi in (1, 2, 3) for v in (1, 2)}
     lora_tuning.validate({"entries": {"fp16:128:48:40:16": {k: v for k, v in e.items() if k != "us"}}}, "tuned")
 
 

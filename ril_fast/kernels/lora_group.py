@@ -291,14 +291,18 @@ def forward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[
 
 
 def backward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[str, Optional[list]]:
-    """("triton" | "cublas", dX tile config or None); ``RIL_FAST_LORA_BWD`` forces one.
+    """("triton" | "cublas" | "fused", dX tile config or None); ``RIL_FAST_LORA_BWD`` forces one.
+
+    "fused" is the Triton backward with dS, dB and dX in one kernel (one read of dY; the TMA
+    kernel's EPI 3), where it can run (sm_90+ or the interpreter, 16-bit aligned operands, R <= 64,
+    no deterministic mode, dX needed); elsewhere it runs as "triton".
 
     Untuned default on CUDA: cuBLAS. On the H100 the autograd backward of torch-stacked (cuBLAS)
     took 1.3-3.5x less time than the Triton backward on all 16 graph-replay cases (its dS/dB
     kernel parallelises over M only: 32 programs at M = 2048). Off CUDA (the interpreter in
     tests): Triton.
     """
-    force = _env_choice("RIL_FAST_LORA_BWD", ("auto", "triton", "cublas"))
+    force = _env_choice("RIL_FAST_LORA_BWD", ("auto", "triton", "cublas", "fused"))
     if force != "auto":
         return force, None
     tuned = lora_tuning.plan(device, dtype, m, d_in, d_out, r)
@@ -454,6 +458,22 @@ def dx_launch(dy, weight, ds, a_cat, cfg=None):
     return dx
 
 
+def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None):
+    """dS, dX and dB of rank columns [lo, hi) from one read of dY: the TMA kernel's EPI 3
+    (:mod:`lora_tma`). ``db``: zeroed fp32 (d_out, hi-lo), accumulated with atomics. Returns (dS in
+    dY's dtype, dX, db). Callers check ``lora_tma.usable`` and R <= :data:`MAX_FUSED_R`."""
+    M, N = dy.shape
+    K, R = weight.shape[1], a_cat.shape[0]
+    dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
+    ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
+    tiles = main_config(K) if cfg is None or INTERPRET else tuple(cfg[:6])
+    variant = gemm_variant(cfg) or lora_tma.VARIANTS["tma"]
+    lora_tma.gemm(dy, weight, dx, b_nk=False, M=M, N=K, K=N, cfg=tiles, variant=variant, upcast=_flags(dy.dtype)["UPCAST"],
+                  g=b_cat, f=a_cat, escale=rscale, s=ds, epi=3, r=R, sf=a_cat.stride(), db=db, st=s[:, lo:hi],
+                  stscale=rscale[lo:hi])
+    return ds, dx, db
+
+
 def da_launch(ds, x, lo, hi, deterministic, da=None):
     """dA of rank rows [lo, hi): dS[:, lo:hi]ᵀ·X (hi-lo, d_in) in fp32, split-K over M.
 
@@ -594,13 +614,15 @@ class _LoraGroupFn(torch.autograd.Function):
             need_b = any(need[5 + k + i] for i in train)
             need_a = any(need[5 + i] for i in train)
             impl, cfg = ctx.bwd_plan
+            if impl == "fused" and (det or ops or not need[0] or _pow2(a_cat.shape[0]) > MAX_FUSED_R):
+                impl = "triton"  # the fused backward: atomics, no custom op, dX needed, dS tile in registers
             if impl == "cublas":
                 gx, da, db = backward_cublas(dy, x2, _as(weight, x2.dtype), a_cat, b_cat, s, rscale, lo, hi,
                                              need[0], need_a, need_b)
                 gx = None if gx is None else gx.reshape(ctx.x_shape)
             else:
                 gx, da, db = _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_a, need_b,
-                                              det, ops, cfg, train)
+                                              det, ops, cfg, train, fused=impl == "fused")
             for i in train:
                 sl = slice(offs[i] - lo, offs[i + 1] - lo)
                 if need[5 + i]:
@@ -614,31 +636,40 @@ class _LoraGroupFn(torch.autograd.Function):
         return (gx, gw, gb, None, None, *grads_a, *grads_b)
 
 
-def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_a, need_b, det, ops, cfg, train):
-    """dS/dB in one read of dY, dX with the LoRA epilogue, dA split-K: (dX, dA, dB)."""
+def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_a, need_b, det, ops, cfg, train,
+                     fused=False):
+    """dS/dB in one read of dY, dX with the LoRA epilogue, dA split-K: (dX, dA, dB). ``fused``: dS,
+    dB and dX in one read of dY (:func:`dx_ds_db_launch`) where the TMA kernel can run."""
     k, need = len(ctx.ranks), ctx.needs_input_grad
     rt, n_out, n_in = hi - lo, dy.shape[1], x2.shape[1]
     gx = None
+    w = _as(weight, x2.dtype)
+    if fused:
+        fused = lora_tma.usable(dy, w, x2)  # dX is a fresh (M, d_in) tensor like x2; x2 stands in for it
+    has_b = need_b or fused  # the fused kernel always accumulates dB (masked atomics, a few % of its work)
     if ops:
         ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
     else:  # one zeroed fp32 buffer for dB and dA: one memset, and one cast at the end
-        acc = torch.zeros(n_out * rt * need_b + rt * n_in * need_a, device=dy.device,
-                          dtype=torch.float32) if train else None
-        db_buf = acc[:n_out * rt].view(n_out, rt) if need_b else None
-        ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)
-    if need[0]:
-        gx = (lora_bwd_dx(dy, _as(weight, x2.dtype), ds, a_cat, cfg) if ops
-              else dx_launch(dy, _as(weight, x2.dtype), ds, a_cat, cfg)).reshape(ctx.x_shape)
+        acc = torch.zeros(n_out * rt * has_b + rt * n_in * need_a, device=dy.device,
+                          dtype=torch.float32) if train or fused else None
+        db_buf = acc[:n_out * rt].view(n_out, rt) if has_b else None
+        if fused:
+            ds, gx, db = dx_ds_db_launch(dy, w, a_cat, b_cat, s, rscale, lo, hi, db_buf, cfg)
+            gx = gx.reshape(ctx.x_shape)
+        else:
+            ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)
+    if need[0] and gx is None:
+        gx = (lora_bwd_dx(dy, w, ds, a_cat, cfg) if ops else dx_launch(dy, w, ds, a_cat, cfg)).reshape(ctx.x_shape)
     da = None
     if need_a:
         da = (lora_bwd_da(ds, x2, lo, hi, det) if ops
-              else da_launch(ds, x2, lo, hi, det, da=acc[n_out * rt * need_b:].view(rt, n_in)))
+              else da_launch(ds, x2, lo, hi, det, da=acc[n_out * rt * has_b:].view(rt, n_in)))
     dts = {ctx.dtypes[-2 * k + i] for i in train if need[5 + i]} | {
         ctx.dtypes[-k + i] for i in train if need[5 + k + i]}
     if not ops and len(dts) == 1:  # cast dA and dB together
         acc = _as(acc, dts.pop())
-        db = acc[:n_out * rt].view(n_out, rt) if need_b else None
-        da = acc[n_out * rt * need_b:].view(rt, n_in) if need_a else None
+        db = acc[:n_out * rt].view(n_out, rt) if has_b else None
+        da = acc[n_out * rt * has_b:].view(rt, n_in) if need_a else None
     return gx, da, db
 
 

@@ -49,6 +49,9 @@ TILES = [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4
          (64, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 2)]
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 RB_MAX = 32  # rank chunk of the EPI 1 epilogue
+# The fused backward (EPI 3) also pipelines B_cat tiles and stages S_t and dYᵀ: 4 stages of a
+# 128x128 tile need 240 KB of shared memory there (compile gate), so it runs with at most 3.
+EPI3_MAX_STAGES = 3
 
 
 @triton.jit
@@ -62,11 +65,11 @@ def _tile_coords(tile, group, num_m, GROUP_M: tl.constexpr):
 @triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE"])
 def _gemm_tma_kernel(
     a_desc, b_desc, c_desc, g_desc,
-    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr,
-    M, N, K, R, NUM_PROGRAMS, HAS_BIAS, ESCALE, CSCALE,
-    s_em, s_er, s_fr, s_fn, s_sm, s_sr,
+    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr, gp_ptr, db_ptr, st_ptr, stscale_ptr,
+    M, N, K, R, RT, NUM_PROGRAMS, HAS_BIAS, ESCALE, CSCALE,
+    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_gk, s_gr, s_dbk, s_dbr, s_stm, s_str,
     EPI: tl.constexpr, B_NK: tl.constexpr, SUBTILE: tl.constexpr,
-    R_PAD: tl.constexpr, RB: tl.constexpr, UPCAST: tl.constexpr,
+    R_PAD: tl.constexpr, RB: tl.constexpr, RT_PAD: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A·B (+ LoRA) (+ bias), persistent over output tiles; A (M×K) by ``a_desc``, B by
@@ -74,8 +77,15 @@ def _gemm_tma_kernel(
 
     EPI 0: plain GEMM. EPI 1: ``+ (E·diag(escale))·F``, E (M×R) and F (R×N) by pointers, in
     RB-wide rank chunks up to R_PAD.
-    EPI 2: ``S = A·Gᵀ`` alongside the K-loop (G = A_cat, R×K, by ``g_desc`` with R_PAD rows,
-    zero-filled past R), then ``+ (S·diag(escale))·F``; the pid_n == 0 tile stores S.
+    EPI 2 (forward F1): ``S = A·Gᵀ`` alongside the K-loop (G = A_cat, R×K, by ``g_desc`` with
+    R_PAD rows, zero-filled past R), then ``+ (S·diag(escale))·F``; the pid_n == 0 tile stores S.
+    EPI 3 (the whole backward but dA, one read of dY): A = dY, B = W (K×N), so C = dX. Alongside
+    the K-loop ``dS = (dY·G)·diag(escale)`` with G = B_cat (K×R, pointer loads: R need not be a
+    multiple of 8), and ``dB[:, :RT] += dYᵀ·(S_t·diag(stscale))`` for the trainable slice S_t (M×RT,
+    ``st_ptr``): every program computes its K-step's partial and the one whose pid_n is the K-step
+    index mod the N-tile count adds it (fp32 atomics; computing it everywhere keeps the dY tile's
+    shared-memory read out of a branch, see ``lora_group._ds_db_kernel``). Epilogue ``+ dS·F`` with
+    F = A_cat; the pid_n == 0 tile stores dS.
     """
     start = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -90,8 +100,18 @@ def _gemm_tma_kernel(
         off_m = pid_m * BM
         off_n = pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if EPI == 2:
+        if EPI >= 2:
             s_acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        if EPI == 3:  # this M-tile's rows of S_t·diag(stscale), rounded once as the dot input
+            rg = tl.arange(0, R_PAD)
+            rt = tl.arange(0, RT_PAD)
+            rm0 = off_m + tl.arange(0, BM)
+            st = tl.load(st_ptr + rm0[:, None] * s_stm + rt[None, :] * s_str,
+                         mask=(rm0[:, None] < M) & (rt[None, :] < RT), other=0.0)
+            st_sc = tl.load(stscale_ptr + rt, mask=rt < RT, other=0.0)
+            st = (st.to(tl.float32) * st_sc[None, :]).to(st_ptr.dtype.element_ty)
+            if UPCAST:
+                st = st.to(tl.float32)
         for ki in range(k_tiles):
             off_k = ki * BK
             a = a_desc.load([off_m, off_k])
@@ -111,6 +131,18 @@ def _gemm_tma_kernel(
                 if UPCAST:
                     g = g.to(tl.float32)
                 s_acc = tl.dot(a, g.T, s_acc)
+            if EPI == 3:
+                kk = off_k + tl.arange(0, BK)
+                mk = kk < K
+                g = tl.load(gp_ptr + kk[:, None] * s_gk + rg[None, :] * s_gr, mask=mk[:, None] & (rg[None, :] < R),
+                            other=0.0)
+                if UPCAST:
+                    g = g.to(tl.float32)
+                s_acc = tl.dot(a, g, s_acc)
+                part = tl.dot(tl.trans(a), st, tl.zeros((BK, RT_PAD), dtype=tl.float32))
+                mine = (ki % num_n) == pid_n
+                tl.atomic_add(db_ptr + kk[:, None] * s_dbk + rt[None, :] * s_dbr, part,
+                              mask=(mk[:, None] & (rt[None, :] < RT)) & mine)
 
         tile_c += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(tile_c, group, num_m, GROUP_M)
@@ -118,13 +150,16 @@ def _gemm_tma_kernel(
         rn = pid_n * BN + tl.arange(0, BN)
         mm = rm < M
         mn = rn < N
-        if EPI == 2:
+        if EPI >= 2:
             rr = tl.arange(0, R_PAD)
-            if pid_n == 0:
-                tl.store(s_ptr + rm[:, None] * s_sm + rr[None, :] * s_sr,
-                         s_acc.to(s_ptr.dtype.element_ty), mask=mm[:, None] & (rr[None, :] < R))
             sc = tl.load(escale_ptr + rr, mask=rr < R, other=0.0)
             s_q = (s_acc * sc[None, :]).to(f_ptr.dtype.element_ty)  # round S once, as the dot input
+            if pid_n == 0:  # S (forward, unscaled) or dS (backward, scaled) for the later kernels
+                if EPI == 2:
+                    s_out = s_acc.to(s_ptr.dtype.element_ty)
+                else:
+                    s_out = s_q.to(s_ptr.dtype.element_ty)
+                tl.store(s_ptr + rm[:, None] * s_sm + rr[None, :] * s_sr, s_out, mask=mm[:, None] & (rr[None, :] < R))
             f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & mn[None, :],
                         other=0.0)
             if UPCAST:
@@ -223,11 +258,14 @@ def usable(a, b, c, g=None) -> bool:
 
 
 def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=None, e=None, f=None,
-         escale=None, s=None, cscale=None, epi=1, r=0, se=None, sf=None):
+         escale=None, s=None, cscale=None, epi=1, r=0, se=None, sf=None, db=None, st=None, stscale=None):
     """Launch :func:`_gemm_tma_kernel`. ``b`` is the tensor itself, (N, K) if ``b_nk`` else
     (K, N); ``cfg`` = (BM, BN, BK, GROUP_M, warps, stages); ``variant`` 1 or 2 (:data:`VARIANTS`).
-    Callers check :func:`usable` first."""
+    EPI 3 (see the kernel): ``g`` = B_cat (K, R), ``db`` a zeroed fp32 (K, RT) accumulator, ``st``
+    = S[:, lo:hi] (M, RT), ``stscale`` its rank scales. Callers check :func:`usable` first."""
     bm, bn, bk, gm, warps, stages = cfg
+    if epi == 3:
+        stages = min(stages, EPI3_MAX_STAGES)
     if r == 0:
         epi = 0
     r_pad = max(16, 1 << (max(r, 1) - 1).bit_length())  # rank tile: next power of two >= 16
@@ -236,6 +274,7 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
     b_desc = _desc(b, [N, K], [bn, bk]) if b_nk else _desc(b, [K, N], [bk, bn])
     c_desc = _desc(c, [M, N], [bm, bn // 2 if subtile else bn])
     g_desc = _desc(g, [r, K], [r_pad, bk]) if epi == 2 else None
+    rt = st.shape[1] if epi == 3 else 0
     dummy = c
     tiles = -(-M // bm) * -(-N // bn)
     programs = min(_programs(a.device), tiles)
@@ -243,10 +282,14 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         a_desc, b_desc, c_desc, g_desc,
         bias if bias is not None else dummy, e if e is not None else dummy, f if f is not None else dummy,
         escale if escale is not None else dummy, s if s is not None else dummy,
-        cscale if cscale is not None else dummy,
-        M, N, K, r, programs, int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None),
+        cscale if cscale is not None else dummy, g if epi == 3 else dummy, db if epi == 3 else dummy,
+        st if epi == 3 else dummy, stscale if epi == 3 else dummy,
+        M, N, K, r, rt, programs, int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None),
         *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)),
-        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, R_PAD=r_pad, RB=min(RB_MAX, r_pad), UPCAST=upcast,
+        *(g.stride() if epi == 3 else (0, 0)), *(db.stride() if epi == 3 else (0, 0)),
+        *(st.stride() if epi == 3 else (0, 0)),
+        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, R_PAD=r_pad, RB=min(RB_MAX, r_pad),
+        RT_PAD=max(16, 1 << (max(rt, 1) - 1).bit_length()) if epi == 3 else 16, UPCAST=upcast,
         BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
 
 
@@ -255,13 +298,13 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
     ``(jit_fn, arg types, constexprs, num_warps, num_stages)``; arg types name every ``*_desc``
     (``tensordesc<dtype[block]>``) and the fp32 pointers, other pointers take ``dtype``.
 
-    Per tile of :data:`TILES`: the fused forward at the largest rank tile (R_PAD 64), the split
-    forward and dX at the largest unrolled epilogue (R_PAD 512), and the plain GEMM; with split
-    stores (which change only the store) the fused forward and dX. Smaller R_PAD only shorten the
-    same code.
+    Per tile of :data:`TILES`: the fused forward and the fused backward (EPI 3) at the largest rank
+    tiles (R_PAD = RT_PAD = 64), the split forward and dX at the largest unrolled epilogue (R_PAD
+    512), and the plain GEMM; with split stores (which change only the store) the fused forward,
+    dX and the fused backward. Smaller R_PAD only shorten the same code.
     """
-    roles = {VARIANTS["tma"]: ((2, True, 64), (1, True, 512), (1, False, 512), (0, False, 16)),
-             VARIANTS["tma_subtile"]: ((2, True, 64), (1, False, 512))}
+    roles = {VARIANTS["tma"]: ((2, True, 64), (1, True, 512), (1, False, 512), (0, False, 16), (3, False, 64)),
+             VARIANTS["tma_subtile"]: ((2, True, 64), (1, False, 512), (3, False, 64))}
     cases = []
     for variant, role in roles.items():
         for bm, bn, bk, gm, warps, stages in TILES:
@@ -269,12 +312,12 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                 types = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>",
                          "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if b_nk else f"tensordesc<{dtype}[{bk}, {bn}]>",
                          "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2 if variant == 2 else bn}]>",
-                         "escale_ptr": "fp32", "cscale_ptr": "fp32"}
+                         "escale_ptr": "fp32", "cscale_ptr": "fp32", "db_ptr": "fp32", "stscale_ptr": "fp32"}
                 cx = dict(EPI=epi, B_NK=b_nk, SUBTILE=variant == 2, R_PAD=r_pad, RB=min(RB_MAX, r_pad),
-                          UPCAST=False, BM=bm, BN=bn, BK=bk, GROUP_M=gm)
+                          RT_PAD=r_pad if epi == 3 else 16, UPCAST=False, BM=bm, BN=bn, BK=bk, GROUP_M=gm)
                 if epi == 2:
                     types["g_desc"] = f"tensordesc<{dtype}[{r_pad}, {bk}]>"
                 else:
                     cx["g_desc"] = None
-                cases.append((_gemm_tma_kernel, types, cx, warps, stages))
+                cases.append((_gemm_tma_kernel, types, cx, warps, min(stages, EPI3_MAX_STAGES) if epi == 3 else stages))
     return cases
