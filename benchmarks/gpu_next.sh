@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check waiting for the next session with a device, on one H100/H200, in two calls:
-#   bash benchmarks/gpu_next.sh kernels   (timeouts sum to <= 9.5 min, a call may run 10)
+#   bash benchmarks/gpu_next.sh kernels   (timeouts sum to <= 9.7 min, a call may run 10; the build takes ~12 s of its 110)
 #   bash benchmarks/gpu_next.sh step      (<= 4.5 min)
 # kernels (the LoRA issue; the distillation one is resolved):
 #   1. CUDA library build (sm_90; the LoRA graph-capture test covers its backend too), then the
 #      LoRA tests on CUDA: the persistent TMA GEMM (lora_tma) against the fp64 reference on sm_90;
-#   2. benchmarks/tune_lora.py --quick ALWAYS, into a fresh table ($OUT/<gpu>.json): the shipped
+#   2. benchmarks/tune_lora.py --quick ALWAYS (compiling the ~130 candidates in 8 processes first),
+#      into a fresh table ($OUT/<gpu>.json): the shipped
 #      H200 table predates the TMA candidates (pointer / TMA / TMA with split stores);
 #   3. bench_lora --quick --graph-repeat 8 with that table in force (RIL_FAST_LORA_TUNING), with the
 #      triton_base / triton_base_tma providers (our GEMM alone against cuBLAS, target >= 0.9x);
@@ -35,14 +36,14 @@ BUILD=/tmp/ril_fast_cuda_build
 timeout 30 cmake -S . -B "$BUILD" -DRIL_CUDA_ARCHS=90 > "$WORK/cuda/build.log" 2>&1 \
   && timeout 80 cmake --build "$BUILD" -j "$(nproc)" >> "$WORK/cuda/build.log" 2>&1
 echo "build rc=$?"
-RIL_FAST_KERNELS=triton timeout 120 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_lora.py \
+RIL_FAST_KERNELS=triton timeout 150 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_kernels_lora.py \
   -k "not runs_on_cpu" > "$WORK/lora/tests.log" 2>&1; echo "lora tests rc=$?"; tail -n 8 "$WORK/lora/tests.log"
 SLUG=$(python3 -c "import torch; from ril_fast.kernels import lora_tuning as t; print(t.gpu_slug(torch.cuda.get_device_name()))")
 TABLE="$WORK/tune/$SLUG.json"
-timeout 180 python3 benchmarks/tune_lora.py --quick --table "$TABLE" --out "$WORK/tune/tune_lora.json" \
+timeout 170 python3 benchmarks/tune_lora.py --quick --table "$TABLE" --out "$WORK/tune/tune_lora.json" \
   > "$WORK/tune/log" 2>&1; echo "tune rc=$?"; tail -n 12 "$WORK/tune/log"
 [ -f "$TABLE" ] && export RIL_FAST_LORA_TUNING="$TABLE"
-RIL_FAST_KERNELS=triton timeout 120 python3 benchmarks/bench_lora.py --quick --graph-repeat 8 \
+RIL_FAST_KERNELS=triton timeout 110 python3 benchmarks/bench_lora.py --quick --graph-repeat 8 \
   --out "$WORK/lora/bench_lora_quick.json" > "$WORK/lora/bench.log" 2>&1; echo "bench_lora rc=$?"
 python3 - "$WORK/lora/bench_lora_quick.json" <<'PYEOF' 2>&1 | tee "$WORK/lora/summary.txt"
 import json, sys

@@ -63,10 +63,13 @@ def candidates(dev) -> list:
     return out
 
 
-def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev: str = "cuda") -> dict:
+def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev: str = "cuda",
+               warm_only=None) -> dict | None:
     """Time every implementation of this shape; the table entry, with all timings under ``us``.
 
-    The trainable slice is the last min(R, 16) ranks (the newest adapter of a group)."""
+    The trainable slice is the last min(R, 16) ranks (the newest adapter of a group).
+    ``warm_only``: candidate indices to run once each, untimed (compiles them into Triton's cache;
+    see :func:`warm`); returns None then."""
     x = torch.randn(m, d_in, device=dev, dtype=dtype)
     w = torch.randn(d_out, d_in, device=dev, dtype=dtype) / d_in**0.5
     bias = torch.randn(d_out, device=dev, dtype=dtype)
@@ -107,13 +110,16 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
         except Exception as exc:  # a tile config this GPU cannot launch (shared memory, registers)
             table[label] = f"{type(exc).__name__}: {str(exc)[:160]}"
             return
-        if agrees(label, got if isinstance(got, tuple) else (got,), ref, table):
+        if warm_only is None and agrees(label, got if isinstance(got, tuple) else (got,), ref, table):
             table[label] = _time(run)
 
-    fwd["cublas"] = _time(lambda: lora_group.fwd_launch(x, w, bias, a, b, rs, 0))
-    bwd["cublas"] = _time(bwd_cublas)
     cands = candidates(dev)
+    if warm_only is None:
+        fwd["cublas"] = _time(lambda: lora_group.fwd_launch(x, w, bias, a, b, rs, 0))
+        bwd["cublas"] = _time(bwd_cublas)
     for i, cfg in enumerate(cands):
+        if warm_only is not None and i not in warm_only:
+            continue
         for mode, name in ((1, "split"), (2, "fused")):
             if mode == 2 and r > lora_group.MAX_FUSED_R:
                 continue
@@ -122,6 +128,9 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
         attempt(f"triton:{i}", bwd, lambda cfg=cfg: bwd_triton(list(cfg)), ref_bwd)
         if cfg[6] and r <= lora_group.MAX_FUSED_R and lora_tma.usable(dy, w, x):  # dS, dB, dX in one kernel
             attempt(f"fused:{i}", bwd, lambda cfg=cfg: bwd_fused(list(cfg)), ref_bwd)
+
+    if warm_only is not None:
+        return None
 
     def best(times):
         ok = {k: v for k, v in times.items() if isinstance(v, float)}
@@ -133,12 +142,40 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
             "us": {"fwd": fwd, "bwd": bwd}}
 
 
+def _warm_worker(job) -> float:
+    shapes, quick, indices = job
+    os.environ.pop("TRITON_INTERPRET", None)
+    t0 = time.perf_counter()
+    for _, m, d_in, d_out in shapes:
+        for r in QUICK_R if quick else R_BUCKETS:
+            tune_shape(m, d_in, d_out, r, warm_only=set(indices))
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def warm(shapes, quick: bool, jobs: int) -> float:
+    """Compile every candidate for every shape in ``jobs`` processes at once (each runs a slice of
+    the candidates once): Triton compiles on the host, one kernel at a time per process, and the
+    TMA candidates alone are ~100 variants; the timing pass then finds them in Triton's on-disk
+    cache. Wall seconds."""
+    import multiprocessing
+
+    n = len(candidates("cuda"))
+    slices = [list(range(i, n, jobs)) for i in range(jobs)]
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        pool.map(_warm_worker, [(shapes, quick, sl) for sl in slices if sl], chunksize=1)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the bench's quick shapes, R in {16, 64}")
     ap.add_argument("--shapes", default=None, help="comma-separated shape names of bench_lora.GPU_SHAPES")
     ap.add_argument("--table", default=None, help="table file to write (default: the user cache)")
     ap.add_argument("--out", default=None, help="all timings (default benchmarks/results/<gpu>/tune_lora.json)")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                    help="processes compiling the candidates before the timing pass (1: compile while timing)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_lora.py needs a CUDA GPU: it times kernels; nothing to do on CPU", file=sys.stderr)
@@ -150,6 +187,9 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     table_file = Path(args.table) if args.table else lora_tuning.USER_CACHE / f"{lora_tuning.gpu_slug(gpu)}.json"
     entries, t0 = {}, time.perf_counter()
+    if args.jobs > 1:
+        print(f"compiled the candidates in {warm(shapes, args.quick, args.jobs):.1f} s ({args.jobs} processes)",
+              flush=True)
     info = env_info("cuda")
     out = results_path("tune_lora", "cuda", args.out)
     for name, m, d_in, d_out in shapes:

@@ -547,11 +547,27 @@ def test_custom_ops_pass_opcheck(device):
     [(8192, 320, 320, (16, 16, 16, 16)), (4096, 640, 640, (64,)), (4096, 320, 2560, (4, 8)),
      (2048, 1280, 1280, (64,) * 8)],
 )
-def test_real_shapes_bf16_cuda(monkeypatch, m, d_in, d_out, ranks):
+@pytest.mark.parametrize("kernel", ["as_dispatched", "tma_fused_bwd"])
+def test_real_shapes_bf16_cuda(monkeypatch, m, d_in, d_out, ranks, kernel):
+    """SD-sized layers on the GPU: as dispatched (tuning table / defaults), and with the persistent
+    TMA GEMM forced for the forward and the fused backward (sm_90+; R > 64 takes the Triton one)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    from ril_fast.kernels import lora_tma
+
     monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    calls = []
+    if kernel == "tma_fused_bwd":
+        if not lora_tma.available(torch.device("cuda")):
+            pytest.skip("no TMA on this GPU")
+        calls = _spy_tma(monkeypatch)
+        monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
+        monkeypatch.setenv("RIL_FAST_LORA_FWD", "fused")
+        monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
     _compare("cuda", torch.bfloat16, (m,), d_in, d_out, ranks, len(ranks) - 1)
+    if kernel == "tma_fused_bwd":
+        fused_bwd = sum(ranks) <= lora_group.MAX_FUSED_R
+        assert [c[0] for c in calls] == [2 if fused_bwd else 1, 3 if fused_bwd else 1], calls
 
 
 def test_two_forwards_before_backward_and_frozen_stack_cache(device):
@@ -615,6 +631,11 @@ def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
     # their kernels ran (and agreed with cuBLAS): split (EPI 1) and fused (2) forward, fused backward (3)
     assert set(tma_calls) == {(epi, v) for epi in (1, 2, 3) for v in (1, 2)}
     lora_tuning.validate({"entries": {"fp16:128:48:40:16": {k: v for k, v in e.items() if k != "us"}}}, "tuned")
+    # the compile-ahead pass (tune_lora.warm's workers) runs only its slice of candidates, untimed
+    tma_calls.clear()
+    monkeypatch.setattr(tune_lora, "_time", lambda fn: pytest.fail("the warm pass must not time"))
+    assert tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float16, dev="cpu", warm_only={2}) is None
+    assert set(tma_calls) == {(1, 2), (2, 2), (3, 2)}
 
 
 def test_rank_scale_vector_is_built_per_rank_and_cached():
