@@ -162,7 +162,7 @@ def _gemm_kernel(
         acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]
     c_ptrs = c_ptr + pid_k * s_cz + rm[:, None] * s_cm + rn[None, :] * s_cn
     if ATOMIC:
-        tl.atomic_add(c_ptrs, acc, mask=mm[:, None] & mn[None, :])
+        tl.atomic_add(c_ptrs, acc, mask=mm[:, None] & mn[None, :], sem="relaxed")
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
@@ -213,12 +213,13 @@ def _ds_db_kernel(
         ds = _mma(dy, bt, ds, IEEE)
         if NEED_DB:
             part = _mma(tl.trans(dy), st, tl.zeros((BN, R_PAD), dtype=ACC), IEEE)
-            tl.atomic_add(db_ptr + rn[:, None] * s_dbn + rt[None, :] * s_dbr, part, mask=mn[:, None] & mt[None, :])
+            tl.atomic_add(db_ptr + rn[:, None] * s_dbn + rt[None, :] * s_dbr, part, mask=mn[:, None] & mt[None, :],
+                          sem="relaxed")  # consumed after the kernel: no ordering needed, no fences
     sc = tl.load(rscale_ptr + rr, mask=mr, other=0.0).to(ACC)
     ds = ds * sc[None, :]
     ds_ptrs = ds_ptr + rm[:, None] * s_dsm + rr[None, :] * s_dsr
     if DS_ATOMIC:
-        tl.atomic_add(ds_ptrs, ds, mask=mm[:, None] & mr[None, :])
+        tl.atomic_add(ds_ptrs, ds, mask=mm[:, None] & mr[None, :], sem="relaxed")
     else:
         tl.store(ds_ptrs + pid_n * s_dsz, ds.to(ds_ptr.dtype.element_ty), mask=mm[:, None] & mr[None, :])
 
@@ -468,9 +469,9 @@ def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None):
     ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
     tiles = main_config(K) if cfg is None or INTERPRET else tuple(cfg[:6])
     variant = gemm_variant(cfg) or lora_tma.VARIANTS["tma"]
-    lora_tma.gemm(dy, weight, dx, b_nk=False, M=M, N=K, K=N, cfg=tiles, variant=variant, upcast=_flags(dy.dtype)["UPCAST"],
-                  g=b_cat, f=a_cat, escale=rscale, s=ds, epi=3, r=R, sf=a_cat.stride(), db=db, st=s[:, lo:hi],
-                  stscale=rscale[lo:hi])
+    lora_tma.gemm(dy, weight, dx, b_nk=False, M=M, N=K, K=N, cfg=tiles, variant=variant,
+                  upcast=_flags(dy.dtype)["UPCAST"], g=b_cat, f=a_cat, escale=rscale, s=ds, epi=3, r=R,
+                  sf=a_cat.stride(), db=db, st=s[:, lo:hi], stscale=rscale[lo:hi])
     return ds, dx, db
 
 

@@ -142,7 +142,7 @@ def _gemm_tma_kernel(
                 part = tl.dot(tl.trans(a), st, tl.zeros((BK, RT_PAD), dtype=tl.float32))
                 mine = (ki % num_n) == pid_n
                 tl.atomic_add(db_ptr + kk[:, None] * s_dbk + rt[None, :] * s_dbr, part,
-                              mask=(mk[:, None] & (rt[None, :] < RT)) & mine)
+                              mask=(mk[:, None] & (rt[None, :] < RT)) & mine, sem="relaxed")
 
         tile_c += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(tile_c, group, num_m, GROUP_M)
