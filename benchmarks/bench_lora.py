@@ -5,8 +5,9 @@ adapters), ``torch_stacked`` (addmm on concatenated A/B under autograd), ``fused
 dispatches on this GPU: the tuning table of ``benchmarks/tune_lora.py`` if one exists, else the
 Triton forward and the cuBLAS backward; GPU only), ``triton_untuned`` (every GEMM in our
 Triton kernels, fixed tiles), ``triton_base`` / ``triton_base_tma`` (our main GEMM with no LoRA,
-pointer / persistent TMA kernel, forward only: the Triton GEMM against cuBLAS) and ``cuda_lib``
-(when ``ril_fast.kernels.cuda_lib.available()[0]``).
+pointer / persistent TMA kernel, forward only: the Triton GEMM against cuBLAS), ``triton_tma``
+(sm_90+: the TMA kernel forced wherever it can run, with the fused backward) and, with
+``--cuda-lib``, ``cuda_lib`` (when ``ril_fast.kernels.cuda_lib.available()[0]``).
 Modes: ``forward`` (training forward), ``backward`` (backward of a retained graph), ``full``.
 Only the newest adapter trains; W, bias and older adapters are frozen.
 
@@ -86,10 +87,11 @@ def _with_env(fn, **env):
     return call
 
 
-def build_case(m, d_in, d_out, r, k, dtype, device, ours=None):
+def build_case(m, d_in, d_out, r, k, dtype, device, ours=None, cuda_lib_provider=False):
     """Tensors shared by every provider, and one callable per provider (returns y). ``ours``: add
     our op's providers (default: on CUDA); True also adds ``public`` (the dispatching entry point the
-    adapter-group module calls), for ``profile_lora_host.py``, which stubs the launches on CPU."""
+    adapter-group module calls), for ``profile_lora_host.py``, which stubs the launches on CPU.
+    ``cuda_lib_provider``: also the CUDA library's op, where it is built."""
     base = torch.nn.Linear(d_in, d_out, bias=True).to(device=device, dtype=dtype).requires_grad_(False)
     layer, names = _peft_layer(base, [(r, 2 * r)] * k)
     layer.to(device=device, dtype=dtype)
@@ -137,9 +139,13 @@ def build_case(m, d_in, d_out, r, k, dtype, device, ours=None):
             providers["triton_base"] = _with_env(triton_base, RIL_FAST_LORA_GEMM="pointer")
             if lora_tma.available(torch.device(device)):
                 providers["triton_base_tma"] = _with_env(triton_base, RIL_FAST_LORA_GEMM="tma")
+                # the TMA kernel forced for every GEMM it can run, and the fused backward: what the
+                # new kernels do even where the tuning table picks something else
+                providers["triton_tma"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
+                                                    RIL_FAST_LORA_BWD="fused", RIL_FAST_LORA_GEMM="tma")
         from ril_fast.kernels import cuda_lib
 
-        if is_cuda and cuda_lib.available()[0]:
+        if is_cuda and cuda_lib_provider and cuda_lib.available()[0]:
             providers["cuda_lib"] = lambda: cuda_lib.lora_group_linear(x, w, bias, a, b, scales)
     grads = [x, a[-1], b[-1]]
     return providers, grads
@@ -181,6 +187,8 @@ def main(argv=None):
     ap.add_argument("--graph-repeat", type=int, default=1,
                     help="calls captured back to back per CUDA graph, times per call (spreads the graph's "
                          "own launch latency, as inside a UNet); 1 = one call per replay")
+    ap.add_argument("--cuda-lib", action="store_true",
+                    help="also time the CUDA library's LoRA op (1.3-28x slower on the H200; off by default)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -202,7 +210,7 @@ def main(argv=None):
         variants += [("forward", True), ("full", True)]
     for name, m, d_in, d_out in shapes:
         for r, k in adapters:
-            providers, grads = build_case(m, d_in, d_out, r, k, dtype, device)
+            providers, grads = build_case(m, d_in, d_out, r, k, dtype, device, cuda_lib_provider=args.cuda_lib)
             base_t = {}
             for mode, graph in variants:
                 for prov, fn in providers.items():

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     cuda = ns.device == "cuda"
     rounds = ns.rounds or (8 if cuda else 25)
-    from ril_fast.kernels import lora_group, lora_tma
+    from ril_fast.kernels import lora_group
 
     if cuda:
         shapes = {name: (m, d_in, d_out) for name, m, d_in, d_out in GPU_SHAPES}
@@ -107,10 +107,8 @@ def main(argv=None) -> int:
     for name, r, k in cases:
         providers, grads = build_case(*shapes[name], r, k, dtype, ns.device, ours=True)
         providers = {p: fn for p, fn in providers.items() if p not in FORWARD_ONLY}
-        if not cuda:
+        if not cuda:  # (on sm_90+ build_case adds triton_tma: the TMA kernel builds descriptors per call)
             providers["fused_cublas_bwd"] = _with_env(providers["fused"], RIL_FAST_LORA_BWD="cublas")
-        elif lora_tma.available(torch.device(ns.device)):  # the TMA main GEMM: descriptors built per call
-            providers["fused_tma"] = _with_env(providers["fused"], RIL_FAST_LORA_GEMM="tma")
         gy = torch.randn(shapes[name][0], shapes[name][2], device=ns.device, dtype=dtype)
         fns = {}
         for prov, fn in providers.items():
