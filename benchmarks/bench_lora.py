@@ -251,7 +251,8 @@ def summarize(rows):
     PEFT / fused full (target ≥ 2 for k ≥ 2); ``stacked_speedup`` = torch_stacked / fused full
     (target ≥ 1.2 for C ≤ 640); ``gemm_x_base`` / ``gemm_tma_x_base`` = our main GEMM alone (R = 0;
     pointer / TMA kernel) over base forward (kernels-research §10: ≥ 0.9× cuBLAS, i.e. ≤ 1.11, or
-    the fused op cannot reach its targets). Plain timings include host launch cost; graph ones do not.
+    the fused op cannot reach its targets); ``tma_fwd_x_base`` / ``tma_full_x_base`` = the
+    ``triton_tma`` provider over base. Plain timings include host launch cost; graph ones do not.
     """
     idx = {(r["shape"], r["r"], r["k"], r["mode"], r.get("graph", False), r["provider"]): r.get("median_ms")
            for r in rows}
@@ -261,6 +262,9 @@ def summarize(rows):
         tag = "graph" if graph else "plain"
         if prov in FORWARD_ONLY and t is not None and get("base"):  # target >= 0.9x cuBLAS, i.e. <= 1.11
             col = "gemm_x_base" if prov == "triton_base" else "gemm_tma_x_base"
+            out.setdefault(f"{shape}/r{r}/k{k}", {})[f"{col}_{tag}"] = round(t / get("base"), 3)
+        if prov == "triton_tma" and t is not None and get("base") and mode in ("forward", "full"):
+            col = "tma_fwd_x_base" if mode == "forward" else "tma_full_x_base"
             out.setdefault(f"{shape}/r{r}/k{k}", {})[f"{col}_{tag}"] = round(t / get("base"), 3)
         if prov != "fused" or t is None:
             continue
@@ -280,7 +284,8 @@ def summarize(rows):
 
 def table(summary) -> str:
     """Compact text table of :func:`summarize` (plain / graph)."""
-    cols = ["fwd_x_base", "full_x_base", "peft_speedup", "stacked_speedup", "full_ms", "gemm_x_base", "gemm_tma_x_base"]
+    cols = ["fwd_x_base", "full_x_base", "peft_speedup", "stacked_speedup", "full_ms", "gemm_x_base", "gemm_tma_x_base",
+            "tma_fwd_x_base", "tma_full_x_base"]
     head = f"{'case':32s}" + "".join(f"{c + ' p/g':>22s}" for c in cols)
     lines = [head]
     for case, row in summary.items():

@@ -714,3 +714,24 @@ def test_profile_lora_host_runs_on_cpu(tmp_path):
         assert {r["provider"] for r in rows} == provs
         assert all(r[m] > 0 for r in rows for m in ("forward_host_us", "full_host_us", "no_grad_forward_host_us"))
     assert "lora_group_linear" in rec["public_full_cprofile"]
+
+
+def test_bench_lora_summary_ratios():
+    """benchmarks/bench_lora.summarize: each target's ratio from the providers' medians (synthetic rows)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_lora import summarize, table
+
+    rows = []
+    for prov, fwd, full in (("base", 10, 20), ("fused", 12, 30), ("peft_eager", 30, 90), ("torch_stacked", 15, 36),
+                            ("triton_base", 11, None), ("triton_base_tma", 9, None), ("triton_tma", 11, 25)):
+        rows.append(dict(shape="s", r=16, k=4, mode="forward", graph=True, provider=prov, median_ms=fwd))
+        if full:
+            rows.append(dict(shape="s", r=16, k=4, mode="full", graph=True, provider=prov, median_ms=full))
+    got = summarize(rows)["s/r16/k4"]
+    assert got == {"fwd_x_base_graph": 1.2, "full_x_base_graph": 1.5, "peft_speedup_graph": 3.0,
+                   "stacked_speedup_graph": 1.2, "full_ms_graph": 30, "gemm_x_base_graph": 1.1,
+                   "gemm_tma_x_base_graph": 0.9, "tma_fwd_x_base_graph": 1.1, "tma_full_x_base_graph": 1.25}
+    assert "tma_full_x_base" in table(summarize(rows)).splitlines()[0]
