@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-from ril_fast.kernels.dispatch import select_backend
 from ril_fast.kernels import reference
+from ril_fast.kernels.dispatch import select_backend
 
 
 def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
