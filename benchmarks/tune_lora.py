@@ -69,7 +69,7 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
 
     The trainable slice is the last min(R, 16) ranks (the newest adapter of a group).
     ``warm_only``: candidate indices to run once each, untimed (compiles them into Triton's cache;
-    see :func:`warm`); returns None then."""
+    see :func:`warm`); returns the number of runs that did not raise then."""
     x = torch.randn(m, d_in, device=dev, dtype=dtype)
     w = torch.randn(d_out, d_in, device=dev, dtype=dtype) / d_in**0.5
     bias = torch.randn(d_out, device=dev, dtype=dtype)
@@ -110,7 +110,9 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
         except Exception as exc:  # a tile config this GPU cannot launch (shared memory, registers)
             table[label] = f"{type(exc).__name__}: {str(exc)[:160]}"
             return
-        if warm_only is None and agrees(label, got if isinstance(got, tuple) else (got,), ref, table):
+        if warm_only is not None:
+            table[label] = None  # ran (and so compiled); not timed
+        elif agrees(label, got if isinstance(got, tuple) else (got,), ref, table):
             table[label] = _time(run)
 
     cands = candidates(dev)
@@ -130,7 +132,7 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
             attempt(f"fused:{i}", bwd, lambda cfg=cfg: bwd_fused(list(cfg)), ref_bwd)
 
     if warm_only is not None:
-        return None
+        return sum(1 for t in (fwd, bwd) for v in t.values() if v is None)
 
     def best(times):
         ok = {k: v for k, v in times.items() if isinstance(v, float)}
@@ -142,30 +144,31 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
             "us": {"fwd": fwd, "bwd": bwd}}
 
 
-def _warm_worker(job) -> float:
-    shapes, quick, indices = job
-    os.environ.pop("TRITON_INTERPRET", None)
-    t0 = time.perf_counter()
+def _warm_worker(job) -> int:
+    shapes, quick, indices, dtype, dev = job
+    ran = 0
     for _, m, d_in, d_out in shapes:
         for r in QUICK_R if quick else R_BUCKETS:
-            tune_shape(m, d_in, d_out, r, warm_only=set(indices))
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
+            ran += tune_shape(m, d_in, d_out, r, dtype=dtype, dev=dev, warm_only=set(indices))
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+    return ran
 
 
-def warm(shapes, quick: bool, jobs: int) -> float:
+def warm(shapes, quick: bool, jobs: int, dtype=torch.bfloat16, dev: str = "cuda") -> tuple[float, int]:
     """Compile every candidate for every shape in ``jobs`` processes at once (each runs a slice of
     the candidates once): Triton compiles on the host, one kernel at a time per process, and the
     TMA candidates alone are ~100 variants; the timing pass then finds them in Triton's on-disk
-    cache. Wall seconds."""
+    cache. (wall seconds, candidate runs that did not raise). The workers inherit the environment
+    (``main`` drops TRITON_INTERPRET first)."""
     import multiprocessing
 
-    n = len(candidates("cuda"))
+    n = len(candidates(dev))
     slices = [list(range(i, n, jobs)) for i in range(jobs)]
     t0 = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-        pool.map(_warm_worker, [(shapes, quick, sl) for sl in slices if sl], chunksize=1)
-    return time.perf_counter() - t0
+        ran = pool.map(_warm_worker, [(shapes, quick, sl, dtype, dev) for sl in slices if sl], chunksize=1)
+    return time.perf_counter() - t0, sum(ran)
 
 
 def main(argv=None) -> int:
@@ -188,8 +191,8 @@ def main(argv=None) -> int:
     table_file = Path(args.table) if args.table else lora_tuning.USER_CACHE / f"{lora_tuning.gpu_slug(gpu)}.json"
     entries, t0 = {}, time.perf_counter()
     if args.jobs > 1:
-        print(f"compiled the candidates in {warm(shapes, args.quick, args.jobs):.1f} s ({args.jobs} processes)",
-              flush=True)
+        secs, ran = warm(shapes, args.quick, args.jobs)
+        print(f"compiled the candidates in {secs:.1f} s ({args.jobs} processes, {ran} runs)", flush=True)
     info = env_info("cuda")
     out = results_path("tune_lora", "cuda", args.out)
     for name, m, d_in, d_out in shapes:

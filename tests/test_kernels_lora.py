@@ -634,7 +634,7 @@ def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
     # the compile-ahead pass (tune_lora.warm's workers) runs only its slice of candidates, untimed
     tma_calls.clear()
     monkeypatch.setattr(tune_lora, "_time", lambda fn: pytest.fail("the warm pass must not time"))
-    assert tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float16, dev="cpu", warm_only={2}) is None
+    assert tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float16, dev="cpu", warm_only={2}) == 4  # 2 fwd, 2 bwd
     assert set(tma_calls) == {(1, 2), (2, 2), (3, 2)}
 
 
@@ -735,3 +735,22 @@ def test_bench_lora_summary_ratios():
                    "stacked_speedup_graph": 1.2, "full_ms_graph": 30, "gemm_x_base_graph": 1.1,
                    "gemm_tma_x_base_graph": 0.9, "tma_fwd_x_base_graph": 1.1, "tma_full_x_base_graph": 1.25}
     assert "tma_full_x_base" in table(summarize(rows)).splitlines()[0]
+
+
+def test_tuner_compile_ahead_pass_runs_every_candidate_in_worker_processes():
+    """tune_lora.warm: spawned workers (the environment inherited, here the interpreter) each run
+    their slice of the candidates once; together every candidate of every shape runs."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton candidates through the interpreter")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tune_lora
+
+    cands = tune_lora.candidates("cpu")
+    secs, ran = tune_lora.warm([("tiny", 40, 32, 24)], True, 2, dtype=torch.float16, dev="cpu")
+    # per R bucket (16, 64): split + fused forward and the Triton backward for all; the fused
+    # backward for the TMA candidates
+    tma = sum(1 for c in cands if c[6])
+    assert ran == 2 * (3 * len(cands) + tma), (ran, len(cands), tma)
