@@ -124,7 +124,10 @@ def test_cases_cover_every_launch_variant():
         (*t[:5], min(t[5], lora_tma.EPI3_MAX_STAGES)) for t in lora_tma.TILES}
     assert {(cx["SUBTILE"], cx["EPI"], cx["B_NK"]) for _, _, cx, _, _ in tma} == {
         (False, 2, True), (False, 1, True), (False, 1, False), (False, 0, False), (False, 3, False),
-        (True, 2, True), (True, 1, False), (True, 3, False)}
+        (True, 2, True), (True, 3, False)}
+    # the plain GEMM (benchmark provider triton_base_tma) runs the fixed tiles only
+    assert {(cx["BM"], cx["BN"], cx["BK"], cx["GROUP_M"], w, st) for _, _, cx, w, st in tma if cx["EPI"] == 0} == set(
+        lora_group._GPU_MAIN)
     fused_r = {c[2][2]["R_PAD"] for c in cases if c[2][2].get("EPI") == 2}
     assert fused_r == {16, 32, 64} and lora_group.MAX_FUSED_R == 64
     dsdb_r = {c[2][2]["R_PAD"] for c in cases if c[2][0].__name__ == "_ds_db_kernel"}
