@@ -107,6 +107,7 @@ def report():
 
 
 CASE_IDS = [f"{c[0]}-{cc}" for c in _cases() for cc in _ccs(c)]
+CASES = {c[0]: c[2] for c in _cases()}
 
 
 def test_cases_cover_every_launch_variant():
@@ -160,6 +161,8 @@ def test_branch_scan_flags_the_old_ds_db_pattern():
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_compiles_for_gpu(report, case_id):
+    from ril_fast.kernels import lora_tma
+
     got = report[case_id]
     assert "error" not in got, got.get("error")
     cc = int(case_id.rsplit("-", 1)[1])
@@ -167,7 +170,10 @@ def test_compiles_for_gpu(report, case_id):
     assert got["shared"] <= SMEM_LIMIT[cc], f"{got['shared']} B shared memory > sm_{cc} limit"
     assert not got["smem_reads_in_branch"], got["smem_reads_in_branch"]
     if case_id.startswith("tma-"):  # what the kernel exists for: TMA loads, wgmma, the tile loop flattened
-        assert got["tma_loads"] > 0 and got["wgmma"] > 0 and got["flattened"] > 0, got
+        assert got["tma_loads"] > 0 and got["wgmma"] > 0, got
+        cx = CASES[case_id.rsplit("-", 1)[0]][2]
+        # (EPI 1 above MAX_UNROLLED_R loops over ranks at run time, which the flattening cannot take)
+        assert got["flattened"] > 0 or (cx["EPI"] == 1 and cx["R_PAD"] > lora_tma.MAX_UNROLLED_R.value), got
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -183,8 +183,13 @@ def test_fused_backward_falls_back_to_the_triton_one(device, monkeypatch):
     monkeypatch.setenv("RIL_FAST_DETERMINISTIC", "1")
     _compare(device, torch.float16, (96,), 64, 40, (8,), 0)
     monkeypatch.delenv("RIL_FAST_DETERMINISTIC")
+    calls.clear()
     _compare(device, torch.float16, (96,), 64, 40, (48, 40), 1)
     assert all(c[0] != 3 for c in calls), calls
+    from ril_fast.kernels import lora_tma
+
+    if lora_tma.available(torch.device(device)):  # R = 88: split forward (shrink, main) and dX, runtime rank loop
+        assert calls == [(1, True, 1), (1, True, 1), (1, False, 1)], calls
     x, w, b, a, bb, scales = _make(device, torch.float16, (96,), 64, 40, (8,), 0)
     x.requires_grad_(False)
     gy = torch.randn(96, 40, device=device).half()

@@ -49,6 +49,9 @@ TILES = [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4
          (64, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 2)]
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 RB_MAX = 32  # rank chunk of the EPI 1 epilogue
+# EPI 1 unrolls its rank chunks up to this R_PAD (2 chunks); at 128 and above the unrolled loads
+# spilled registers on every tile (ptxas -v for sm_90: 100-5300 B), so larger ranks loop at run time.
+MAX_UNROLLED_R = tl.constexpr(64)  # a constexpr global: the kernel reads it
 # The fused backward (EPI 3) also pipelines B_cat tiles and stages S_t and dYᵀ: 4 stages of a
 # 128x128 tile need 240 KB of shared memory there (compile gate), so it runs with at most 3.
 EPI3_MAX_STAGES = 3
@@ -60,6 +63,23 @@ def _tile_coords(tile, group, num_m, GROUP_M: tl.constexpr):
     first_m = (tile // group) * GROUP_M
     gsize = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (tile % group) % gsize, (tile % group) // gsize
+
+
+@triton.jit
+def _lora_chunk(acc, e_ptr, f_ptr, escale_ptr, rm, rn, mm, mn, r0, R, s_em, s_er, s_fr, s_fn, ESCALE,
+                RB: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + (E·diag(escale))[:, r0:r0+RB]·F[r0:r0+RB, :] for the tile's rows rm and columns rn."""
+    rr1 = r0 + tl.arange(0, RB)
+    mr = rr1 < R
+    e = tl.load(e_ptr + rm[:, None] * s_em + rr1[None, :] * s_er, mask=mm[:, None] & mr[None, :], other=0.0)
+    if ESCALE:
+        sc1 = tl.load(escale_ptr + rr1, mask=mr, other=0.0)
+        e = (e.to(tl.float32) * sc1[None, :]).to(f_ptr.dtype.element_ty)
+    f = tl.load(f_ptr + rr1[:, None] * s_fr + rn[None, :] * s_fn, mask=mr[:, None] & mn[None, :], other=0.0)
+    if UPCAST:
+        e = e.to(tl.float32)
+        f = f.to(tl.float32)
+    return tl.dot(e, f, acc)
 
 
 @triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE"])
@@ -76,7 +96,7 @@ def _gemm_tma_kernel(
     ``b_desc`` as N×K (``B_NK``: W of the forward) or K×N (W of dX), C (M×N) by ``c_desc``.
 
     EPI 0: plain GEMM. EPI 1: ``+ (E·diag(escale))·F``, E (M×R) and F (R×N) by pointers, in
-    RB-wide rank chunks up to R_PAD.
+    RB-wide rank chunks (unrolled up to R_PAD <= MAX_UNROLLED_R, else a runtime loop).
     EPI 2 (forward F1): ``S = A·Gᵀ`` alongside the K-loop (G = A_cat, R×K, by ``g_desc`` with
     R_PAD rows, zero-filled past R), then ``+ (S·diag(escale))·F``; the pid_n == 0 tile stores S.
     EPI 3 (the whole backward but dA, one read of dY): A = dY, B = W (K×N), so C = dX. Alongside
@@ -166,21 +186,15 @@ def _gemm_tma_kernel(
                 s_q = s_q.to(tl.float32)
                 f = f.to(tl.float32)
             acc = tl.dot(s_q, f, acc)
-        if EPI == 1:  # unrolled over R_PAD: a runtime loop here keeps the tile loop from flattening
-            for r0 in tl.static_range(0, R_PAD, RB):
-                rr1 = r0 + tl.arange(0, RB)
-                mr = rr1 < R
-                e = tl.load(e_ptr + rm[:, None] * s_em + rr1[None, :] * s_er, mask=mm[:, None] & mr[None, :],
-                            other=0.0)
-                if ESCALE:
-                    sc1 = tl.load(escale_ptr + rr1, mask=mr, other=0.0)
-                    e = (e.to(tl.float32) * sc1[None, :]).to(f_ptr.dtype.element_ty)
-                f = tl.load(f_ptr + rr1[:, None] * s_fr + rn[None, :] * s_fn, mask=mr[:, None] & mn[None, :],
-                            other=0.0)
-                if UPCAST:
-                    e = e.to(tl.float32)
-                    f = f.to(tl.float32)
-                acc = tl.dot(e, f, acc)
+        if EPI == 1:
+            if R_PAD <= MAX_UNROLLED_R:  # unrolled, so the tile loop can flatten (a runtime loop here stops it)
+                for r0 in tl.static_range(0, R_PAD, RB):
+                    acc = _lora_chunk(acc, e_ptr, f_ptr, escale_ptr, rm, rn, mm, mn, r0, R, s_em, s_er, s_fr, s_fn,
+                                      ESCALE, RB, UPCAST)
+            else:  # 4+ unrolled chunks spill registers (ptxas): loop at run time, the tile loop unflattened
+                for r0 in range(0, R, RB):
+                    acc = _lora_chunk(acc, e_ptr, f_ptr, escale_ptr, rm, rn, mm, mn, r0, R, s_em, s_er, s_fr, s_fn,
+                                      ESCALE, RB, UPCAST)
         if CSCALE:
             acc = acc * tl.load(cscale_ptr + rn, mask=mn, other=0.0)[None, :]
         if HAS_BIAS:
@@ -299,15 +313,16 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
     (``tensordesc<dtype[block]>``) and the fp32 pointers, other pointers take ``dtype``.
 
     Per tile of :data:`TILES`: the fused forward and the fused backward (EPI 3) at the largest rank
-    tiles (R_PAD = RT_PAD = 64), the split forward and dX at the largest unrolled epilogue (R_PAD
-    512); with split stores (which change only the store, and need less shared memory) the fused
+    tiles (R_PAD = RT_PAD = 64), the split forward and dX with the largest unrolled epilogue (R_PAD
+    64) and with the runtime rank loop (R_PAD 128, the code of every larger R); with split stores (which change only the store, and need less shared memory) the fused
     forward and backward, the roles with the most shared memory. The plain GEMM (benchmarks only)
     with the two fixed tiles of ``lora_group.main_config``. Smaller R_PAD only shorten the same code.
     (Fewer cases keep the cold gate near 3 min on two cores.)
     """
     from ril_fast.kernels.lora_group import _GPU_MAIN
 
-    roles = {VARIANTS["tma"]: ((2, True, 64), (1, True, 512), (1, False, 512), (3, False, 64)),
+    roles = {VARIANTS["tma"]: ((2, True, 64), (1, True, 64), (1, False, 64), (1, True, 128), (1, False, 128),
+                               (3, False, 64)),
              VARIANTS["tma_subtile"]: ((2, True, 64), (3, False, 64))}
     cases = []
     for variant, role in roles.items():
