@@ -10,9 +10,12 @@ the pattern that made dB wrong on GPU only (see ``_ds_db_kernel``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import sys
+import tempfile
 
 import pytest
 
@@ -20,6 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aot_gate import print_report, run_worker, signature  # noqa: E402
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
+# Register spill stores (bytes per thread, ptxas -v) allowed in a TMA kernel case. The gate compiles
+# without the launch-time specialisation (unit strides, 16-divisible sizes), which costs registers:
+# its cases spill up to ~0.5 KB here (triton 3.7) and ~1.2 KB (EPI 3, triton 3.6), while the rank
+# epilogue fully unrolled to R_PAD 512 spilled 2.6-5.3 KB: the kind of regression this catches.
+TMA_SPILL_LIMIT = 1536
 CCS = (80, 90)
 
 
@@ -84,19 +92,26 @@ def _compile_one(job):
     index, cc = job
     name, dtype, (fn, ptrs, constexprs, num_warps, num_stages) = _cases()[index]
     src = ASTSource(fn=fn, signature=signature(fn, constexprs, ptrs, dtype), constexprs=constexprs)
+    log = io.StringIO()
     try:
-        ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+        with contextlib.redirect_stdout(log):  # ptxas -v's report (TRITON_DUMP_PTXAS_LOG, set by _worker)
+            ck = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
         ptx = ck.asm["ptx"]
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log.getvalue())]
         return f"{name}-{cc}", {"cubin": len(ck.asm["cubin"]), "shared": ck.metadata.shared,
                                  "smem_reads_in_branch": smem_reads_in_branch(ck.asm["ttgir"]),
                                  "tma_loads": ptx.count("cp.async.bulk.tensor"), "wgmma": ptx.count("wgmma.mma_async"),
-                                 "flattened": ck.asm["ttgir"].count("tt.flatten")}
+                                 "flattened": ck.asm["ttgir"].count("tt.flatten"),
+                                 "spill_stores": max(spills) if spills else None}
     except Exception as exc:  # reported per case by the test
         return f"{name}-{cc}", {"error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
 def _worker():
+    # a fresh Triton cache, so every case runs ptxas and reports its register spills
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ril_fast_gate_")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     jobs = [(i, cc) for i, c in enumerate(_cases()) for cc in _ccs(c)]
     print_report(_compile_one, jobs)
 
@@ -117,6 +132,7 @@ def test_cases_cover_every_launch_variant():
     names = {c[2][0].__name__ for c in cases}
     assert names == {"_gemm_kernel", "_ds_db_kernel", "_gemm_tma_kernel"}
     tma = [c[2] for c in cases if c[2][0].__name__ == "_gemm_tma_kernel"]
+    assert len({(c[2][0], repr(c[2][1:])) for c in cases}) == len(cases), "a kernel variant listed twice"
     # every TMA tuning tile with both TMA variants, each GEMM role (fused / split fwd, dX, plain)
     assert {(cx["BM"], cx["BN"], cx["BK"], cx["GROUP_M"], w, st) for _, _, cx, w, st in tma
             if cx["EPI"] != 3} == set(lora_tma.TILES)
@@ -174,6 +190,8 @@ def test_compiles_for_gpu(report, case_id):
         cx = CASES[case_id.rsplit("-", 1)[0]][2]
         # (EPI 1 above MAX_UNROLLED_R loops over ranks at run time, which the flattening cannot take)
         assert got["flattened"] > 0 or (cx["EPI"] == 1 and cx["R_PAD"] > lora_tma.MAX_UNROLLED_R.value), got
+        assert got["spill_stores"] is not None, "no ptxas report: was this case compiled twice?"
+        assert got["spill_stores"] <= TMA_SPILL_LIMIT, f"{got['spill_stores']} B of register spills"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -339,5 +339,7 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                     types["g_desc"] = f"tensordesc<{dtype}[{r_pad}, {bk}]>"
                 else:
                     cx["g_desc"] = None
-                cases.append((_gemm_tma_kernel, types, cx, warps, min(stages, EPI3_MAX_STAGES) if epi == 3 else stages))
+                case = (_gemm_tma_kernel, types, cx, warps, min(stages, EPI3_MAX_STAGES) if epi == 3 else stages)
+                if case not in cases:  # EPI 3's stage cap makes two 128x128 tiles one kernel
+                    cases.append(case)
     return cases
