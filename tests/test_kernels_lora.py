@@ -124,13 +124,13 @@ def test_half_precision(device, monkeypatch, dtype, mode):
 
 
 def _spy_tma(monkeypatch) -> list:
-    """Record (EPI, B_NK, variant) of every persistent TMA GEMM launch."""
+    """Record (EPI, B_NK, variant, dB partials) of every persistent TMA GEMM launch."""
     from ril_fast.kernels import lora_tma
 
     calls, real = [], lora_tma.gemm
 
     def spy(*args, **kw):
-        calls.append((kw["epi"], kw["b_nk"], kw["variant"]))
+        calls.append((kw["epi"], kw["b_nk"], kw["variant"], kw.get("db_partial", False)))
         return real(*args, **kw)
 
     monkeypatch.setattr(lora_tma, "gemm", spy)
@@ -151,7 +151,7 @@ def test_tma_gemm_matches_fp64_reference(device, monkeypatch, variant, mode, dty
     _compare(device, dtype, (2, 75), 72, 88, (4, 13), 1)
     v = lora_tma.VARIANTS[variant]
     want = [(2 if mode == "fused" else 1, True, v), (1, False, v)]  # forward on W (N×K), dX on W (K×N)
-    assert calls == (want if lora_tma.available(torch.device(device)) else [])
+    assert [c[:3] for c in calls] == (want if lora_tma.available(torch.device(device)) else [])
 
 
 @pytest.mark.parametrize("dtype,ranks,train,variant", [
@@ -171,25 +171,40 @@ def test_fused_backward_matches_fp64_reference(device, monkeypatch, dtype, ranks
     monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
     _compare(device, dtype, (150,), 136, 200, ranks, train)
     v = lora_tma.VARIANTS[variant]
-    assert calls == ([(2, True, v), (3, False, v)] if lora_tma.available(torch.device(device)) else [])
+    assert [c[:3] for c in calls] == ([(2, True, v), (3, False, v)] if lora_tma.available(torch.device(device)) else [])
 
 
-def test_fused_backward_falls_back_to_the_triton_one(device, monkeypatch):
-    """Deterministic mode (atomics), R > 64 (dS tile in registers) and a frozen x (no dX) take the
-    Triton backward; the gradients are still right."""
+def test_fused_backward_deterministic_mode(device, monkeypatch):
+    """RIL_FAST_DETERMINISTIC=1: the fused backward stores per-M-tile dB partials (no atomics) and
+    sums them in order; right against fp64, and two runs give the same bits."""
+    from ril_fast.kernels import lora_tma
+
     calls = _spy_tma(monkeypatch)
     monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
     monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
     monkeypatch.setenv("RIL_FAST_DETERMINISTIC", "1")
-    _compare(device, torch.float16, (96,), 64, 40, (8,), 0)
-    monkeypatch.delenv("RIL_FAST_DETERMINISTIC")
-    calls.clear()
+    torch.manual_seed(3)
+    first = _compare(device, torch.float16, (150,), 64, 200, (4, 13), 1)  # 3 M-tiles of partials
+    torch.manual_seed(3)
+    second = _compare(device, torch.float16, (150,), 64, 200, (4, 13), 1)
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+    if lora_tma.available(torch.device(device)):
+        assert [(c[0], c[3]) for c in calls if c[0] == 3] == [(3, True), (3, True)], calls
+
+
+def test_fused_backward_falls_back_to_the_triton_one(device, monkeypatch):
+    """R > 64 (dS tile in registers) and a frozen x (no dX) take the Triton backward; the
+    gradients are still right."""
+    calls = _spy_tma(monkeypatch)
+    monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
     _compare(device, torch.float16, (96,), 64, 40, (48, 40), 1)
     assert all(c[0] != 3 for c in calls), calls
     from ril_fast.kernels import lora_tma
 
     if lora_tma.available(torch.device(device)):  # R = 88: split forward (shrink, main) and dX, runtime rank loop
-        assert calls == [(1, True, 1), (1, True, 1), (1, False, 1)], calls
+        assert [c[:3] for c in calls] == [(1, True, 1), (1, True, 1), (1, False, 1)], calls
     x, w, b, a, bb, scales = _make(device, torch.float16, (96,), 64, 40, (8,), 0)
     x.requires_grad_(False)
     gy = torch.randn(96, 40, device=device).half()

@@ -295,8 +295,9 @@ def backward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple
     """("triton" | "cublas" | "fused", dX tile config or None); ``RIL_FAST_LORA_BWD`` forces one.
 
     "fused" is the Triton backward with dS, dB and dX in one kernel (one read of dY; the TMA
-    kernel's EPI 3), where it can run (sm_90+ or the interpreter, 16-bit aligned operands, R <= 64,
-    no deterministic mode, dX needed); elsewhere it runs as "triton".
+    kernel's EPI 3; in deterministic mode dB from stored per-M-tile partials), where it can run
+    (sm_90+ or the interpreter, 16-bit aligned operands, R <= 64, dX needed); elsewhere it runs
+    as "triton".
 
     Untuned default on CUDA: cuBLAS. On the H100 the autograd backward of torch-stacked (cuBLAS)
     took 1.3-3.5x less time than the Triton backward on all 16 graph-replay cases (its dS/dB
@@ -459,19 +460,24 @@ def dx_launch(dy, weight, ds, a_cat, cfg=None):
     return dx
 
 
-def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None):
+def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None, deterministic=False):
     """dS, dX and dB of rank columns [lo, hi) from one read of dY: the TMA kernel's EPI 3
-    (:mod:`lora_tma`). ``db``: zeroed fp32 (d_out, hi-lo), accumulated with atomics. Returns (dS in
-    dY's dtype, dX, db). Callers check ``lora_tma.usable`` and R <= :data:`MAX_FUSED_R`."""
+    (:mod:`lora_tma`). ``db``: zeroed fp32 (d_out, hi-lo), accumulated with atomics, or with
+    ``deterministic`` written from per-M-tile partials summed in order. Returns (dS in dY's dtype,
+    dX, db). Callers check ``lora_tma.usable`` and R <= :data:`MAX_FUSED_R`."""
     M, N = dy.shape
     K, R = weight.shape[1], a_cat.shape[0]
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
     ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
     tiles = main_config(K) if cfg is None or INTERPRET else tuple(cfg[:6])
     variant = gemm_variant(cfg) or lora_tma.VARIANTS["tma"]
+    # one (d_out, hi-lo) fp32 partial per M-tile, each element written once: no memset needed
+    part = torch.empty(_cdiv(M, tiles[0]), N, hi - lo, device=dy.device, dtype=torch.float32) if deterministic else db
     lora_tma.gemm(dy, weight, dx, b_nk=False, M=M, N=K, K=N, cfg=tiles, variant=variant,
                   upcast=_flags(dy.dtype)["UPCAST"], g=b_cat, f=a_cat, escale=rscale, s=ds, epi=3, r=R,
-                  sf=a_cat.stride(), db=db, st=s[:, lo:hi], stscale=rscale[lo:hi])
+                  sf=a_cat.stride(), db=part, st=s[:, lo:hi], stscale=rscale[lo:hi], db_partial=deterministic)
+    if deterministic:
+        torch.sum(part, dim=0, out=db)
     return ds, dx, db
 
 
@@ -615,8 +621,8 @@ class _LoraGroupFn(torch.autograd.Function):
             need_b = any(need[5 + k + i] for i in train)
             need_a = any(need[5 + i] for i in train)
             impl, cfg = ctx.bwd_plan
-            if impl == "fused" and (det or ops or not need[0] or _pow2(a_cat.shape[0]) > MAX_FUSED_R):
-                impl = "triton"  # the fused backward: atomics, no custom op, dX needed, dS tile in registers
+            if impl == "fused" and (ops or not need[0] or _pow2(a_cat.shape[0]) > MAX_FUSED_R):
+                impl = "triton"  # the fused backward: no custom op, dX needed, dS tile in registers
             if impl == "cublas":
                 gx, da, db = backward_cublas(dy, x2, _as(weight, x2.dtype), a_cat, b_cat, s, rscale, lo, hi,
                                              need[0], need_a, need_b)
@@ -655,7 +661,7 @@ def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_
                           dtype=torch.float32) if train or fused else None
         db_buf = acc[:n_out * rt].view(n_out, rt) if has_b else None
         if fused:
-            ds, gx, db = dx_ds_db_launch(dy, w, a_cat, b_cat, s, rscale, lo, hi, db_buf, cfg)
+            ds, gx, db = dx_ds_db_launch(dy, w, a_cat, b_cat, s, rscale, lo, hi, db_buf, cfg, deterministic=det)
             gx = gx.reshape(ctx.x_shape)
         else:
             ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)

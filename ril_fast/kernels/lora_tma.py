@@ -87,8 +87,8 @@ def _gemm_tma_kernel(
     a_desc, b_desc, c_desc, g_desc,
     bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr, gp_ptr, db_ptr, st_ptr, stscale_ptr,
     M, N, K, R, RT, NUM_PROGRAMS, HAS_BIAS, ESCALE, CSCALE,
-    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_gk, s_gr, s_dbk, s_dbr, s_stm, s_str,
-    EPI: tl.constexpr, B_NK: tl.constexpr, SUBTILE: tl.constexpr,
+    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_gk, s_gr, s_dbz, s_dbk, s_dbr, s_stm, s_str,
+    EPI: tl.constexpr, B_NK: tl.constexpr, SUBTILE: tl.constexpr, DB_PARTIAL: tl.constexpr,
     R_PAD: tl.constexpr, RB: tl.constexpr, RT_PAD: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -104,7 +104,9 @@ def _gemm_tma_kernel(
     multiple of 8), and ``dB[:, :RT] += dYᵀ·(S_t·diag(stscale))`` for the trainable slice S_t (M×RT,
     ``st_ptr``): every program computes its K-step's partial and the one whose pid_n is the K-step
     index mod the N-tile count adds it (fp32 atomics; computing it everywhere keeps the dY tile's
-    shared-memory read out of a branch, see ``lora_group._ds_db_kernel``). Epilogue ``+ dS·F`` with
+    shared-memory read out of a branch, see ``lora_group._ds_db_kernel``). ``DB_PARTIAL``: it
+    stores it instead, into its M-tile's slice ``s_dbz`` apart, for an ordered sum after the kernel
+    (deterministic mode). Epilogue ``+ dS·F`` with
     F = A_cat; the pid_n == 0 tile stores dS.
     """
     start = tl.program_id(0)
@@ -161,8 +163,12 @@ def _gemm_tma_kernel(
                 s_acc = tl.dot(a, g, s_acc)
                 part = tl.dot(tl.trans(a), st, tl.zeros((BK, RT_PAD), dtype=tl.float32))
                 mine = (ki % num_n) == pid_n
-                tl.atomic_add(db_ptr + kk[:, None] * s_dbk + rt[None, :] * s_dbr, part,
-                              mask=(mk[:, None] & (rt[None, :] < RT)) & mine, sem="relaxed")
+                db_mask = (mk[:, None] & (rt[None, :] < RT)) & mine
+                if DB_PARTIAL:  # deterministic: this M-tile's own slice of (M-tiles, K, RT) partials
+                    tl.store(db_ptr + pid_m * s_dbz + kk[:, None] * s_dbk + rt[None, :] * s_dbr, part, mask=db_mask)
+                else:
+                    tl.atomic_add(db_ptr + kk[:, None] * s_dbk + rt[None, :] * s_dbr, part, mask=db_mask,
+                                  sem="relaxed")
 
         tile_c += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(tile_c, group, num_m, GROUP_M)
@@ -272,11 +278,14 @@ def usable(a, b, c, g=None) -> bool:
 
 
 def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=None, e=None, f=None,
-         escale=None, s=None, cscale=None, epi=1, r=0, se=None, sf=None, db=None, st=None, stscale=None):
+         escale=None, s=None, cscale=None, epi=1, r=0, se=None, sf=None, db=None, st=None, stscale=None,
+         db_partial=False):
     """Launch :func:`_gemm_tma_kernel`. ``b`` is the tensor itself, (N, K) if ``b_nk`` else
     (K, N); ``cfg`` = (BM, BN, BK, GROUP_M, warps, stages); ``variant`` 1 or 2 (:data:`VARIANTS`).
-    EPI 3 (see the kernel): ``g`` = B_cat (K, R), ``db`` a zeroed fp32 (K, RT) accumulator, ``st``
-    = S[:, lo:hi] (M, RT), ``stscale`` its rank scales. Callers check :func:`usable` first."""
+    EPI 3 (see the kernel): ``g`` = B_cat (K, R), ``db`` a zeroed fp32 (K, RT) accumulator, or with
+    ``db_partial`` an fp32 (cdiv(M, BM), K, RT) buffer of per-M-tile partials (every element is
+    written), ``st`` = S[:, lo:hi] (M, RT), ``stscale`` its rank scales. Callers check
+    :func:`usable` first."""
     bm, bn, bk, gm, warps, stages = cfg
     if epi == 3:
         stages = min(stages, EPI3_MAX_STAGES)
@@ -300,10 +309,11 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         st if epi == 3 else dummy, stscale if epi == 3 else dummy,
         M, N, K, r, rt, programs, int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None),
         *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)),
-        *(g.stride() if epi == 3 else (0, 0)), *(db.stride() if epi == 3 else (0, 0)),
+        *(g.stride() if epi == 3 else (0, 0)),
+        *((db.stride() if db_partial else (0, *db.stride())) if epi == 3 else (0, 0, 0)),
         *(st.stride() if epi == 3 else (0, 0)),
-        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, R_PAD=r_pad, RB=min(RB_MAX, r_pad),
-        RT_PAD=max(16, 1 << (max(rt, 1) - 1).bit_length()) if epi == 3 else 16, UPCAST=upcast,
+        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=bool(db_partial) and epi == 3, R_PAD=r_pad,
+        RB=min(RB_MAX, r_pad), RT_PAD=max(16, 1 << (max(rt, 1) - 1).bit_length()) if epi == 3 else 16, UPCAST=upcast,
         BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
 
 
@@ -312,12 +322,13 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
     ``(jit_fn, arg types, constexprs, num_warps, num_stages)``; arg types name every ``*_desc``
     (``tensordesc<dtype[block]>``) and the fp32 pointers, other pointers take ``dtype``.
 
-    Per tile of :data:`TILES`: the fused forward and the fused backward (EPI 3) at the largest rank
-    tiles (R_PAD = RT_PAD = 64), the split forward and dX with the largest unrolled epilogue (R_PAD
-    64) and with the runtime rank loop (R_PAD 128, the code of every larger R); with split stores (which change only the store, and need less shared memory) the fused
-    forward and backward, the roles with the most shared memory. The plain GEMM (benchmarks only)
-    with the two fixed tiles of ``lora_group.main_config``. Smaller R_PAD only shorten the same code.
-    (Fewer cases keep the cold gate near 3 min on two cores.)
+    Per tile of :data:`TILES`: the fused forward and the fused backward (EPI 3, also its
+    deterministic variant) at the largest rank tiles (R_PAD = RT_PAD = 64), the split forward and
+    dX with the largest unrolled epilogue (R_PAD 64) and with the runtime rank loop (R_PAD 128, the
+    code of every larger R); with split stores (which change only the store, and need less shared
+    memory) the fused forward and backward, the roles with the most shared memory. The plain GEMM
+    (benchmarks only) with the two fixed tiles of ``lora_group.main_config``. Smaller R_PAD only
+    shorten the same code.
     """
     from ril_fast.kernels.lora_group import _GPU_MAIN
 
@@ -333,7 +344,8 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                          "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if b_nk else f"tensordesc<{dtype}[{bk}, {bn}]>",
                          "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2 if variant == 2 else bn}]>",
                          "escale_ptr": "fp32", "cscale_ptr": "fp32", "db_ptr": "fp32", "stscale_ptr": "fp32"}
-                cx = dict(EPI=epi, B_NK=b_nk, SUBTILE=variant == 2, R_PAD=r_pad, RB=min(RB_MAX, r_pad),
+                cx = dict(EPI=epi, B_NK=b_nk, SUBTILE=variant == 2, DB_PARTIAL=False, R_PAD=r_pad,
+                          RB=min(RB_MAX, r_pad),
                           RT_PAD=r_pad if epi == 3 else 16, UPCAST=False, BM=bm, BN=bn, BK=bk, GROUP_M=gm)
                 if epi == 2:
                     types["g_desc"] = f"tensordesc<{dtype}[{r_pad}, {bk}]>"
@@ -342,4 +354,8 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                 case = (_gemm_tma_kernel, types, cx, warps, min(stages, EPI3_MAX_STAGES) if epi == 3 else stages)
                 if case not in cases:  # EPI 3's stage cap makes two 128x128 tiles one kernel
                     cases.append(case)
+                if epi == 3 and variant == 1:  # the deterministic fused backward (dB partials stored)
+                    det = (_gemm_tma_kernel, types, dict(cx, DB_PARTIAL=True), warps, case[4])
+                    if det not in cases:
+                        cases.append(det)
     return cases
