@@ -16,6 +16,9 @@ pipeline) and the epilogue (the store) are a large share of each tile. This kern
 - stores C through a TMA descriptor, optionally in two half-width slices (less shared memory for
   the epilogue's staging buffer, so more pipeline stages fit).
 
+It also has a role the pointer kernel lacks, the fused backward (EPI 3): dX, dS and dB of the
+trainable slice from one read of dY (``lora_group.dx_ds_db_launch``).
+
 The small LoRA operands (S or dS, B_cat or A_cat, the scales, bias) keep pointer loads: they
 are a few KB per tile, their rank R is often not a multiple of 8 (TMA needs 16-byte row
 strides), and they live in L2.
