@@ -227,6 +227,19 @@ def test_tma_gemm_falls_back_where_tma_cannot_address(device, monkeypatch):
     assert calls == []
 
 
+def test_tma_gemm_forced_on_an_empty_batch(device, monkeypatch):
+    """M = 0 (an empty batch): a TMA descriptor needs positive sizes, so the pointer kernel runs,
+    and the output and gradients are empty / zero as torch's."""
+    calls = _spy_tma(monkeypatch)
+    monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
+    x, w, b, a, bb, scales = _make(device, torch.float16, (0,), 64, 40, (8,), 0)
+    y = kernels.lora_group_linear(x, w, b, a, bb, scales)
+    y.sum().backward()
+    assert y.shape == (0, 40) and x.grad.shape == (0, 64) and calls == []
+    assert a[0].grad.abs().max() == 0 and bb[0].grad.abs().max() == 0
+
+
 def test_tma_gemm_plain_and_bias_against_torch(device):
     """EPI 0 (no LoRA, the ``triton_base`` benchmark provider) with a bias, both B layouts."""
     from ril_fast.kernels import lora_tma

@@ -275,9 +275,10 @@ def available(device: torch.device) -> bool:
 
 
 def usable(a, b, c, g=None) -> bool:
-    """Every TMA operand fits (dtype, layout), on a device that has TMA."""
-    return (a.dtype in TMA_DTYPES and available(a.device)
-            and all(tma_ok(t) for t in (a, b, c) + ((g,) if g is not None else ())))
+    """Every TMA operand fits (dtype, layout, not empty: a descriptor needs positive sizes), on a
+    device that has TMA."""
+    ts = (a, b, c) + ((g,) if g is not None else ())
+    return a.dtype in TMA_DTYPES and available(a.device) and all(t.numel() > 0 and tma_ok(t) for t in ts)
 
 
 def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=None, e=None, f=None,
