@@ -570,8 +570,53 @@ def test_custom_ops_pass_opcheck(device):
         (lora_group.lora_bwd_dx, (dy, w, ds, a, cfg)),
         (lora_group.lora_bwd_dx, (dy, w, ds, a, None)),
         (lora_group.lora_bwd_da, (ds, x, 0, 4, True)),
+        (lora_group.lora_bwd_fused, (dy, w, a, b, s, rs, 2, 5, False, cfg)),  # fp32: the unfused kernels
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_fused_backward_custom_op(device, monkeypatch, det):
+    """ril_fast::lora_group_bwd_fused (the fused backward under torch.compile): the fused kernel
+    where its TMA operands fit (fp16, 16-byte rows), the same dS / dX / dB as the unfused kernels
+    (its own fallback, fp16 rows of 20), and opcheck's schema, fake-tensor and AOT checks."""
+    from ril_fast.kernels import lora_tma
+
+    calls = _spy_tma(monkeypatch)
+    torch.manual_seed(0)
+    m, d_in, r = 70, 24, 6
+    for d_out in (32, 20):  # 64-byte rows fit TMA; 40-byte rows do not
+        t = lambda *sh: torch.randn(*sh, device=device).half()  # noqa: E731
+        dy, w, a, b, s = t(m, d_out), t(d_out, d_in), t(r, d_in), t(d_out, r), t(m, r)
+        rs = torch.full((r,), 0.5, device=device)
+        calls.clear()
+        ds, dx, db = lora_group.lora_bwd_fused(dy, w, a, b, s, rs, 2, 5, det, None)
+        fused = [c[0] for c in calls] == [3]
+        assert fused == (d_out == 32 and lora_tma.available(torch.device(device))), calls
+        ds_ref, db_ref = lora_group.ds_db_launch(dy, b, s, rs, 2, 5, True)
+        dx_ref = lora_group.dx_launch(dy, w, ds_ref, a)
+        for got, want in ((ds, ds_ref), (dx, dx_ref), (db, db_ref)):
+            scale = want.float().abs().max().item()
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * scale)
+        torch.library.opcheck(lora_group.lora_bwd_fused, (dy, w, a, b, s, rs, 2, 5, det, None),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compile_path_runs_the_fused_backward_as_a_custom_op(device, monkeypatch):
+    """Under torch.compile (simulated: ``_compiling`` True, so every launch goes through the
+    custom ops) the fused plan calls ril_fast::lora_group_bwd_fused, not the unfused kernels."""
+    from ril_fast.kernels import lora_tma
+
+    calls = _spy_tma(monkeypatch)
+    ops = []
+    real = lora_group.lora_bwd_fused
+    monkeypatch.setattr(lora_group, "lora_bwd_fused", lambda *a: (ops.append("fused"), real(*a))[1])
+    monkeypatch.setattr(lora_group, "_compiling", lambda: True)
+    monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
+    _compare(device, torch.float16, (150,), 64, 200, (4, 13), 1)
+    assert ops == ["fused"]
+    assert [c[0] for c in calls if c[0] == 3] == ([3] if lora_tma.available(torch.device(device)) else [])
 
 
 @pytest.mark.gpu

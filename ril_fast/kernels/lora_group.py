@@ -568,6 +568,31 @@ def _(dy, weight, ds, a_cat, cfg):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
+def fused_backward_fits(dy: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The fused backward's TMA operands fit: dY, W, and dX (fresh M×d_in, rows as long as W's)."""
+    return lora_tma.usable(dy, weight, weight)
+
+
+@torch.library.custom_op("ril_fast::lora_group_bwd_fused", mutates_args=())
+def lora_bwd_fused(dy: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
+                   s: torch.Tensor, rscale: torch.Tensor, lo: int, hi: int, deterministic: bool,
+                   cfg: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom-op form of the fused backward: (dS, dX, fp32 dB of columns [lo, hi)) from
+    :func:`dx_ds_db_launch` where its TMA operands fit (checked here, on real tensors), else from
+    the dS/dB and dX kernels."""
+    db = torch.zeros(dy.shape[1], hi - lo, device=dy.device, dtype=torch.float32)
+    if fused_backward_fits(dy, weight):
+        return dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic=deterministic)
+    ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=db)
+    return ds, dx_launch(dy, weight, ds, a_cat, cfg), db
+
+
+@lora_bwd_fused.register_fake
+def _(dy, weight, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg):
+    return (dy.new_empty(dy.shape[0], a_cat.shape[0]), dy.new_empty(dy.shape[0], weight.shape[1]),
+            dy.new_empty(dy.shape[1], hi - lo, dtype=torch.float32))
+
+
 @torch.library.custom_op("ril_fast::lora_group_bwd_da", mutates_args=())
 def lora_bwd_da(ds: torch.Tensor, x: torch.Tensor, lo: int, hi: int, deterministic: bool) -> torch.Tensor:
     """Custom-op form of :func:`da_launch`."""
@@ -621,8 +646,8 @@ class _LoraGroupFn(torch.autograd.Function):
             need_b = any(need[5 + k + i] for i in train)
             need_a = any(need[5 + i] for i in train)
             impl, cfg = ctx.bwd_plan
-            if impl == "fused" and (ops or not need[0] or _pow2(a_cat.shape[0]) > MAX_FUSED_R):
-                impl = "triton"  # the fused backward: no custom op, dX needed, dS tile in registers
+            if impl == "fused" and (not need[0] or _pow2(a_cat.shape[0]) > MAX_FUSED_R):
+                impl = "triton"  # the fused backward: dX needed, dS tile in registers
             if impl == "cublas":
                 gx, da, db = backward_cublas(dy, x2, _as(weight, x2.dtype), a_cat, b_cat, s, rscale, lo, hi,
                                              need[0], need_a, need_b)
@@ -651,10 +676,13 @@ def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_
     rt, n_out, n_in = hi - lo, dy.shape[1], x2.shape[1]
     gx = None
     w = _as(weight, x2.dtype)
-    if fused:
-        fused = lora_tma.usable(dy, w, x2)  # dX is a fresh (M, d_in) tensor like x2; x2 stands in for it
+    if fused and not ops:  # (under torch.compile the custom op checks, on real tensors)
+        fused = fused_backward_fits(dy, w)
     has_b = need_b or fused  # the fused kernel always accumulates dB (masked atomics, a few % of its work)
-    if ops:
+    if ops and fused:
+        ds, gx, db = lora_bwd_fused(dy, w, a_cat, b_cat, s, rscale, lo, hi, det, cfg)
+        gx = gx.reshape(ctx.x_shape)
+    elif ops:
         ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
     else:  # one zeroed fp32 buffer for dB and dA: one memset, and one cast at the end
         acc = torch.zeros(n_out * rt * has_b + rt * n_in * need_a, device=dy.device,
