@@ -128,7 +128,7 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
             attempt(f"{name}:{i}", fwd, lambda mode=mode, cfg=cfg: lora_group.fwd_launch(
                 x, w, bias, a, b, rs, mode, list(cfg))[0], (ref_y,))
         attempt(f"triton:{i}", bwd, lambda cfg=cfg: bwd_triton(list(cfg)), ref_bwd)
-        if cfg[6] and r <= lora_group.MAX_FUSED_R and lora_tma.usable(dy, w, x):  # dS, dB, dX in one kernel
+        if cfg[6] and r <= lora_group.MAX_FUSED_R and lora_group.fused_backward_fits(dy, w):  # dS, dB, dX at once
             attempt(f"fused:{i}", bwd, lambda cfg=cfg: bwd_fused(list(cfg)), ref_bwd)
 
     if warm_only is not None:

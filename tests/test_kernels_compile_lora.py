@@ -121,8 +121,9 @@ def report():
     return run_worker(__file__, timeout=900)
 
 
-CASE_IDS = [f"{c[0]}-{cc}" for c in _cases() for cc in _ccs(c)]
-CASES = {c[0]: c[2] for c in _cases()}
+_ALL_CASES = _cases()
+CASE_IDS = [f"{c[0]}-{cc}" for c in _ALL_CASES for cc in _ccs(c)]
+CASES = {c[0]: c[2] for c in _ALL_CASES}
 
 
 def test_cases_cover_every_launch_variant():

@@ -313,6 +313,12 @@ def backward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple
     return tuned["bwd"], tuned["bwd_cfg"]
 
 
+def _main_tiles(n: int, cfg) -> tuple:
+    """(BM, BN, BK, GROUP_M, warps, stages) of a main GEMM: the tuned config's first six entries,
+    else (and always in the interpreter) the fixed tiles of :func:`main_config`."""
+    return main_config(n) if cfg is None or INTERPRET else tuple(cfg[:6])
+
+
 def gemm_variant(cfg) -> int:
     """Kernel of a main GEMM (:data:`lora_tma.VARIANTS`): ``RIL_FAST_LORA_GEMM`` forces one, else the
     tuned config's 7th entry, else 0 (the pointer kernel)."""
@@ -330,12 +336,13 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
     interpreter). A main GEMM (no split-K) whose variant is TMA runs :mod:`lora_tma` instead where
     its operands allow (16-bit, row-contiguous, 16-byte aligned, sm_90+)."""
     fl = _flags(a.dtype)
-    if blocks is None and split_k == 1 and sa is None and sc is None and gemm_variant(cfg):
+    variant = gemm_variant(cfg) if blocks is None and split_k == 1 and sa is None and sc is None else 0
+    if variant:
         b_nk = sb is not None and sb[0] == 1 and b.shape[0] == N  # B given as the transpose of W (N, K)
         if (b_nk or sb is None) and lora_tma.usable(a, b, c, g if epi == 2 else None):
-            lora_tma.gemm(a, b, c, b_nk=b_nk, M=M, N=N, K=K, cfg=main_config(N) if cfg is None or INTERPRET
-                          else tuple(cfg[:6]), variant=gemm_variant(cfg), upcast=fl["UPCAST"], bias=bias, g=g, e=e,
-                          f=f, escale=escale, s=s, cscale=cscale, epi=epi, r=r, se=se, sf=sf)
+            lora_tma.gemm(a, b, c, b_nk=b_nk, M=M, N=N, K=K, cfg=_main_tiles(N, cfg), variant=variant,
+                          upcast=fl["UPCAST"], bias=bias, g=g, e=e, f=f, escale=escale, s=s, cscale=cscale, epi=epi,
+                          r=r, se=se, sf=sf)
             return
     dummy = c
     args = (a, b, c, bias if bias is not None else dummy, g if g is not None else dummy,
@@ -346,7 +353,7 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
             *(sa or a.stride()), *(sb or b.stride()), *(sc or (c.stride() if c.dim() == 3 else (0, *c.stride()))),
             *(sg or (0, 0)), *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)))
     if blocks is None:
-        bm, bn, bk, gm, warps, stages = main_config(N) if cfg is None or INTERPRET else cfg[:6]
+        bm, bn, bk, gm, warps, stages = _main_tiles(N, cfg)
     else:
         (bm, bn, bk, warps), gm, stages = blocks, 1, 1 if INTERPRET else 3
     # R_PAD only shapes EPI 2's register tile; EPI 1 walks R in RB-wide chunks
@@ -464,12 +471,12 @@ def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None, d
     """dS, dX and dB of rank columns [lo, hi) from one read of dY: the TMA kernel's EPI 3
     (:mod:`lora_tma`). ``db``: zeroed fp32 (d_out, hi-lo), accumulated with atomics, or with
     ``deterministic`` written from per-M-tile partials summed in order. Returns (dS in dY's dtype,
-    dX, db). Callers check ``lora_tma.usable`` and R <= :data:`MAX_FUSED_R`."""
+    dX, db). Callers check :func:`fused_backward_fits` and R <= :data:`MAX_FUSED_R`."""
     M, N = dy.shape
     K, R = weight.shape[1], a_cat.shape[0]
     dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
     ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
-    tiles = main_config(K) if cfg is None or INTERPRET else tuple(cfg[:6])
+    tiles = _main_tiles(K, cfg)
     variant = gemm_variant(cfg) or lora_tma.VARIANTS["tma"]
     # one (d_out, hi-lo) fp32 partial per M-tile, each element written once: no memset needed
     part = torch.empty(_cdiv(M, tiles[0]), N, hi - lo, device=dy.device, dtype=torch.float32) if deterministic else db

@@ -239,6 +239,11 @@ def _desc(t: torch.Tensor, shape: list, block: list) -> TensorDescriptor:
     return d
 
 
+def _pow2(n: int) -> int:
+    """Rank tile: the next power of two >= max(n, 16) (as lora_group._pow2)."""
+    return max(16, 1 << (max(int(n), 1) - 1).bit_length())
+
+
 _PROGRAMS: dict = {}
 
 
@@ -295,7 +300,7 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         stages = min(stages, EPI3_MAX_STAGES)
     if r == 0:
         epi = 0
-    r_pad = max(16, 1 << (max(r, 1) - 1).bit_length())  # rank tile: next power of two >= 16
+    r_pad = _pow2(r)
     subtile = variant == VARIANTS["tma_subtile"]
     a_desc = _desc(a, [M, K], [bm, bk])
     b_desc = _desc(b, [N, K], [bn, bk]) if b_nk else _desc(b, [K, N], [bk, bn])
@@ -317,7 +322,7 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         *((db.stride() if db_partial else (0, *db.stride())) if epi == 3 else (0, 0, 0)),
         *(st.stride() if epi == 3 else (0, 0)),
         EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=bool(db_partial) and epi == 3, R_PAD=r_pad,
-        RB=min(RB_MAX, r_pad), RT_PAD=max(16, 1 << (max(rt, 1) - 1).bit_length()) if epi == 3 else 16, UPCAST=upcast,
+        RB=min(RB_MAX, r_pad), RT_PAD=_pow2(rt), UPCAST=upcast,
         BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
 
 
