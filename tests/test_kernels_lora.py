@@ -123,6 +123,46 @@ def test_half_precision(device, monkeypatch, dtype, mode):
     _compare(device, dtype, (150,), 64, 72, (4, 12), 1)
 
 
+def test_rank_slice_layouts():
+    """A rank slice as a reduction operand (S or dS columns [lo, hi)): kept where its rank axis is
+    whole 16-element runs or M is not a multiple of 16, else a transposed copy with the same
+    values, contiguous along M, so the K-loop loads vectorise."""
+    t = torch.randn(48, 20)
+    buf, (s_m, s_r) = lora_group._rank_slice(t, 4, 17)
+    assert buf.shape == (13, 48) and (s_m, s_r) == (1, 48)
+    assert torch.equal(buf.t(), t[:, 4:17])
+    whole = torch.randn(48, 32)
+    view, strides = lora_group._rank_slice(whole, 16, 32)
+    assert view.data_ptr() == whole[:, 16:].data_ptr() and strides == (32, 1)
+    odd_m = torch.randn(40, 20)
+    view, strides = lora_group._rank_slice(odd_m, 4, 17)
+    assert view.data_ptr() == odd_m[:, 4:].data_ptr() and strides == (20, 1)
+    narrow = torch.randn(800, 6)  # one r = 6 adapter: rows 12 bytes apart
+    buf, strides = lora_group._rank_slice(narrow, 0, 6)
+    assert strides == (1, 800) and torch.equal(buf.t(), narrow)
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_triton_backward_through_the_rank_slice_copy(device, monkeypatch, det):
+    """M = 64 (a multiple of 16) with the trainable slice at rank 4, 13 wide: dA, and in
+    deterministic mode dB, reduce over the transposed copy of the slice; right against fp64."""
+    seen, real = [], lora_group._rank_slice
+
+    def spy(t, lo, hi):
+        out = real(t, lo, hi)
+        seen.append(out[1])
+        return out
+
+    monkeypatch.setattr(lora_group, "_rank_slice", spy)
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "triton")
+    if det:
+        monkeypatch.setenv("RIL_FAST_DETERMINISTIC", "1")
+    _compare(device, torch.float16, (64,), 48, 40, (4, 13), 1)
+    # dA always reduces over dS[:, 4:17]; deterministic dB over S[:, 4:17] as well: both copied
+    assert seen and all(st == (1, 64) for st in seen), seen
+    assert len(seen) == (2 if det else 1), seen
+
+
 def _spy_tma(monkeypatch) -> list:
     """Record (EPI, B_NK, variant, dB partials) of every persistent TMA GEMM launch."""
     from ril_fast.kernels import lora_tma

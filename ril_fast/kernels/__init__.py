@@ -1,7 +1,8 @@
 """Public functional ops backed by fused kernels.
 
 ``lora_group_linear`` and ``distill_mse`` choose their backend per call through
-:func:`ril_fast.kernels.dispatch.select_backend` (Triton > CUDA library > torch reference on CUDA tensors; the measured order).
+:func:`ril_fast.kernels.dispatch.select_backend` (Triton > CUDA library > torch reference on CUDA
+tensors; the measured order).
 """
 
 from __future__ import annotations

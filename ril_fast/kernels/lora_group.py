@@ -183,7 +183,9 @@ def _ds_db_kernel(
     M = 2048 the M-tiles alone are 32 programs). One range stores dS in its dtype; several either
     add into a zeroed fp32 dS (DS_ATOMIC) or store fp32 partials ``s_dsz`` apart, which the
     deterministic mode sums in order. DS_ATOMIC is a constexpr so atomics are only ever compiled
-    for fp32 (bf16 atomics need sm_90).
+    for fp32 (bf16 atomics need sm_90). ``bc`` is B_cat zero-padded to R_PAD columns
+    (``lora_tma.rank_padded``): its tile loads need no rank mask, so they vectorise and the
+    pipeliner prefetches them at any R (at R = 4 or 20 the masked loads were synchronous).
 
     NEED_DB must stay a constexpr: as a runtime ``if`` around the second dot, Triton's
     pipeliner (num_stages ≥ 2) issued the prefetch of tile n+2 into the dY shared-memory slot
@@ -209,7 +211,7 @@ def _ds_db_kernel(
         rn = n0 + tl.arange(0, BN)
         mn = rn < n_hi
         dy = _ld(dy_ptr + rm[:, None] * s_dym + rn[None, :] * s_dyn, mm[:, None] & mn[None, :], UPCAST)
-        bt = _ld(bc_ptr + rn[:, None] * s_bn + rr[None, :] * s_br, mn[:, None] & mr[None, :], UPCAST)
+        bt = _ld(bc_ptr + rn[:, None] * s_bn + rr[None, :] * s_br, mn[:, None], UPCAST)
         ds = _mma(dy, bt, ds, IEEE)
         if NEED_DB:
             part = _mma(tl.trans(dy), st, tl.zeros((BN, R_PAD), dtype=ACC), IEEE)
@@ -417,6 +419,7 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
     M, N = dy.shape
     R, rt = b_cat.shape[1], hi - lo
     ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
+    b_full = lora_tma.rank_padded(b_cat, _pow2(R)) if _pow2(R) <= MAX_DSDB_R else b_cat
     fused_db = rt > 0 and not deterministic and _pow2(R) <= MAX_DSDB_R
     if fused_db and db is None:
         db = torch.zeros(N, rt, device=dy.device, dtype=torch.float32)
@@ -433,8 +436,8 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
         else:
             out, mode = torch.zeros(M, R, device=dy.device, dtype=torch.float32), 1
         _ds_db_kernel[(_cdiv(M, bm), split)](
-            dy, b_cat, s, rscale, out, db if fused_db else ds, M, N, R, lo, rt, n_per, *dy.stride(),
-            *b_cat.stride(), *s.stride(), out.stride(0) if mode == 2 else 0, *out.stride()[-2:],
+            dy, b_full, s, rscale, out, db if fused_db else ds, M, N, R, lo, rt, n_per, *dy.stride(),
+            *b_full.stride(), *s.stride(), out.stride(0) if mode == 2 else 0, *out.stride()[-2:],
             *(db.stride() if fused_db else (0, 0)), NEED_DB=fused_db, DS_ATOMIC=mode == 1, R_PAD=_pow2(R),
             **_flags(dy.dtype), BM=bm, BN=bn, num_warps=warps, num_stages=stages)
         if mode:
@@ -445,9 +448,9 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
         blocks = REDUCE_BLOCKS
         split = _split_for(M, _cdiv(N, blocks[0]) * _cdiv(rt, blocks[1]))
         part = torch.empty(split, N, rt, device=dy.device, dtype=torch.float32)
-        s_t = s[:, lo:hi]
+        s_t, st_strides = _rank_slice(s, lo, hi)
         _gemm(dy, s_t, part, M=N, N=rt, K=M, cscale=rscale[lo:hi], split_k=split, blocks=blocks,
-              sa=(dy.stride(1), dy.stride(0)), sb=s_t.stride())
+              sa=(dy.stride(1), dy.stride(0)), sb=st_strides)
         red = part.sum(0) if split > 1 else part[0]
         if db is None:
             db = red
@@ -488,6 +491,25 @@ def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None, d
     return ds, dx, db
 
 
+def _rank_slice(t, lo, hi):
+    """``t[:, lo:hi]`` (M×rt: S or dS) as an operand of a reduction over M: (tensor, (stride over
+    M, stride over rank)).
+
+    Its tile loads are vectorised (and prefetched by the pipeliner) only when the rank axis is
+    whole 16-element runs: 16-byte aligned rows, rt and the row stride multiples of 16. Otherwise
+    (R = 4, a slice at rank 4, ...) the loads were 2-byte gathers under the rank mask, synchronous in
+    every K-step (``tests/test_kernels_launch_lora.py``). Those take a transposed copy (rt, M)
+    instead, contiguous along M, the reduction axis: one small copy (M·rt elements) for loads the
+    pipeliner can take. Not when M is not a multiple of 16 (77-token prompts): the K-tail mask
+    then splits the runs along M too, so the copy would buy nothing."""
+    sl = t[:, lo:hi]
+    whole_runs = sl.stride(1) == 1 and sl.stride(0) % 16 == 0 and (hi - lo) % 16 == 0 and sl.data_ptr() % 16 == 0
+    if whole_runs or t.shape[0] % 16:
+        return sl, (sl.stride(0), sl.stride(1))
+    buf = sl.t().contiguous()
+    return buf, (1, buf.stride(0))
+
+
 def da_launch(ds, x, lo, hi, deterministic, da=None):
     """dA of rank rows [lo, hi): dS[:, lo:hi]ᵀ·X (hi-lo, d_in) in fp32, split-K over M.
 
@@ -496,11 +518,11 @@ def da_launch(ds, x, lo, hi, deterministic, da=None):
     rt = hi - lo
     blocks = REDUCE_BLOCKS
     split = _split_for(M, _cdiv(rt, blocks[0]) * _cdiv(K, blocks[1]))
-    ds_t = ds[:, lo:hi]
+    ds_t, (s_m, s_r) = _rank_slice(ds, lo, hi)
     if deterministic or split == 1:
         out = da if da is not None and split == 1 else torch.empty(split, rt, K, device=x.device,
                                                                    dtype=torch.float32)
-        _gemm(ds_t, x, out, M=rt, N=K, K=M, split_k=split, blocks=blocks, sa=(ds_t.stride(1), ds_t.stride(0)),
+        _gemm(ds_t, x, out, M=rt, N=K, K=M, split_k=split, blocks=blocks, sa=(s_r, s_m),
               sc=(0, *out.stride()) if out.dim() == 2 else None)
         red = out if out.dim() == 2 else (out.sum(0) if split > 1 else out[0])
         if da is None:
@@ -510,8 +532,8 @@ def da_launch(ds, x, lo, hi, deterministic, da=None):
         return da
     if da is None:
         da = torch.zeros(rt, K, device=x.device, dtype=torch.float32)
-    _gemm(ds_t, x, da, M=rt, N=K, K=M, split_k=split, atomic=True, blocks=blocks,
-          sa=(ds_t.stride(1), ds_t.stride(0)), sc=(0, *da.stride()))
+    _gemm(ds_t, x, da, M=rt, N=K, K=M, split_k=split, atomic=True, blocks=blocks, sa=(s_r, s_m),
+          sc=(0, *da.stride()))
     return da
 
 
@@ -851,7 +873,8 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
             m.update(BM=bm, BN=bn, BK=bk, GROUP_M=gm)
             cases.append((_gemm_kernel, {**f32s, **ptrs}, m, warps, stages))
 
-    gemm(GEMM_CANDIDATES, {}, EPI=1)  # F2 shrink and main, dX, wide dS: runtime flags pick bias/scales, R = 0 skips LoRA
+    # F2 shrink and main, dX, wide dS: runtime flags pick bias/scales, R = 0 skips LoRA
+    gemm(GEMM_CANDIDATES, {}, EPI=1)
     for r_pad in (16, 32, 64):
         gemm(GEMM_CANDIDATES, {}, EPI=2, R_PAD=r_pad)  # F1
     bm, bn, bk, w = REDUCE_BLOCKS

@@ -60,6 +60,12 @@ MAX_UNROLLED_R = tl.constexpr(64)  # a constexpr global: the kernel reads it
 EPI3_MAX_STAGES = 3
 
 
+def split_store(variant: int, epi: int, bn: int) -> bool:
+    """C stored in two half-width slices: variant 2, and the fused backward on 256-wide tiles (its
+    B_cat and S_t tiles left no room for a whole 128x256 staging buffer: 240 KB with 2 stages)."""
+    return variant == VARIANTS["tma_subtile"] or (epi == 3 and bn >= 256)
+
+
 @triton.jit
 def _tile_coords(tile, group, num_m, GROUP_M: tl.constexpr):
     """GROUP_M-swizzled (pid_m, pid_n) of linear tile ``tile`` (as the pointer kernel's grid)."""
@@ -88,9 +94,9 @@ def _lora_chunk(acc, e_ptr, f_ptr, escale_ptr, rm, rn, mm, mn, r0, R, s_em, s_er
 @triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE"])
 def _gemm_tma_kernel(
     a_desc, b_desc, c_desc, g_desc,
-    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr, gp_ptr, db_ptr, st_ptr, stscale_ptr,
+    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr, db_ptr, st_ptr, stscale_ptr,
     M, N, K, R, RT, NUM_PROGRAMS, HAS_BIAS, ESCALE, CSCALE,
-    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_gk, s_gr, s_dbz, s_dbk, s_dbr, s_stm, s_str,
+    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_dbz, s_dbk, s_dbr, s_stm, s_str,
     EPI: tl.constexpr, B_NK: tl.constexpr, SUBTILE: tl.constexpr, DB_PARTIAL: tl.constexpr,
     R_PAD: tl.constexpr, RB: tl.constexpr, RT_PAD: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -103,13 +109,13 @@ def _gemm_tma_kernel(
     EPI 2 (forward F1): ``S = A·Gᵀ`` alongside the K-loop (G = A_cat, R×K, by ``g_desc`` with
     R_PAD rows, zero-filled past R), then ``+ (S·diag(escale))·F``; the pid_n == 0 tile stores S.
     EPI 3 (the whole backward but dA, one read of dY): A = dY, B = W (K×N), so C = dX. Alongside
-    the K-loop ``dS = (dY·G)·diag(escale)`` with G = B_cat (K×R, pointer loads: R need not be a
-    multiple of 8), and ``dB[:, :RT] += dYᵀ·(S_t·diag(stscale))`` for the trainable slice S_t (M×RT,
-    ``st_ptr``): every program computes its K-step's partial and the one whose pid_n is the K-step
-    index mod the N-tile count adds it (fp32 atomics; computing it everywhere keeps the dY tile's
-    shared-memory read out of a branch, see ``lora_group._ds_db_kernel``). ``DB_PARTIAL``: it
-    stores it instead, into its M-tile's slice ``s_dbz`` apart, for an ordered sum after the kernel
-    (deterministic mode). Epilogue ``+ dS·F`` with
+    the K-loop ``dS = (dY·G)·diag(escale)`` with G = B_cat zero-padded to R_PAD columns (K×R_PAD,
+    by ``g_desc``: see :func:`rank_padded`), and ``dB[:, :RT] += dYᵀ·(S_t·diag(stscale))`` for
+    the trainable slice S_t (M×RT, ``st_ptr``): every program computes its K-step's partial and
+    the one whose pid_n is the K-step index mod the N-tile count adds it (fp32 atomics; computing
+    it everywhere keeps the dY tile's shared-memory read out of a branch, see
+    ``lora_group._ds_db_kernel``). ``DB_PARTIAL``: it stores it instead, into its M-tile's slice
+    ``s_dbz`` apart, for an ordered sum after the kernel (deterministic mode). Epilogue ``+ dS·F`` with
     F = A_cat; the pid_n == 0 tile stores dS.
     """
     start = tl.program_id(0)
@@ -128,7 +134,6 @@ def _gemm_tma_kernel(
         if EPI >= 2:
             s_acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
         if EPI == 3:  # this M-tile's rows of S_t·diag(stscale), rounded once as the dot input
-            rg = tl.arange(0, R_PAD)
             rt = tl.arange(0, RT_PAD)
             rm0 = off_m + tl.arange(0, BM)
             st = tl.load(st_ptr + rm0[:, None] * s_stm + rt[None, :] * s_str,
@@ -147,6 +152,11 @@ def _gemm_tma_kernel(
             if UPCAST:  # bf16 dots are wrong in the interpreter
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
+            if EPI == 3:  # dB's partial first: its result is needed at once (the atomics), so Triton
+                # waits for the wgmma queue right after it; issued before the main dot, that wait
+                # leaves this K-step's main and dS dots running under the atomics and the next
+                # K-step's loads (issued after them, every K-step drained the queue: TTGIR pendings 0)
+                part = tl.dot(tl.trans(a), st, tl.zeros((BK, RT_PAD), dtype=tl.float32))
             if B_NK:
                 acc = tl.dot(a, b.T, acc)
             else:
@@ -159,12 +169,10 @@ def _gemm_tma_kernel(
             if EPI == 3:
                 kk = off_k + tl.arange(0, BK)
                 mk = kk < K
-                g = tl.load(gp_ptr + kk[:, None] * s_gk + rg[None, :] * s_gr, mask=mk[:, None] & (rg[None, :] < R),
-                            other=0.0)
+                g = g_desc.load([off_k, 0])
                 if UPCAST:
                     g = g.to(tl.float32)
                 s_acc = tl.dot(a, g, s_acc)
-                part = tl.dot(tl.trans(a), st, tl.zeros((BK, RT_PAD), dtype=tl.float32))
                 mine = (ki % num_n) == pid_n
                 db_mask = (mk[:, None] & (rt[None, :] < RT)) & mine
                 if DB_PARTIAL:  # deterministic: this M-tile's own slice of (M-tiles, K, RT) partials
@@ -239,6 +247,19 @@ def _desc(t: torch.Tensor, shape: list, block: list) -> TensorDescriptor:
     return d
 
 
+def rank_padded(t: torch.Tensor, r_pad: int) -> torch.Tensor:
+    """``t`` (n, r) as a row-contiguous (n, r_pad) tensor, zero past column r (``t`` itself when it
+    already is one).
+
+    A rank-minor operand (B_cat is d_out × R) loaded per K-step needs this: with R = 4 or 20 its rows
+    are not 16-byte aligned and the rank mask splits every row, so the loads were 2-byte gathers the
+    pipeliner could not prefetch (each K-step waited on memory; ``tests/test_kernels_launch_lora.py``).
+    Padded, the tile is one TMA box; the zero columns add nothing to the dot."""
+    if t.shape[1] == r_pad and t.stride(1) == 1 and (t.stride(0) == r_pad or t.shape[0] == 1):
+        return t
+    return torch.nn.functional.pad(t, (0, r_pad - t.shape[1])).contiguous()
+
+
 def _pow2(n: int) -> int:
     """Rank tile: the next power of two >= max(n, 16) (as lora_group._pow2)."""
     return max(16, 1 << (max(int(n), 1) - 1).bit_length())
@@ -291,21 +312,26 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
          db_partial=False):
     """Launch :func:`_gemm_tma_kernel`. ``b`` is the tensor itself, (N, K) if ``b_nk`` else
     (K, N); ``cfg`` = (BM, BN, BK, GROUP_M, warps, stages); ``variant`` 1 or 2 (:data:`VARIANTS`).
-    EPI 3 (see the kernel): ``g`` = B_cat (K, R), ``db`` a zeroed fp32 (K, RT) accumulator, or with
-    ``db_partial`` an fp32 (cdiv(M, BM), K, RT) buffer of per-M-tile partials (every element is
-    written), ``st`` = S[:, lo:hi] (M, RT), ``stscale`` its rank scales. Callers check
-    :func:`usable` first."""
+    EPI 3 (see the kernel): ``g`` = B_cat (K, R; padded here by :func:`rank_padded`), ``db`` a
+    zeroed fp32 (K, RT) accumulator, or with ``db_partial`` an fp32 (cdiv(M, BM), K, RT) buffer of
+    per-M-tile partials (every element is written), ``st`` = S[:, lo:hi] (M, RT), ``stscale`` its
+    rank scales. Callers check :func:`usable` first."""
     bm, bn, bk, gm, warps, stages = cfg
     if epi == 3:
         stages = min(stages, EPI3_MAX_STAGES)
     if r == 0:
         epi = 0
     r_pad = _pow2(r)
-    subtile = variant == VARIANTS["tma_subtile"]
+    subtile = split_store(variant, epi, bn)
     a_desc = _desc(a, [M, K], [bm, bk])
     b_desc = _desc(b, [N, K], [bn, bk]) if b_nk else _desc(b, [K, N], [bk, bn])
     c_desc = _desc(c, [M, N], [bm, bn // 2 if subtile else bn])
-    g_desc = _desc(g, [r, K], [r_pad, bk]) if epi == 2 else None
+    if epi == 2:  # A_cat (R, K): TMA zero-fills the rows past R
+        g_desc = _desc(g, [r, K], [r_pad, bk])
+    elif epi == 3:  # B_cat (K, R) -> (K, R_PAD), a whole rank tile per box
+        g_desc = _desc(rank_padded(g, r_pad), [K, r_pad], [bk, r_pad])
+    else:
+        g_desc = None
     rt = st.shape[1] if epi == 3 else 0
     dummy = c
     tiles = -(-M // bm) * -(-N // bn)
@@ -314,11 +340,10 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         a_desc, b_desc, c_desc, g_desc,
         bias if bias is not None else dummy, e if e is not None else dummy, f if f is not None else dummy,
         escale if escale is not None else dummy, s if s is not None else dummy,
-        cscale if cscale is not None else dummy, g if epi == 3 else dummy, db if epi == 3 else dummy,
+        cscale if cscale is not None else dummy, db if epi == 3 else dummy,
         st if epi == 3 else dummy, stscale if epi == 3 else dummy,
         M, N, K, r, rt, programs, int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None),
         *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)),
-        *(g.stride() if epi == 3 else (0, 0)),
         *((db.stride() if db_partial else (0, *db.stride())) if epi == 3 else (0, 0, 0)),
         *(st.stride() if epi == 3 else (0, 0)),
         EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=bool(db_partial) and epi == 3, R_PAD=r_pad,
@@ -351,13 +376,15 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
             for epi, b_nk, r_pad in role + plain:
                 types = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>",
                          "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if b_nk else f"tensordesc<{dtype}[{bk}, {bn}]>",
-                         "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2 if variant == 2 else bn}]>",
+                         "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2 if split_store(variant, epi, bn) else bn}]>",
                          "escale_ptr": "fp32", "cscale_ptr": "fp32", "db_ptr": "fp32", "stscale_ptr": "fp32"}
-                cx = dict(EPI=epi, B_NK=b_nk, SUBTILE=variant == 2, DB_PARTIAL=False, R_PAD=r_pad,
+                cx = dict(EPI=epi, B_NK=b_nk, SUBTILE=split_store(variant, epi, bn), DB_PARTIAL=False, R_PAD=r_pad,
                           RB=min(RB_MAX, r_pad),
                           RT_PAD=r_pad if epi == 3 else 16, UPCAST=False, BM=bm, BN=bn, BK=bk, GROUP_M=gm)
                 if epi == 2:
                     types["g_desc"] = f"tensordesc<{dtype}[{r_pad}, {bk}]>"
+                elif epi == 3:
+                    types["g_desc"] = f"tensordesc<{dtype}[{bk}, {r_pad}]>"
                 else:
                     cx["g_desc"] = None
                 case = (_gemm_tma_kernel, types, cx, warps, min(stages, EPI3_MAX_STAGES) if epi == 3 else stages)

@@ -92,8 +92,8 @@ def validate(table: dict, source: str) -> dict:
             raise ValueError(f"{where}: needs fwd in {FWD_IMPLS} and bwd in {BWD_IMPLS}")
         for field in ("fwd_cfg", "bwd_cfg"):
             cfg = e.get(field)
-            if cfg is not None and not (isinstance(cfg, list) and len(cfg) in (6, 7)
-                                        and all(isinstance(v, int) for v in cfg) and (len(cfg) == 6 or cfg[6] in VARIANTS)):
+            ok = isinstance(cfg, list) and len(cfg) in (6, 7) and all(isinstance(v, int) for v in cfg)
+            if cfg is not None and not (ok and (len(cfg) == 6 or cfg[6] in VARIANTS)):
                 raise ValueError(f"{where}: {field} must be null or 6 ints (BM, BN, BK, GROUP_M, warps, stages) "
                                  f"and optionally a 7th, the kernel variant in {VARIANTS}")
         if e["fwd"] == "fused" and int(key.rsplit(":", 1)[-1]) > 64:

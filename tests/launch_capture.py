@@ -1,0 +1,149 @@
+"""Compile what the op really launches, on a CPU-only machine.
+
+The AOT gates (``test_kernels_compile_*.py``) build kernel variants from generic signatures.
+Triton specialises every launch on its arguments: integers equal to 1 become constants, integers
+and pointers divisible by 16 get a divisibility attribute. That decides how wide the loads are,
+and whether the software pipeliner can turn a load into an asynchronous copy at all (it needs
+at least 4-byte vectors). A generic signature cannot show it; a real launch can.
+
+So this module runs the real host code (``lora_group``'s launchers) on CPU tensors with
+``JITFunction.run`` replaced by a recorder, then compiles each recorded launch for a GPU target
+with the specialisation Triton's own launcher would compute (``create_function_from_signature``
+and ``JITFunction._pack_args``, the same two steps ``JITFunction.run`` takes). No kernel runs.
+
+:func:`k_loop` reads the compiled TTGIR: it finds the loop that the source line of a kernel's
+K-loop became (every loop carries its source location) and reports its synchronous global loads.
+A ``tt.load`` left in the body of a pipelined K-loop is an operand the pipeliner could not make
+asynchronous: every iteration stalls on a global-memory round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import re
+
+LOC_DEF = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$")
+FILE_LOC = re.compile(r'^"([^"]+)":(\d+):\d+$')
+
+
+@contextlib.contextmanager
+def recording(sms: int = 132):
+    """Record instead of launching every ``@triton.jit`` call made inside; yields the list of
+    ``(jit_fn, args, kwargs)``. The TMA kernel is allowed (as on sm_90) and the persistent grid
+    is ``sms`` programs (H100 and H200 have 132 SMs)."""
+    from triton.runtime.jit import JITFunction
+
+    from ril_fast.kernels import lora_tma
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    saved = JITFunction.run, lora_tma.available, lora_tma._programs
+    JITFunction.run = record
+    lora_tma.available = lambda device: True
+    lora_tma._programs = lambda device: sms
+    try:
+        yield launches
+    finally:
+        JITFunction.run, lora_tma.available, lora_tma._programs = saved
+
+
+def compile_launch(fn, args, kwargs, cc: int = 90):
+    """Compile one recorded launch for ``sm_<cc>`` as ``JITFunction.run`` would on that GPU; returns
+    (CompiledKernel, ptxas report text)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("debug", False)
+    bound, specialization, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, opts)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # ptxas -v's report, printed under TRITON_DUMP_PTXAS_LOG
+        ck = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return ck, log.getvalue()
+
+
+def launch_key(fn, args, kwargs) -> str:
+    """What Triton's cache keys a launch on (same key, same binary): the specialisation and options."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    _, specialization, options = binder(*args, **dict(kwargs, debug=kwargs.get("debug", False)))
+    return f"{fn.__name__}:{specialization}:{sorted(kwargs.items())}"
+
+
+def _resolve(locs: dict, ref: str, depth: int = 0):
+    """(file, line) a ``#locN`` alias names, following named and call-site locations."""
+    body = locs.get(ref)
+    if body is None or depth > 20:
+        return None
+    m = FILE_LOC.match(body)
+    if m:
+        return m.group(1), int(m.group(2))
+    inner = re.search(r"(#loc\d*)", body)  # loc("name"(#locK)) or callsite(#locA at #locB): the first
+    return _resolve(locs, inner.group(1), depth + 1) if inner else None
+
+
+def loops(ttgir: str) -> list:
+    """Every ``scf.for`` of ``ttgir``: ``(source line, top-level body lines)``."""
+    lines = ttgir.splitlines()
+    locs = {}
+    for t in lines:
+        m = LOC_DEF.match(t.strip())
+        if m:
+            locs[m.group(1)] = m.group(2)
+    out = []
+    for i, line in enumerate(lines):
+        if "scf.for" not in line or not line.rstrip().endswith("{"):
+            continue
+        depth, body, end = 0, [], None
+        for t in (x.strip() for x in lines[i + 1:]):
+            if depth == 0 and t.startswith("}"):
+                end = t
+                break
+            if depth == 0:
+                body.append(t)
+            depth += t.endswith("{") - t.startswith("}")
+        ref = re.search(r"loc\((#loc\d*)\)\s*$", end or "")
+        where = _resolve(locs, ref.group(1)) if ref else None
+        out.append((where[1] if where else None, body))
+    return out
+
+
+def source_line(fn, text: str) -> int:
+    """File line of the first line of ``fn``'s source containing ``text`` (a K-loop header)."""
+    src, first = inspect.getsourcelines(fn.fn if hasattr(fn, "fn") else fn)
+    for n, t in enumerate(src):
+        if text in t:
+            return first + n
+    raise ValueError(f"{text!r} not in {fn.__name__}")
+
+
+def k_loop(ttgir: str, line: int) -> dict:
+    """The loop compiled from source ``line``: how many loops it became, whether the main one is
+    pipelined, and the synchronous global loads left in the main one's body.
+
+    The main one is the copy with the most asynchronous global-to-shared copies (TMA or
+    ``cp.async``): a flattened persistent loop also leaves a copy for K = 0, which holds only the
+    epilogue (its loads are per tile, not per K-step)."""
+    found = [body for where, body in loops(ttgir) if where == line]
+    copies = [sum("async_tma_copy_global_to_local" in t or "async_copy_global_to_local" in t for t in b)
+              for b in found]
+    if not found or max(copies) == 0:
+        return {"loops": len(found), "pipelined": False, "sync_loads": []}
+    main = found[copies.index(max(copies))]
+    sync = [t[:160] for t in main if re.search(r"= tt\.load ", t)]
+    return {"loops": len(found), "pipelined": True, "sync_loads": sync}

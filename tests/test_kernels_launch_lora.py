@@ -1,0 +1,181 @@
+"""Launch-faithful compile gate of the LoRA kernels: what the op launches on an H100/H200 for real
+layer shapes compiles for sm_90 with pipelined K-loops, within shared memory, without spills.
+
+The AOT gate (``test_kernels_compile_lora.py``) builds every tile and role from generic
+signatures. This one runs the op's own launchers (``lora_group.fwd_launch`` ...) on CPU tensors
+of SD 1.5 / SDXL layer shapes, records each kernel launch instead of running it, and compiles
+the record with the specialisation Triton's launcher gives it (``launch_capture``). Then it reads
+the K-loop of each kernel in the TTGIR: a synchronous ``tt.load`` left there is an operand the
+pipeliner could not prefetch, so every K-step waits a global-memory round trip. That is a GPU
+speed defect the interpreter tests cannot see (it is how a rank-minor ``B_cat`` load at R = 4 or
+20 was found: 2-byte loads under a rank mask, never copied asynchronously).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from aot_gate import print_report, run_worker  # noqa: E402
+
+SMEM_LIMIT = 227 * 1024
+# ptxas spill stores (bytes per thread) allowed: specialised launches spill 0 but for the
+# 128x256 tile (a few bytes); the generic gate's figures run to ~1.2 KB.
+SPILL_LIMIT = 64
+# (M, d_in, d_out): SDXL self-attention and feed-forward at 64x64 latents (M = 4096 tokens), SD 1.5
+# self-attention, and a cross-attention key projection (77-token prompts x 2: M not a multiple of 16)
+SHAPES = {"sdxl-attn": (4096, 640, 640), "sdxl-ff-in": (4096, 640, 5120), "sdxl-ff-out": (4096, 2560, 640),
+          "sd15-attn": (4096, 320, 320), "xattn-kv": (154, 2048, 640)}
+# stacked ranks: one r = 4 adapter, r 4 + 16, r 16, four r 16, r 32 x 3 (split forward, runtime rank loop)
+RANKS = {"sdxl-attn": (4, 20, 16, 64, 96), "sdxl-ff-in": (4, 16), "sdxl-ff-out": (4, 20), "sd15-attn": (4, 64),
+         "xattn-kv": (4, 20)}
+TMA_TILE = (128, 128, 64, 8, 8, 3)  # the TMA kernel's 128x128 tile (lora_tma.TILES), 1: TMA variant
+K_LOOPS = {"_gemm_tma_kernel": "for tile in tl.range(", "_gemm_kernel": "for k0 in range(k_lo, k_hi, BK)",
+           "_ds_db_kernel": "for n0 in range(n_lo, n_hi, BN)"}
+
+
+def _roles(M, d_in, d_out, R):
+    """(role, thunk) pairs: every launcher of the op with pointer and TMA tiles, both modes of the
+    backward (atomics, deterministic). Thunks run on CPU tensors under ``recording``."""
+    import torch
+
+    from ril_fast.kernels import lora_group as lg
+
+    dt = torch.bfloat16
+    x, w, bias = torch.empty(M, d_in, dtype=dt), torch.empty(d_out, d_in, dtype=dt), torch.empty(d_out, dtype=dt)
+    a, b, sc = torch.empty(R, d_in, dtype=dt), torch.empty(d_out, R, dtype=dt), torch.ones(R)
+    s, dy = torch.empty(M, R, dtype=dt), torch.empty(M, d_out, dtype=dt)
+    lo = R - 16 if R > 16 else 0  # the newest adapter trains: the last 16 ranks (or all)
+    tma = (*TMA_TILE, 1)
+    roles = []
+    for tag, cfg in (("ptr", None), ("tma", tma)):
+        if R <= lg.MAX_FUSED_R:
+            roles.append((f"fwd-fused-{tag}", lambda cfg=cfg: lg.fwd_launch(x, w, bias, a, b, sc, 2, cfg)))
+        roles.append((f"fwd-split-{tag}", lambda cfg=cfg: lg.fwd_launch(x, w, bias, a, b, sc, 1, cfg)))
+        roles.append((f"dx-{tag}", lambda cfg=cfg: lg.dx_launch(dy, w, s, a, cfg)))
+    for det in (False, True):
+        roles.append((f"ds-db-det{int(det)}", lambda det=det: lg.ds_db_launch(dy, b, s, sc, lo, R, det)))
+        roles.append((f"da-det{int(det)}", lambda det=det: lg.da_launch(s, x, lo, R, det)))
+        if R <= lg.MAX_FUSED_R:
+            db = torch.zeros(d_out, R - lo)
+            roles.append((f"bwd-fused-det{int(det)}",
+                          lambda det=det, db=db: lg.dx_ds_db_launch(dy, w, a, b, s, sc, lo, R, db, tma, det)))
+    return roles
+
+
+def _cases():
+    return [(f"{name}-R{R}", SHAPES[name], R) for name in SHAPES for R in RANKS[name]]
+
+
+def _record():
+    """{case-role: [launch key, ...]} and {launch key: (fn, args, kwargs)}, recorded on CPU."""
+    from launch_capture import launch_key, recording
+
+    roles, launches = {}, {}
+    for case, shape, R in _cases():
+        for role, thunk in _roles(*shape, R):
+            with recording() as rec:
+                thunk()
+            keys = []
+            for fn, args, kwargs in rec:
+                key = launch_key(fn, args, kwargs)
+                launches.setdefault(key, (fn, args, kwargs))
+                keys.append(key)
+            roles[f"{case}-{role}"] = keys
+    return roles, launches
+
+
+def _compile_one(key):
+    from launch_capture import compile_launch, k_loop, source_line
+
+    fn, args, kwargs = _LAUNCHES[key]
+    try:
+        ck, log = compile_launch(fn, args, kwargs)
+    except Exception as exc:  # reported per role by the test
+        return key, {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
+    return key, {"kernel": fn.__name__, "shared": ck.metadata.shared, "spill_stores": max(spills) if spills else None,
+                 "k_loop": k_loop(ck.asm["ttgir"], source_line(fn, K_LOOPS[fn.__name__]))}
+
+
+_LAUNCHES: dict = {}  # filled by the worker before its pool forks
+
+
+def _worker():
+    import contextlib
+    import io
+    import json
+    import tempfile
+
+    # a fresh Triton cache, so every launch runs ptxas and reports its register spills
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ril_fast_launch_gate_")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    roles, launches = _record()
+    _LAUNCHES.update(launches)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_report(_compile_one, sorted(launches))
+    compiled = json.loads(out.getvalue().strip().splitlines()[-1])
+    print(json.dumps({role: [dict(compiled[k], key=k[:200]) for k in keys] for role, keys in roles.items()}))
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_worker(__file__, timeout=900)
+
+
+def _role_ids():
+    """Role ids without touching torch at collection time beyond what the names need."""
+    from ril_fast.kernels import lora_group as lg
+
+    ids = []
+    for case, _, R in _cases():
+        for tag in ("ptr", "tma"):
+            if R <= lg.MAX_FUSED_R:
+                ids.append(f"{case}-fwd-fused-{tag}")
+            ids += [f"{case}-fwd-split-{tag}", f"{case}-dx-{tag}"]
+        for det in (0, 1):
+            ids += [f"{case}-ds-db-det{det}", f"{case}-da-det{det}"]
+            if R <= lg.MAX_FUSED_R:
+                ids.append(f"{case}-bwd-fused-det{det}")
+    return ids
+
+
+# Known misses, each a strict xfail: fixing one fails its test until it leaves this list.
+# M = 154 (two 77-token prompts) is not a multiple of 16: the reductions over M (dA, the
+# deterministic dB) mask the K tail along the rank slice's contiguous axis in either layout, so
+# their loads of it stay 2-byte and synchronous (lora_group._rank_slice). Tiny layers.
+KNOWN = {f"xattn-kv-R{r}-{role}": "M = 154: the rank slice's loads cannot vectorise (K-tail mask)"
+         for r in (4, 20) for role in ("da-det0", "da-det1", "ds-db-det1")}
+
+
+def _params():
+    return [pytest.param(i, marks=pytest.mark.xfail(strict=True, reason=KNOWN[i])) if i in KNOWN else i
+            for i in _role_ids()]
+
+
+def test_role_ids_match_the_recorded_roles():
+    assert [f"{c}-{r}" for c, shape, R in _cases() for r, _ in _roles(*shape, R)] == _role_ids()
+    assert set(KNOWN) <= set(_role_ids())
+
+
+@pytest.mark.parametrize("role_id", _params())
+def test_launch_compiles_pipelined(report, role_id):
+    launches = report[role_id]
+    assert launches, "the launcher recorded no kernel launch"
+    for got in launches:
+        assert "error" not in got, got.get("error")
+        assert got["shared"] <= SMEM_LIMIT, f"{got['kernel']}: {got['shared']} B shared memory"
+        assert got["spill_stores"] is not None, "no ptxas report: was this launch compiled twice?"
+        assert got["spill_stores"] <= SPILL_LIMIT, f"{got['kernel']}: {got['spill_stores']} B of register spills"
+        loop = got["k_loop"]
+        assert loop["pipelined"], f"{got['kernel']}: K-loop not pipelined ({loop})"
+        assert not loop["sync_loads"], f"{got['kernel']}: synchronous loads in the K-loop: {loop['sync_loads']}"
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
