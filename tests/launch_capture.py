@@ -132,18 +132,23 @@ def source_line(fn, text: str) -> int:
     raise ValueError(f"{text!r} not in {fn.__name__}")
 
 
-def k_loop(ttgir: str, line: int) -> dict:
-    """The loop compiled from source ``line``: how many loops it became, whether the main one is
-    pipelined, and the synchronous global loads left in the main one's body.
+K_DOT = re.compile(r"ttng\.warp_group_dot .*\} : !ttg\.memdesc")  # wgmma with A from shared memory
 
-    The main one is the copy with the most asynchronous global-to-shared copies (TMA or
-    ``cp.async``): a flattened persistent loop also leaves a copy for K = 0, which holds only the
-    epilogue (its loads are per tile, not per K-step)."""
-    found = [body for where, body in loops(ttgir) if where == line]
-    copies = [sum("async_tma_copy_global_to_local" in t or "async_copy_global_to_local" in t for t in b)
-              for b in found]
-    if not found or max(copies) == 0:
-        return {"loops": len(found), "pipelined": False, "sync_loads": []}
-    main = found[copies.index(max(copies))]
-    sync = [t[:160] for t in main if re.search(r"= tt\.load ", t)]
-    return {"loops": len(found), "pipelined": True, "sync_loads": sync}
+
+def k_loop(ttgir: str, lines) -> dict:
+    """The loop compiled from source ``lines`` (sm_90): how many loops it became, whether its K-loop
+    is pipelined, and the synchronous global loads left at the top level of the K-loop's body.
+
+    The K-loop is the copy whose body issues wgmma with A read from shared memory (the pipelined
+    operand). A flattened persistent loop also leaves a copy for K = 0 that holds only the
+    epilogue, whose dots take A from registers; its loads are once per tile, not per K-step."""
+    found = [body for where, body in loops(ttgir) if where in lines]
+    main = [b for b in found if any(K_DOT.search(t) for t in b)]
+    piped = [b for b in main if any("async_tma_copy_global_to_local" in t or "async_copy_global_to_local" in t
+                                    for t in b)]
+    sync = [t[:160] for b in main for t in b if re.search(r"= tt\.load ", t)]
+    # wgmma groups each wait leaves in flight: 0 drains the queue (the tensor cores then idle until
+    # the next issue), >= 1 keeps the previous K-step's MMA running under this one's loads
+    waits = [int(n) for b in main for t in b for n in re.findall(r"warp_group_dot_wait .*\{pendings = (\d+)", t)]
+    return {"loops": len(found), "pipelined": bool(main) and len(piped) == len(main), "sync_loads": sync,
+            "wgmma_waits": waits}

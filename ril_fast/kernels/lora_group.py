@@ -134,32 +134,31 @@ def _gemm_kernel(
             g = _ld(g_ptr + kk[:, None] * s_gk + rr[None, :] * s_gr, mk[:, None] & (rr[None, :] < R), UPCAST)
             s_acc = _mma(a, g, s_acc, IEEE)
 
+    # small epilogue operands first, none behind a branch: their round trips overlap (lora_tma)
+    cs = tl.load(cscale_ptr + rn, mask=mn & (CSCALE != 0), other=1.0).to(ACC)
+    bias = tl.load(bias_ptr + rn, mask=mn & (HAS_BIAS != 0), other=0.0).to(ACC)
     if EPI == 2:
-        if pid_n == 0:
-            tl.store(s_ptr + rm[:, None] * s_sm + rr[None, :] * s_sr,
-                     s_acc.to(s_ptr.dtype.element_ty), mask=mm[:, None] & (rr[None, :] < R))
         sc = tl.load(escale_ptr + rr, mask=rr < R, other=0.0).to(ACC)
+        f = _ld(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, (rr[:, None] < R) & mn[None, :], UPCAST)
         s_q = (s_acc * sc[None, :]).to(f_ptr.dtype.element_ty)  # round S once, as the dot input
         if UPCAST:
             s_q = s_q.to(tl.float32)
-        f = _ld(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, (rr[:, None] < R) & mn[None, :], UPCAST)
         acc = _mma(s_q, f, acc, IEEE)
+        if pid_n == 0:
+            tl.store(s_ptr + rm[:, None] * s_sm + rr[None, :] * s_sr,
+                     s_acc.to(s_ptr.dtype.element_ty), mask=mm[:, None] & (rr[None, :] < R))
     if EPI == 1:
         for r0 in range(0, R, RB):
             rr1 = r0 + tl.arange(0, RB)
             mr = rr1 < R
             e = _ld(e_ptr + rm[:, None] * s_em + rr1[None, :] * s_er, mm[:, None] & mr[None, :], UPCAST)
-            if ESCALE:
-                sc1 = tl.load(escale_ptr + rr1, mask=mr, other=0.0)
-                e = (e.to(ACC) * sc1[None, :].to(ACC)).to(f_ptr.dtype.element_ty)
-                if UPCAST:
-                    e = e.to(tl.float32)
+            sc1 = tl.load(escale_ptr + rr1, mask=mr & (ESCALE != 0), other=1.0)  # predicated, not a branch
+            e = (e.to(ACC) * sc1[None, :].to(ACC)).to(f_ptr.dtype.element_ty)
+            if UPCAST:
+                e = e.to(tl.float32)
             f = _ld(f_ptr + rr1[:, None] * s_fr + rn[None, :] * s_fn, mr[:, None] & mn[None, :], UPCAST)
             acc = _mma(e, f, acc, IEEE)
-    if CSCALE:
-        acc = acc * tl.load(cscale_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]
-    if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]
+    acc = acc * cs[None, :] + bias[None, :]
     c_ptrs = c_ptr + pid_k * s_cz + rm[:, None] * s_cm + rn[None, :] * s_cn
     if ATOMIC:
         tl.atomic_add(c_ptrs, acc, mask=mm[:, None] & mn[None, :], sem="relaxed")
@@ -212,9 +211,10 @@ def _ds_db_kernel(
         mn = rn < n_hi
         dy = _ld(dy_ptr + rm[:, None] * s_dym + rn[None, :] * s_dyn, mm[:, None] & mn[None, :], UPCAST)
         bt = _ld(bc_ptr + rn[:, None] * s_bn + rr[None, :] * s_br, mn[:, None], UPCAST)
+        if NEED_DB:  # first: its result is needed at once, and the wait for it then leaves dS's dot running
+            part = _mma(tl.trans(dy), st, tl.zeros((BN, R_PAD), dtype=ACC), IEEE)
         ds = _mma(dy, bt, ds, IEEE)
         if NEED_DB:
-            part = _mma(tl.trans(dy), st, tl.zeros((BN, R_PAD), dtype=ACC), IEEE)
             tl.atomic_add(db_ptr + rn[:, None] * s_dbn + rt[None, :] * s_dbr, part, mask=mn[:, None] & mt[None, :],
                           sem="relaxed")  # consumed after the kernel: no ordering needed, no fences
     sc = tl.load(rscale_ptr + rr, mask=mr, other=0.0).to(ACC)

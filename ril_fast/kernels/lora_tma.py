@@ -81,9 +81,9 @@ def _lora_chunk(acc, e_ptr, f_ptr, escale_ptr, rm, rn, mm, mn, r0, R, s_em, s_er
     rr1 = r0 + tl.arange(0, RB)
     mr = rr1 < R
     e = tl.load(e_ptr + rm[:, None] * s_em + rr1[None, :] * s_er, mask=mm[:, None] & mr[None, :], other=0.0)
-    if ESCALE:
-        sc1 = tl.load(escale_ptr + rr1, mask=mr, other=0.0)
-        e = (e.to(tl.float32) * sc1[None, :]).to(f_ptr.dtype.element_ty)
+    # ESCALE predicates the load (1.0 without it, an exact product) rather than branching around it
+    sc1 = tl.load(escale_ptr + rr1, mask=mr & (ESCALE != 0), other=1.0)
+    e = (e.to(tl.float32) * sc1[None, :]).to(f_ptr.dtype.element_ty)
     f = tl.load(f_ptr + rr1[:, None] * s_fr + rn[None, :] * s_fn, mask=mr[:, None] & mn[None, :], other=0.0)
     if UPCAST:
         e = e.to(tl.float32)
@@ -187,22 +187,30 @@ def _gemm_tma_kernel(
         rn = pid_n * BN + tl.arange(0, BN)
         mm = rm < M
         mn = rn < N
+        # The epilogue's small operands are all loaded first and none behind a branch (bias and
+        # column scale predicated by their runtime flags), so their global round trips overlap: behind
+        # `if HAS_BIAS` / `if CSCALE` and after the S store they ran one after another, every tile,
+        # with the tensor cores idle (TTGIR of the real launches). S is stored after the LoRA dot:
+        # with F loaded before that store, F's staging buffer took 16 KB more shared memory (237 KB
+        # for EPI 3 at 128x128, over the limit).
+        cs = tl.load(cscale_ptr + rn, mask=mn & (CSCALE != 0), other=1.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rn, mask=mn & (HAS_BIAS != 0), other=0.0).to(tl.float32)
         if EPI >= 2:
             rr = tl.arange(0, R_PAD)
             sc = tl.load(escale_ptr + rr, mask=rr < R, other=0.0)
+            f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & mn[None, :],
+                        other=0.0)
             s_q = (s_acc * sc[None, :]).to(f_ptr.dtype.element_ty)  # round S once, as the dot input
+            if UPCAST:
+                acc = tl.dot(s_q.to(tl.float32), f.to(tl.float32), acc)
+            else:
+                acc = tl.dot(s_q, f, acc)
             if pid_n == 0:  # S (forward, unscaled) or dS (backward, scaled) for the later kernels
                 if EPI == 2:
                     s_out = s_acc.to(s_ptr.dtype.element_ty)
                 else:
                     s_out = s_q.to(s_ptr.dtype.element_ty)
                 tl.store(s_ptr + rm[:, None] * s_sm + rr[None, :] * s_sr, s_out, mask=mm[:, None] & (rr[None, :] < R))
-            f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & mn[None, :],
-                        other=0.0)
-            if UPCAST:
-                s_q = s_q.to(tl.float32)
-                f = f.to(tl.float32)
-            acc = tl.dot(s_q, f, acc)
         if EPI == 1:
             if R_PAD <= MAX_UNROLLED_R:  # unrolled, so the tile loop can flatten (a runtime loop here stops it)
                 for r0 in tl.static_range(0, R_PAD, RB):
@@ -212,10 +220,7 @@ def _gemm_tma_kernel(
                 for r0 in range(0, R, RB):
                     acc = _lora_chunk(acc, e_ptr, f_ptr, escale_ptr, rm, rn, mm, mn, r0, R, s_em, s_er, s_fr, s_fn,
                                       ESCALE, RB, UPCAST)
-        if CSCALE:
-            acc = acc * tl.load(cscale_ptr + rn, mask=mn, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        acc = acc * cs[None, :] + bias[None, :]
         off_m = pid_m * BM
         off_n = pid_n * BN
         if SUBTILE:  # two (BM, BN/2) stores: half the staging buffer
