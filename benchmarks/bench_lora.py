@@ -232,6 +232,7 @@ def main(argv=None):
                           + (f"{t['median_ms']:.4f} ms  x{t.get('ratio_to_base', float('nan')):.2f}"
                              if "median_ms" in t else t["error"]), flush=True)
             record["summary"] = summarize(record["results"])
+            record["tma_ctas_per_sm"] = tma_occupancy()
             record["elapsed_s"] = round(time.time() - t0, 1)
             write_record(path, record)  # after every case: a timeout keeps what was measured
             del providers, grads
@@ -241,6 +242,18 @@ def main(argv=None):
     print("summary:", record["summary"])
     print("wrote", path)
     return record
+
+
+def tma_occupancy() -> dict:
+    """CTAs per SM the persistent TMA kernel's grids used, per compiled variant (``lora_tma.gemm``
+    measures each variant's first launch): {"dtype BMxBN/warps/stages epi E sub S R_PAD": CTAs}."""
+    from ril_fast.kernels import lora_tma
+
+    out = {}
+    for (_, dtype, cfg, epi, _, subtile, _, r_pad, _, _), ctas in lora_tma._OCCUPANCY.items():
+        bm, bn, _, _, warps, stages = cfg[:6]
+        out[f"{str(dtype).split('.')[-1]} {bm}x{bn}/{warps}w/{stages}s epi{epi} sub{int(subtile)} R{r_pad}"] = ctas
+    return out
 
 
 def summarize(rows):

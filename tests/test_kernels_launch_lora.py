@@ -95,6 +95,8 @@ def _record():
 def _compile_one(key):
     from launch_capture import compile_launch, k_loop, source_line
 
+    from ril_fast.kernels import lora_tma
+
     fn, args, kwargs = _LAUNCHES[key]
     try:
         ck, log = compile_launch(fn, args, kwargs)
@@ -104,8 +106,10 @@ def _compile_one(key):
     # dB's partial dot feeds atomics at once, so the fused backward (EPI 3) and the dS/dB kernel with
     # dB drain the wgmma queue every K-step by design (their main dots are issued after that wait)
     drains = kwargs.get("EPI") == 3 or bool(kwargs.get("NEED_DB"))
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    ctas = lora_tma.occupancy(max(regs), ck.metadata.shared, kwargs["num_warps"]) if regs else None
     return key, {"kernel": fn.__name__, "shared": ck.metadata.shared, "spill_stores": max(spills) if spills else None,
-                 "drains_by_design": drains,
+                 "registers": max(regs) if regs else None, "ctas_per_sm": ctas, "drains_by_design": drains,
                  "k_loop": k_loop(ck.asm["ttgir"], [source_line(fn, t) for t in K_LOOPS[fn.__name__]])}
 
 

@@ -163,6 +163,56 @@ def test_triton_backward_through_the_rank_slice_copy(device, monkeypatch, det):
     assert len(seen) == (2 if det else 1), seen
 
 
+def test_occupancy_against_hand_counts():
+    """CTAs per SM from registers (per warp, in 256-register units), shared memory (+1 KB reserved
+    per CTA) and warp slots, each bound reached once (sm_90: 64K registers, 228 KB, 64 warps)."""
+    from ril_fast.kernels import lora_tma
+
+    assert lora_tma.occupancy(168, 140_000, 8) == 1  # 5376 registers a warp x 8 = 43008: one CTA
+    assert lora_tma.occupancy(128, 100_000, 4) == 2  # registers allow 4, shared memory 233472 // 101024 = 2
+    assert lora_tma.occupancy(255, 10_000, 4) == 2  # 255 x 32 = 8160 -> 8192 a warp: 32768 a CTA
+    assert lora_tma.occupancy(8, 1024, 2) == 32  # the CTA limit
+    assert lora_tma.occupancy(8, 1024, 16) == 4  # 64 warp slots / 16
+
+
+def test_persistent_grid_grows_to_the_measured_occupancy(monkeypatch):
+    """The first launch of a TMA variant runs one program per SM and records its CTAs per SM; later
+    launches of the same variant size the grid by it (capped at the tile count)."""
+    from types import SimpleNamespace
+
+    from ril_fast.kernels import lora_tma
+
+    grids = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                grids.append(grid[0])
+                return SimpleNamespace(n_regs=128, metadata=SimpleNamespace(shared=100_000))
+            return launch
+
+    monkeypatch.setattr(lora_tma, "_gemm_tma_kernel", FakeKernel())
+    monkeypatch.setattr(lora_tma, "INTERPRET", False)
+    monkeypatch.setattr(lora_tma, "_programs", lambda device: 132)
+    monkeypatch.setattr(lora_tma, "_OCCUPANCY", {})
+    monkeypatch.setattr(lora_tma, "_measured_occupancy", lambda k, warps, device: lora_tma.occupancy(
+        k.n_regs, k.metadata.shared, warps))
+    a, w = torch.empty(8192, 64, dtype=torch.bfloat16), torch.empty(640, 64, dtype=torch.bfloat16)
+    c = torch.empty(8192, 640, dtype=torch.bfloat16)
+    cfg = (128, 64, 64, 8, 4, 4)  # 64 x 10 = 640 tiles
+    for _ in range(2):
+        lora_tma.gemm(a, w, c, b_nk=True, M=8192, N=640, K=64, cfg=cfg, variant=1, upcast=False, epi=0)
+    lora_tma.gemm(a[:256], w, c[:256], b_nk=True, M=256, N=640, K=64, cfg=cfg, variant=1, upcast=False, epi=0)
+    assert grids == [132, 264, 20]  # one per SM, then two (4 warps, 128 registers, 100 KB), then 2 x 10 tiles
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_lora import tma_occupancy
+
+    assert tma_occupancy() == {"bfloat16 128x64/4w/4s epi0 sub0 R16": 2}  # what bench_lora's JSON records
+
+
 def _spy_tma(monkeypatch) -> list:
     """Record (EPI, B_NK, variant, dB partials) of every persistent TMA GEMM launch."""
     from ril_fast.kernels import lora_tma

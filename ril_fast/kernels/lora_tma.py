@@ -47,9 +47,11 @@ VARIANTS = {"pointer": 0, "tma": 1, "tma_subtile": 2}
 INTERP_PROGRAMS = 4
 # Tile configs (BM, BN, BK, GROUP_M, warps, stages) the tuner tries with this kernel. Its epilogue
 # stages C in shared memory next to the pipeline buffers, so the 128x256 tile gets 2 stages (3 need
-# 264 KB with the fused shrink; sm_90 has 227 KB) and 128x128 also tries 4.
+# 264 KB with the fused shrink; sm_90 has 227 KB) and 128x128 also tries 4. 128x64 with 3 stages
+# fits two CTAs on an SM (94-113 KB, 141-161 registers at SDXL shapes: :func:`occupancy`), so one
+# CTA's epilogue runs under the other's main loop, as cuBLAS' two consumer warp groups do.
 TILES = [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 64, 64, 8, 4, 4),
-         (64, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 2)]
+         (64, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 2), (128, 64, 64, 8, 4, 3)]
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 RB_MAX = 32  # rank chunk of the EPI 1 epilogue
 # EPI 1 unrolls its rank chunks up to this R_PAD (2 chunks); at 128 and above the unrolled loads
@@ -271,6 +273,23 @@ def _pow2(n: int) -> int:
 
 
 _PROGRAMS: dict = {}
+# CTAs per SM of each compiled variant (registers and shared memory from its first launch), keyed
+# by what selects the binary: device, tile config, roles, dtype
+_OCCUPANCY: dict = {}
+
+
+def occupancy(n_regs: int, shared: int, warps: int, regs_per_sm: int = 65536, smem_per_sm: int = 233472,
+              max_warps: int = 64, max_ctas: int = 32) -> int:
+    """CTAs of one kernel an SM holds at once (sm_90 defaults: 64K registers, 228 KB of shared memory
+    with 1 KB reserved per CTA, 64 warps). Registers are allocated per warp in units of 256.
+
+    The persistent grid is this many programs per SM: a 4-warp tile using under half the register
+    file and shared memory runs two CTAs, so one's epilogue overlaps the other's main loop (one per SM
+    left half of such an SM idle; 8-warp tiles use more than half the registers and stay at one)."""
+    per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = regs_per_sm // (per_warp * warps)
+    by_smem = smem_per_sm // (shared + 1024)
+    return max(1, min(by_regs, by_smem, max_warps // warps, max_ctas))
 
 
 def _programs(device: torch.device) -> int:
@@ -340,8 +359,9 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
     rt = st.shape[1] if epi == 3 else 0
     dummy = c
     tiles = -(-M // bm) * -(-N // bn)
-    programs = min(_programs(a.device), tiles)
-    _gemm_tma_kernel[(programs,)](
+    variant_key = (a.device, a.dtype, tuple(cfg), epi, b_nk, subtile, bool(db_partial), r_pad, _pow2(rt), upcast)
+    programs = min(_programs(a.device) * _OCCUPANCY.get(variant_key, 1), tiles)
+    kernel = _gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, g_desc,
         bias if bias is not None else dummy, e if e is not None else dummy, f if f is not None else dummy,
         escale if escale is not None else dummy, s if s is not None else dummy,
@@ -354,6 +374,18 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=bool(db_partial) and epi == 3, R_PAD=r_pad,
         RB=min(RB_MAX, r_pad), RT_PAD=_pow2(rt), UPCAST=upcast,
         BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+    if variant_key not in _OCCUPANCY and not INTERPRET:  # first launch of this binary: size later grids
+        _OCCUPANCY[variant_key] = _measured_occupancy(kernel, warps, a.device)
+
+
+def _measured_occupancy(kernel, warps: int, device: torch.device) -> int:
+    """CTAs per SM of a launched Triton kernel (1 when its handles or the device's limits are unknown)."""
+    n_regs, shared = getattr(kernel, "n_regs", None), getattr(getattr(kernel, "metadata", None), "shared", None)
+    if not n_regs or shared is None:
+        return 1
+    props = torch.cuda.get_device_properties(device)
+    return occupancy(n_regs, shared, warps, getattr(props, "regs_per_multiprocessor", 65536),
+                     getattr(props, "shared_memory_per_multiprocessor", 233472))
 
 
 def gpu_launch_cases(dtype: str = "bf16") -> list:
