@@ -9,7 +9,8 @@
 #      into a fresh table ($OUT/<gpu>.json): the shipped
 #      H200 table predates the TMA candidates (pointer / TMA / TMA with split stores);
 #   3. bench_lora --quick --graph-repeat 8 with that table in force (RIL_FAST_LORA_TUNING), with the
-#      triton_base / triton_base_tma providers (our GEMM alone against cuBLAS, target >= 0.9x);
+#      triton_base / triton_base_tma providers (our GEMM alone against cuBLAS, target >= 0.9x), and
+#      the CTAs per SM each TMA variant's persistent grid ran with;
 #   4. profile_lora_host: host cost per LoRA call (TMA descriptors are built per call);
 #   5. bench_distill, only if the call has time left (checks the fresh-leaf fix of its capture).
 #   step: bench_step SD1.5 / SDXL with the backends in force.
@@ -53,6 +54,7 @@ rec = json.load(open(sys.argv[1]))
 print(f"{rec['env'].get('gpu')}  torch {rec['env'].get('torch')}  triton {rec['env'].get('triton')}  p = plain, "
       f"g = graph ({rec.get('graph_repeat', 1)} calls per replay)")
 print(table(summarize(rec["results"])))
+print("TMA kernel CTAs per SM (lora_tma.occupancy of each variant's first launch):", rec.get("tma_ctas_per_sm"))
 PYEOF
 timeout 40 python3 benchmarks/profile_lora_host.py --out "$WORK/lora/profile_lora_host.json" > "$WORK/lora/host.log" 2>&1
 echo "profile_lora_host rc=$?"; grep -E "forward .* full" "$WORK/lora/host.log"
