@@ -34,16 +34,19 @@ SHAPES = {"sdxl-attn": (4096, 640, 640), "sdxl-ff-in": (4096, 640, 5120), "sdxl-
 # stacked ranks: one r = 4 adapter, r 4 + 16, r 16, four r 16, r 32 x 3 (split forward, runtime rank loop)
 RANKS = {"sdxl-attn": (4, 20, 16, 64, 96), "sdxl-ff-in": (4, 16), "sdxl-ff-out": (4, 20), "sd15-attn": (4, 64),
          "xattn-kv": (4, 20)}
-TMA_TILE = (128, 128, 64, 8, 8, 3)  # the TMA kernel's 128x128 tile (lora_tma.TILES), 1: TMA variant
+# TMA kernel tiles (lora_tma.TILES, run as variant 1): 128x128 everywhere; 128x64 with 3 stages,
+# the tile sized for two CTAs per SM, at the SDXL attention shape
+TMA_TILES = {"tma": (128, 128, 64, 8, 8, 3), "tma2cta": (128, 64, 64, 8, 4, 3)}
 # source lines of each kernel's K-loop: the TMA kernel's is its flattened tile loop, or its inner
 # K-loop where the tile loop stays nested (the runtime rank loop of EPI 1 above R_PAD 64)
 K_LOOPS = {"_gemm_tma_kernel": ("for tile in tl.range(", "for ki in range(k_tiles)"),
            "_gemm_kernel": ("for k0 in range(k_lo, k_hi, BK)",), "_ds_db_kernel": ("for n0 in range(n_lo, n_hi, BN)",)}
 
 
-def _roles(M, d_in, d_out, R):
-    """(role, thunk) pairs: every launcher of the op with pointer and TMA tiles, both modes of the
-    backward (atomics, deterministic). Thunks run on CPU tensors under ``recording``."""
+def _roles(M, d_in, d_out, R, tma_tags=("tma",)):
+    """(role, thunk) pairs: every launcher of the op with pointer and TMA tiles (``tma_tags`` of
+    :data:`TMA_TILES`), both modes of the backward (atomics, deterministic). Thunks run on CPU
+    tensors under ``recording``."""
     import torch
 
     from ril_fast.kernels import lora_group as lg
@@ -53,9 +56,8 @@ def _roles(M, d_in, d_out, R):
     a, b, sc = torch.empty(R, d_in, dtype=dt), torch.empty(d_out, R, dtype=dt), torch.ones(R)
     s, dy = torch.empty(M, R, dtype=dt), torch.empty(M, d_out, dtype=dt)
     lo = R - 16 if R > 16 else 0  # the newest adapter trains: the last 16 ranks (or all)
-    tma = (*TMA_TILE, 1)
     roles = []
-    for tag, cfg in (("ptr", None), ("tma", tma)):
+    for tag, cfg in (("ptr", None), *((t, (*TMA_TILES[t], 1)) for t in tma_tags)):
         if R <= lg.MAX_FUSED_R:
             roles.append((f"fwd-fused-{tag}", lambda cfg=cfg: lg.fwd_launch(x, w, bias, a, b, sc, 2, cfg)))
         roles.append((f"fwd-split-{tag}", lambda cfg=cfg: lg.fwd_launch(x, w, bias, a, b, sc, 1, cfg)))
@@ -63,15 +65,17 @@ def _roles(M, d_in, d_out, R):
     for det in (False, True):
         roles.append((f"ds-db-det{int(det)}", lambda det=det: lg.ds_db_launch(dy, b, s, sc, lo, R, det)))
         roles.append((f"da-det{int(det)}", lambda det=det: lg.da_launch(s, x, lo, R, det)))
-        if R <= lg.MAX_FUSED_R:
-            db = torch.zeros(d_out, R - lo)
-            roles.append((f"bwd-fused-det{int(det)}",
-                          lambda det=det, db=db: lg.dx_ds_db_launch(dy, w, a, b, s, sc, lo, R, db, tma, det)))
+        for t in tma_tags if R <= lg.MAX_FUSED_R else ():
+            db, tma = torch.zeros(d_out, R - lo), (*TMA_TILES[t], 1)
+            roles.append((f"bwd-fused-{t}-det{int(det)}",
+                          lambda det=det, db=db, tma=tma: lg.dx_ds_db_launch(dy, w, a, b, s, sc, lo, R, db, tma, det)))
     return roles
 
 
 def _cases():
-    return [(f"{name}-R{R}", SHAPES[name], R) for name in SHAPES for R in RANKS[name]]
+    """(case id, shape, R, TMA tile tags)."""
+    return [(f"{name}-R{R}", SHAPES[name], R, tuple(TMA_TILES) if name == "sdxl-attn" else ("tma",))
+            for name in SHAPES for R in RANKS[name]]
 
 
 def _record():
@@ -79,8 +83,8 @@ def _record():
     from launch_capture import launch_key, recording
 
     roles, launches = {}, {}
-    for case, shape, R in _cases():
-        for role, thunk in _roles(*shape, R):
+    for case, shape, R, tags in _cases():
+        for role, thunk in _roles(*shape, R, tags):
             with recording() as rec:
                 thunk()
             keys = []
@@ -144,17 +148,21 @@ def _role_ids():
     from ril_fast.kernels import lora_group as lg
 
     ids = []
-    for case, _, R in _cases():
-        for tag in ("ptr", "tma"):
+    for case, _, R, tags in _cases():
+        for tag in ("ptr", *tags):
             if R <= lg.MAX_FUSED_R:
                 ids.append(f"{case}-fwd-fused-{tag}")
             ids += [f"{case}-fwd-split-{tag}", f"{case}-dx-{tag}"]
         for det in (0, 1):
             ids += [f"{case}-ds-db-det{det}", f"{case}-da-det{det}"]
             if R <= lg.MAX_FUSED_R:
-                ids.append(f"{case}-bwd-fused-det{det}")
+                ids += [f"{case}-bwd-fused-{t}-det{det}" for t in tags]
     return ids
 
+
+# The 128x64 3-stage tile exists to run two CTAs per SM; at R_PAD 16 every role does (94-113 KB,
+# 137-164 registers). Larger rank tiles may not (R 20 fused backward: 123 KB; R 64: 123-135 KB).
+TWO_CTAS = ("sdxl-attn-R4-", "sdxl-attn-R16-")
 
 # Known misses, each a strict xfail: fixing one fails its test until it leaves this list.
 # M = 154 (two 77-token prompts) is not a multiple of 16: the reductions over M (dA, the
@@ -170,7 +178,7 @@ def _params():
 
 
 def test_role_ids_match_the_recorded_roles():
-    assert [f"{c}-{r}" for c, shape, R in _cases() for r, _ in _roles(*shape, R)] == _role_ids()
+    assert [f"{c}-{r}" for c, shape, R, tags in _cases() for r, _ in _roles(*shape, R, tags)] == _role_ids()
     assert set(KNOWN) <= set(_role_ids())
 
 
@@ -189,6 +197,8 @@ def test_launch_compiles_pipelined(report, role_id):
         assert loop["wgmma_waits"], f"{got['kernel']}: no wgmma wait in the K-loop ({loop})"
         if not got["drains_by_design"]:  # the previous K-step's MMA stays in flight
             assert min(loop["wgmma_waits"]) >= 1, f"{got['kernel']}: K-loop drains the wgmma queue ({loop})"
+        if "tma2cta" in role_id and role_id.startswith(TWO_CTAS) and got["kernel"] == "_gemm_tma_kernel":
+            assert got["ctas_per_sm"] >= 2, f"two-CTA tile fits once: {got['registers']} registers, {got['shared']} B"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
