@@ -135,6 +135,16 @@ def source_line(fn, text: str) -> int:
 K_DOT = re.compile(r"ttng\.warp_group_dot .*\} : !ttg\.memdesc")  # wgmma with A from shared memory
 
 
+def _prefetches(body: list) -> bool:
+    """A software-pipelined K-loop waits first for data an earlier iteration loaded, then issues
+    the copies for a later one; a loop the pipeliner left alone issues its copies and waits on them
+    in the same iteration (asynchronous copies, nothing prefetched)."""
+    copy = next((i for i, t in enumerate(body) if "async_tma_copy_global_to_local" in t
+                 or "async_copy_global_to_local" in t), None)
+    wait = next((i for i, t in enumerate(body) if "ttng.wait_barrier" in t or "ttg.async_wait" in t), None)
+    return copy is not None and wait is not None and wait < copy
+
+
 def k_loop(ttgir: str, lines) -> dict:
     """The loop compiled from source ``lines`` (sm_90): how many loops it became, whether its K-loop
     is pipelined, and the synchronous global loads left at the top level of the K-loop's body.
@@ -144,8 +154,7 @@ def k_loop(ttgir: str, lines) -> dict:
     epilogue, whose dots take A from registers; its loads are once per tile, not per K-step."""
     found = [body for where, body in loops(ttgir) if where in lines]
     main = [b for b in found if any(K_DOT.search(t) for t in b)]
-    piped = [b for b in main if any("async_tma_copy_global_to_local" in t or "async_copy_global_to_local" in t
-                                    for t in b)]
+    piped = [b for b in main if _prefetches(b)]
     sync = [t[:160] for b in main for t in b if re.search(r"= tt\.load ", t)]
     # wgmma groups each wait leaves in flight: 0 drains the queue (the tensor cores then idle until
     # the next issue), >= 1 keeps the previous K-step's MMA running under this one's loads

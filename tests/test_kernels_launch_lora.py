@@ -177,6 +177,31 @@ def _params():
             for i in _role_ids()]
 
 
+def test_k_loop_reader_on_synthetic_ttgir():
+    """The reader finds the loop by its source line (through named locations), tells a pipelined
+    K-loop (waits, then prefetches) from one issuing and waiting on its copies in one iteration,
+    and reports synchronous loads and the wgmma waits."""
+    from launch_capture import k_loop
+
+    def ir(body):
+        return ("    %r = scf.for %i = %c0 to %n step %c1 iter_args(%x = %z) -> (i32) : i32 {\n"
+                + "".join(f"      {t}\n" for t in body) + "    } loc(#loc7)\n"
+                '#loc3 = loc("/src/k.py":12:4)\n#loc7 = loc("tile_c"(#loc3))\n')
+    dot = "%a = ttng.warp_group_dot %p, %q, %c {isAsync = true} : !ttg.memdesc<128x64xbf16> * !ttg.memdesc<64x128xbf16>"
+    wait = "ttng.wait_barrier %b, %ph : !ttg.memdesc<1xi64>"
+    copy = "ttng.async_tma_copy_global_to_local %d[%m, %k] %s, %b, %t : !tt.tensordesc<tensor<128x64xbf16>>"
+    drain = "%w:3 = ttng.warp_group_dot_wait %a, %p, %q {pendings = 1 : i32} : tensor<128x128xf32>"
+    good = k_loop(ir([wait, dot, drain, copy]), [12])
+    assert good == {"loops": 1, "pipelined": True, "sync_loads": [], "wgmma_waits": [1]}
+    assert not k_loop(ir([copy, wait, dot, drain]), [12])["pipelined"]  # loaded and waited in one iteration
+    load = "%g = tt.load %gp, %gm, %z : tensor<64x16x!tt.ptr<bf16>>"
+    assert k_loop(ir([wait, load, dot, drain, copy]), [12])["sync_loads"] == [load]
+    assert k_loop(ir([wait, dot, copy]), [13])["loops"] == 0  # another source line
+    epilogue_only = dot.replace(": !ttg.memdesc<128x64xbf16>", ": tensor<128x16xbf16>")  # A from registers
+    assert k_loop(ir([load, epilogue_only]), [12]) == {"loops": 1, "pipelined": False, "sync_loads": [],
+                                                       "wgmma_waits": []}
+
+
 def test_role_ids_match_the_recorded_roles():
     assert [f"{c}-{r}" for c, shape, R, tags in _cases() for r, _ in _roles(*shape, R, tags)] == _role_ids()
     assert set(KNOWN) <= set(_role_ids())
