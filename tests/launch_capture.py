@@ -52,20 +52,32 @@ def recording(sms: int = 132):
         JITFunction.run, lora_tma.available, lora_tma._programs = saved
 
 
+_BINDERS: dict = {}  # (jit fn, cc) -> (target, backend, binder): Triton's own argument binder
+
+
+def _specialise(fn, args, kwargs, cc: int):
+    """Bind a recorded launch as ``JITFunction.run`` does on ``sm_<cc>``: (target, backend, kwargs,
+    bound args, specialisation, options)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    if (fn, cc) not in _BINDERS:
+        target = GPUTarget("cuda", cc, 32)
+        backend = make_backend(target)
+        _BINDERS[fn, cc] = target, backend, create_function_from_signature(fn.signature, fn.params, backend)
+    target, backend, binder = _BINDERS[fn, cc]
+    kwargs = dict(kwargs, debug=kwargs.get("debug", False))
+    return (target, backend, kwargs, *binder(*args, **kwargs))
+
+
 def compile_launch(fn, args, kwargs, cc: int = 90):
     """Compile one recorded launch for ``sm_<cc>`` as ``JITFunction.run`` would on that GPU; returns
     (CompiledKernel, ptxas report text)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler.compiler import ASTSource
 
-    target = GPUTarget("cuda", cc, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kwargs = dict(kwargs)
-    kwargs.setdefault("debug", False)
-    bound, specialization, opts = binder(*args, **kwargs)
+    target, backend, kwargs, bound, specialization, opts = _specialise(fn, args, kwargs, cc)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, opts)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # ptxas -v's report, printed under TRITON_DUMP_PTXAS_LOG
@@ -75,13 +87,7 @@ def compile_launch(fn, args, kwargs, cc: int = 90):
 
 def launch_key(fn, args, kwargs) -> str:
     """What Triton's cache keys a launch on (same key, same binary): the specialisation and options."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    _, specialization, options = binder(*args, **dict(kwargs, debug=kwargs.get("debug", False)))
+    specialization = _specialise(fn, args, kwargs, 90)[4]
     return f"{fn.__name__}:{specialization}:{sorted(kwargs.items())}"
 
 

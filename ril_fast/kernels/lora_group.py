@@ -65,8 +65,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(int(n), 1) - 1).bit_length())
+_pow2 = lora_tma._pow2  # rank tile: next power of two >= max(n, 16)
 
 
 @triton.jit

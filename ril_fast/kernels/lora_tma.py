@@ -268,7 +268,7 @@ def rank_padded(t: torch.Tensor, r_pad: int) -> torch.Tensor:
 
 
 def _pow2(n: int) -> int:
-    """Rank tile: the next power of two >= max(n, 16) (as lora_group._pow2)."""
+    """Rank tile: the next power of two >= max(n, 16) (lora_group uses this one too)."""
     return max(16, 1 << (max(int(n), 1) - 1).bit_length())
 
 
@@ -276,9 +276,10 @@ _PROGRAMS: dict = {}
 # CTAs per SM of each compiled variant (registers and shared memory from its first launch), keyed
 # by what selects the binary: device, tile config, roles, dtype
 _OCCUPANCY: dict = {}
+SM90_REGS, SM90_SMEM = 65536, 233472  # per SM: registers, shared memory (228 KB)
 
 
-def occupancy(n_regs: int, shared: int, warps: int, regs_per_sm: int = 65536, smem_per_sm: int = 233472,
+def occupancy(n_regs: int, shared: int, warps: int, regs_per_sm: int = SM90_REGS, smem_per_sm: int = SM90_SMEM,
               max_warps: int = 64, max_ctas: int = 32) -> int:
     """CTAs of one kernel an SM holds at once (sm_90 defaults: 64K registers, 228 KB of shared memory
     with 1 KB reserved per CTA, 64 warps). Registers are allocated per warp in units of 256.
@@ -357,9 +358,10 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
     else:
         g_desc = None
     rt = st.shape[1] if epi == 3 else 0
+    rt_pad, db_partial = _pow2(rt), bool(db_partial) and epi == 3
     dummy = c
     tiles = -(-M // bm) * -(-N // bn)
-    variant_key = (a.device, a.dtype, tuple(cfg), epi, b_nk, subtile, bool(db_partial), r_pad, _pow2(rt), upcast)
+    variant_key = (a.device, a.dtype, tuple(cfg), epi, b_nk, subtile, db_partial, r_pad, rt_pad, upcast)
     programs = min(_programs(a.device) * _OCCUPANCY.get(variant_key, 1), tiles)
     kernel = _gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, g_desc,
@@ -371,8 +373,8 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)),
         *((db.stride() if db_partial else (0, *db.stride())) if epi == 3 else (0, 0, 0)),
         *(st.stride() if epi == 3 else (0, 0)),
-        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=bool(db_partial) and epi == 3, R_PAD=r_pad,
-        RB=min(RB_MAX, r_pad), RT_PAD=_pow2(rt), UPCAST=upcast,
+        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=db_partial, R_PAD=r_pad,
+        RB=min(RB_MAX, r_pad), RT_PAD=rt_pad, UPCAST=upcast,
         BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
     if variant_key not in _OCCUPANCY and not INTERPRET:  # first launch of this binary: size later grids
         _OCCUPANCY[variant_key] = _measured_occupancy(kernel, warps, a.device)
@@ -384,8 +386,8 @@ def _measured_occupancy(kernel, warps: int, device: torch.device) -> int:
     if not n_regs or shared is None:
         return 1
     props = torch.cuda.get_device_properties(device)
-    return occupancy(n_regs, shared, warps, getattr(props, "regs_per_multiprocessor", 65536),
-                     getattr(props, "shared_memory_per_multiprocessor", 233472))
+    return occupancy(n_regs, shared, warps, getattr(props, "regs_per_multiprocessor", SM90_REGS),
+                     getattr(props, "shared_memory_per_multiprocessor", SM90_SMEM))
 
 
 def gpu_launch_cases(dtype: str = "bf16") -> list:
