@@ -6,7 +6,8 @@ dispatches on this GPU: the tuning table of ``benchmarks/tune_lora.py`` if one e
 Triton forward and the cuBLAS backward; GPU only), ``triton_untuned`` (every GEMM in our
 Triton kernels, fixed tiles), ``triton_base`` / ``triton_base_tma`` (our main GEMM with no LoRA,
 pointer / persistent TMA kernel, forward only: the Triton GEMM against cuBLAS), ``triton_tma``
-(sm_90+: the TMA kernel forced wherever it can run, with the fused backward) and, with
+(sm_90+: the TMA kernel forced wherever it can run, with the fused backward), ``triton_tma_da``
+(the same with dA in the fused backward's kernel: the whole backward in one launch) and, with
 ``--cuda-lib``, ``cuda_lib`` (when ``ril_fast.kernels.cuda_lib.available()[0]``).
 Modes: ``forward`` (training forward), ``backward`` (backward of a retained graph), ``full``.
 Only the newest adapter trains; W, bias and older adapters are frozen.
@@ -143,6 +144,8 @@ def build_case(m, d_in, d_out, r, k, dtype, device, ours=None, cuda_lib_provider
                 # new kernels do even where the tuning table picks something else
                 providers["triton_tma"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
                                                     RIL_FAST_LORA_BWD="fused", RIL_FAST_LORA_GEMM="tma")
+                providers["triton_tma_da"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
+                                                       RIL_FAST_LORA_BWD="fused_da", RIL_FAST_LORA_GEMM="tma")
         from ril_fast.kernels import cuda_lib
 
         if is_cuda and cuda_lib_provider and cuda_lib.available()[0]:
@@ -246,13 +249,15 @@ def main(argv=None):
 
 def tma_occupancy() -> dict:
     """CTAs per SM the persistent TMA kernel's grids used, per compiled variant (``lora_tma.gemm``
-    measures each variant's first launch): {"dtype BMxBN/warps/stages epi E sub S R_PAD": CTAs}."""
+    measures each variant's first launch): {"dtype BMxBN/warps/stages epi E sub S R_PAD": CTAs};
+    " +dA" marks the fused backward reducing dA too."""
     from ril_fast.kernels import lora_tma
 
     out = {}
-    for (_, dtype, cfg, epi, _, subtile, _, r_pad, _, _), ctas in lora_tma._OCCUPANCY.items():
+    for (_, dtype, cfg, epi, _, subtile, _, with_da, r_pad, _, _), ctas in lora_tma._OCCUPANCY.items():
         bm, bn, _, _, warps, stages = cfg[:6]
-        out[f"{str(dtype).split('.')[-1]} {bm}x{bn}/{warps}w/{stages}s epi{epi} sub{int(subtile)} R{r_pad}"] = ctas
+        name = f"{str(dtype).split('.')[-1]} {bm}x{bn}/{warps}w/{stages}s epi{epi} sub{int(subtile)} R{r_pad}"
+        out[name + (" +dA" if with_da else "")] = ctas
     return out
 
 
@@ -265,7 +270,8 @@ def summarize(rows):
     (target ≥ 1.2 for C ≤ 640); ``gemm_x_base`` / ``gemm_tma_x_base`` = our main GEMM alone (R = 0;
     pointer / TMA kernel) over base forward (kernels-research §10: ≥ 0.9× cuBLAS, i.e. ≤ 1.11, or
     the fused op cannot reach its targets); ``tma_fwd_x_base`` / ``tma_full_x_base`` = the
-    ``triton_tma`` provider over base. Plain timings include host launch cost; graph ones do not.
+    ``triton_tma`` provider over base, ``tma_da_full_x_base`` the ``triton_tma_da`` one (full step).
+    Plain timings include host launch cost; graph ones do not.
     """
     idx = {(r["shape"], r["r"], r["k"], r["mode"], r.get("graph", False), r["provider"]): r.get("median_ms")
            for r in rows}
@@ -279,6 +285,8 @@ def summarize(rows):
         if prov == "triton_tma" and t is not None and get("base") and mode in ("forward", "full"):
             col = "tma_fwd_x_base" if mode == "forward" else "tma_full_x_base"
             out.setdefault(f"{shape}/r{r}/k{k}", {})[f"{col}_{tag}"] = round(t / get("base"), 3)
+        if prov == "triton_tma_da" and t is not None and get("base") and mode == "full":
+            out.setdefault(f"{shape}/r{r}/k{k}", {})[f"tma_da_full_x_base_{tag}"] = round(t / get("base"), 3)
         if prov != "fused" or t is None:
             continue
         row = out.setdefault(f"{shape}/r{r}/k{k}", {})
@@ -298,7 +306,7 @@ def summarize(rows):
 def table(summary) -> str:
     """Compact text table of :func:`summarize` (plain / graph)."""
     cols = ["fwd_x_base", "full_x_base", "peft_speedup", "stacked_speedup", "full_ms", "gemm_x_base", "gemm_tma_x_base",
-            "tma_fwd_x_base", "tma_full_x_base"]
+            "tma_fwd_x_base", "tma_full_x_base", "tma_da_full_x_base"]
     head = f"{'case':32s}" + "".join(f"{c + ' p/g':>22s}" for c in cols)
     lines = [head]
     for case, row in summary.items():

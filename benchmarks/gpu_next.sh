@@ -5,7 +5,8 @@
 # kernels (the LoRA issue; the distillation one is resolved):
 #   1. CUDA library build (sm_90; the LoRA graph-capture test covers its backend too), then the
 #      LoRA tests on CUDA: the persistent TMA GEMM (lora_tma) against the fp64 reference on sm_90;
-#   2. benchmarks/tune_lora.py --quick ALWAYS (compiling the ~130 candidates in 8 processes first),
+#   2. benchmarks/tune_lora.py --quick ALWAYS (compiling its candidates in 8 processes first; the
+#      fused backward now also with dA in the same kernel, "fused_da"),
 #      into a fresh table ($OUT/<gpu>.json): the shipped
 #      H200 table predates the TMA candidates (pointer / TMA / TMA with split stores);
 #   3. bench_lora --quick --graph-repeat 8 with that table in force (RIL_FAST_LORA_TUNING), with the

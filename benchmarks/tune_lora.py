@@ -9,7 +9,7 @@ from the benchmark's (r, k) grid) it times, under CUDA-graph replay, bf16:
   candidate of :func:`candidates`;
 - backward (dX, dA and dB of the newest 16 ranks): cuBLAS GEMMs, the Triton kernels with every
   candidate for the dX GEMM, and (TMA candidates, R ≤ 64) the fused backward: dS, dB and dX in one
-  kernel, then dA.
+  kernel, then dA ("fused"), or dA in that kernel too ("fused_da").
 
 A candidate is the main GEMM's kernel with a tile config (:func:`candidates`): the pointer kernel
 with ``lora_group.GEMM_CANDIDATES``, and on sm_90+ the persistent TMA kernel
@@ -89,6 +89,12 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
         ds, dx, db = lora_group.dx_ds_db_launch(dy, w, a, b, s, rs, lo, hi, db, cfg)
         return dx, lora_group.da_launch(ds, x, lo, hi, False), db
 
+    def bwd_fused_da(cfg):  # the whole backward in one kernel (dA in its epilogue)
+        acc = torch.zeros(d_out * (hi - lo) + (hi - lo) * d_in, device=dev, dtype=torch.float32)
+        db, da = acc[:d_out * (hi - lo)].view(d_out, hi - lo), acc[d_out * (hi - lo):].view(hi - lo, d_in)
+        _, dx, db = lora_group.dx_ds_db_launch(dy, w, a, b, s, rs, lo, hi, db, cfg, x=x, da=da)
+        return dx, da, db
+
     def bwd_cublas():
         return lora_group.backward_cublas(dy, x, w, a, b, s, rs, lo, hi, True, True, True)
 
@@ -130,6 +136,7 @@ def tune_shape(m: int, d_in: int, d_out: int, r: int, dtype=torch.bfloat16, dev:
         attempt(f"triton:{i}", bwd, lambda cfg=cfg: bwd_triton(list(cfg)), ref_bwd)
         if cfg[6] and r <= lora_group.MAX_FUSED_R and lora_group.fused_backward_fits(dy, w):  # dS, dB, dX at once
             attempt(f"fused:{i}", bwd, lambda cfg=cfg: bwd_fused(list(cfg)), ref_bwd)
+            attempt(f"fused_da:{i}", bwd, lambda cfg=cfg: bwd_fused_da(list(cfg)), ref_bwd)
 
     if warm_only is not None:
         return sum(1 for t in (fwd, bwd) for v in t.values() if v is None)

@@ -104,7 +104,7 @@ def _resolve(locs: dict, ref: str, depth: int = 0):
 
 
 def loops(ttgir: str) -> list:
-    """Every ``scf.for`` of ``ttgir``: ``(source line, top-level body lines)``."""
+    """Every ``scf.for`` of ``ttgir``: ``(source line, header line, top-level body lines)``."""
     lines = ttgir.splitlines()
     locs = {}
     for t in lines:
@@ -125,7 +125,7 @@ def loops(ttgir: str) -> list:
             depth += t.endswith("{") - t.startswith("}")
         ref = re.search(r"loc\((#loc\d*)\)\s*$", end or "")
         where = _resolve(locs, ref.group(1)) if ref else None
-        out.append((where[1] if where else None, body))
+        out.append((where[1] if where else None, line.strip(), body))
     return out
 
 
@@ -139,6 +139,7 @@ def source_line(fn, text: str) -> int:
 
 
 K_DOT = re.compile(r"ttng\.warp_group_dot .*\} : !ttg\.memdesc")  # wgmma with A from shared memory
+K_ACC = re.compile(r"-> \(.*tensor<[0-9x]+xf32, #mma")  # a loop carrying an MMA accumulator
 
 
 def _prefetches(body: list) -> bool:
@@ -155,11 +156,13 @@ def k_loop(ttgir: str, lines) -> dict:
     """The loop compiled from source ``lines`` (sm_90): how many loops it became, whether its K-loop
     is pipelined, and the synchronous global loads left at the top level of the K-loop's body.
 
-    The K-loop is the copy whose body issues wgmma with A read from shared memory (the pipelined
-    operand). A flattened persistent loop also leaves a copy for K = 0 that holds only the
-    epilogue, whose dots take A from registers; its loads are once per tile, not per K-step."""
-    found = [body for where, body in loops(ttgir) if where in lines]
-    main = [b for b in found if any(K_DOT.search(t) for t in b)]
+    The K-loop is the copy that carries an MMA accumulator from one iteration to the next and
+    issues wgmma with A read from shared memory (the pipelined operand). A flattened persistent
+    loop also leaves a copy for K = 0 that holds only the epilogue and carries no accumulator
+    (its dots may read shared memory too: the fused backward's dA reads X's tile there); its loads
+    are once per tile, not per K-step."""
+    found = [(head, body) for where, head, body in loops(ttgir) if where in lines]
+    main = [b for head, b in found if K_ACC.search(head) and any(K_DOT.search(t) for t in b)]
     piped = [b for b in main if _prefetches(b)]
     sync = [t[:160] for b in main for t in b if re.search(r"= tt\.load ", t)]
     # wgmma groups each wait leaves in flight: 0 drains the queue (the tensor cores then idle until

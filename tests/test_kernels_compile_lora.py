@@ -137,9 +137,14 @@ def test_cases_cover_every_launch_variant():
     # every TMA tuning tile with both TMA variants, each GEMM role (fused / split fwd, dX, plain)
     assert {(cx["BM"], cx["BN"], cx["BK"], cx["GROUP_M"], w, st) for _, _, cx, w, st in tma
             if cx["EPI"] != 3} == set(lora_tma.TILES)
-    # the fused backward runs every tile with its stages capped (lora_tma.gemm does the same)
-    assert {(cx["BM"], cx["BN"], cx["BK"], cx["GROUP_M"], w, st) for _, _, cx, w, st in tma if cx["EPI"] == 3} == {
-        (*t[:5], min(t[5], lora_tma.EPI3_MAX_STAGES)) for t in lora_tma.TILES}
+    # the fused backward runs every tile with its stages capped (lora_tma.gemm does the same); with
+    # dA, every tile lora_tma.da_fits, with its own cap (R_PAD 64 here)
+    assert {(cx["BM"], cx["BN"], cx["BK"], cx["GROUP_M"], w, st) for _, _, cx, w, st in tma
+            if cx["EPI"] == 3 and not cx["DA"]} == {(*t[:5], min(t[5], lora_tma.EPI3_MAX_STAGES))
+                                                     for t in lora_tma.TILES}
+    assert {(cx["BM"], cx["BN"], cx["BK"], cx["GROUP_M"], w, st) for _, _, cx, w, st in tma if cx["DA"]} == {
+        (*t[:5], lora_tma.epi3_stages(t[5], t[0], t[1], 64, True)) for t in lora_tma.TILES if lora_tma.da_fits(t[1])}
+    assert lora_tma.epi3_stages(3, 128, 128, 64, True) == 2 and not lora_tma.da_fits(256)
     assert {(cx["SUBTILE"], cx["EPI"], cx["B_NK"]) for _, _, cx, _, _ in tma} == {
         (False, 2, True), (False, 1, True), (False, 1, False), (False, 0, False), (False, 3, False),
         (True, 2, True), (True, 3, False)}

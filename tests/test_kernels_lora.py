@@ -214,13 +214,13 @@ def test_persistent_grid_grows_to_the_measured_occupancy(monkeypatch):
 
 
 def _spy_tma(monkeypatch) -> list:
-    """Record (EPI, B_NK, variant, dB partials) of every persistent TMA GEMM launch."""
+    """Record (EPI, B_NK, variant, dB partials, dA fused) of every persistent TMA GEMM launch."""
     from ril_fast.kernels import lora_tma
 
     calls, real = [], lora_tma.gemm
 
     def spy(*args, **kw):
-        calls.append((kw["epi"], kw["b_nk"], kw["variant"], kw.get("db_partial", False)))
+        calls.append((kw["epi"], kw["b_nk"], kw["variant"], kw.get("db_partial", False), kw.get("da") is not None))
         return real(*args, **kw)
 
     monkeypatch.setattr(lora_tma, "gemm", spy)
@@ -244,34 +244,65 @@ def test_tma_gemm_matches_fp64_reference(device, monkeypatch, variant, mode, dty
     assert [c[:3] for c in calls] == (want if lora_tma.available(torch.device(device)) else [])
 
 
-@pytest.mark.parametrize("dtype,ranks,train,variant", [
-    (torch.bfloat16, (4, 13), 1, "tma"),  # R = 17, last adapter trains
-    (torch.float16, (8, 8, 4), 0, "tma_subtile"),  # first adapter
-    (torch.float16, (16, 8, 8), (0, 2), "tma"),  # two trainable adapters: the slice spans the middle one
+def _spy_da(monkeypatch) -> list:
+    """Count the separate dA launches (lora_group.da_launch)."""
+    from ril_fast.kernels import lora_group
+
+    calls, real = [], lora_group.da_launch
+    monkeypatch.setattr(lora_group, "da_launch", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    return calls
+
+
+@pytest.mark.parametrize("dtype,ranks,train,variant,bwd", [
+    (torch.bfloat16, (4, 13), 1, "tma", "fused"),  # R = 17, last adapter trains
+    (torch.bfloat16, (4, 13), 1, "tma", "fused_da"),  # ... dA in the kernel: rank rows from LO = 4
+    (torch.float16, (8, 8, 4), 0, "tma_subtile", "fused"),  # first adapter
+    (torch.float16, (8, 8, 4), 0, "tma_subtile", "fused_da"),
+    (torch.float16, (16, 8, 8), (0, 2), "tma", "fused"),  # two trainable adapters: the slice spans the middle one
 ])
-def test_fused_backward_matches_fp64_reference(device, monkeypatch, dtype, ranks, train, variant):
-    """dS, dB and dX from one read of dY (the TMA kernel's EPI 3), then dA. d_out = 200 gives four
-    64-wide K-steps and d_in = 136 three N-tiles in the interpreter, so every K-step's dB partial
-    is owned by a different N-tile (and the M tail, 150 rows, by a partial tile)."""
+def test_fused_backward_matches_fp64_reference(device, monkeypatch, dtype, ranks, train, variant, bwd):
+    """dS, dB and dX from one read of dY (the TMA kernel's EPI 3), then dA ("fused_da": dA in the
+    same kernel's epilogue, no separate launch). d_out = 200 gives four 64-wide K-steps and d_in =
+    136 three N-tiles in the interpreter, so every K-step's dB partial is owned by a different
+    N-tile, every dA column block gets partials from three M-tiles (the M tail, 150 rows, a
+    partial one)."""
     from ril_fast.kernels import lora_tma
 
-    calls = _spy_tma(monkeypatch)
+    calls, da_calls = _spy_tma(monkeypatch), _spy_da(monkeypatch)
     monkeypatch.setenv("RIL_FAST_LORA_GEMM", variant)
     monkeypatch.setenv("RIL_FAST_LORA_FWD", "fused")
-    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", bwd)
     _compare(device, dtype, (150,), 136, 200, ranks, train)
-    v = lora_tma.VARIANTS[variant]
-    assert [c[:3] for c in calls] == ([(2, True, v), (3, False, v)] if lora_tma.available(torch.device(device)) else [])
+    v, one = lora_tma.VARIANTS[variant], bwd == "fused_da"
+    tma = lora_tma.available(torch.device(device))
+    assert [c[:3] + c[4:] for c in calls] == ([(2, True, v, False), (3, False, v, one)] if tma else [])
+    assert len(da_calls) == (0 if tma and one else 1)
 
 
-def test_fused_backward_deterministic_mode(device, monkeypatch):
-    """RIL_FAST_DETERMINISTIC=1: the fused backward stores per-M-tile dB partials (no atomics) and
-    sums them in order; right against fp64, and two runs give the same bits."""
+def test_fused_backward_takes_da_after_it_where_the_tile_is_too_wide(device, monkeypatch):
+    """"fused_da" on a tile without room for X's tile (lora_tma.da_fits false: 256 wide) runs the
+    fused kernel without dA, then the dA kernel; the gradients are still right."""
+    from ril_fast.kernels import lora_tma
+
+    calls, da_calls = _spy_tma(monkeypatch), _spy_da(monkeypatch)
+    monkeypatch.setattr(lora_tma, "da_fits", lambda bn: False)
+    monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused_da")
+    _compare(device, torch.float16, (150,), 64, 200, (4, 13), 1)
+    if lora_tma.available(torch.device(device)):
+        assert [c[::4] for c in calls if c[0] == 3] == [(3, False)] and len(da_calls) == 1, calls
+
+
+@pytest.mark.parametrize("bwd", ["fused", "fused_da"])
+def test_fused_backward_deterministic_mode(device, monkeypatch, bwd):
+    """RIL_FAST_DETERMINISTIC=1: the fused backward stores per-M-tile dB (and with "fused_da" dA)
+    partials (no atomics) and sums them in order; right against fp64, and two runs give the same
+    bits."""
     from ril_fast.kernels import lora_tma
 
     calls = _spy_tma(monkeypatch)
     monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
-    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", bwd)
     monkeypatch.setenv("RIL_FAST_DETERMINISTIC", "1")
     torch.manual_seed(3)
     first = _compare(device, torch.float16, (150,), 64, 200, (4, 13), 1)  # 3 M-tiles of partials
@@ -280,7 +311,8 @@ def test_fused_backward_deterministic_mode(device, monkeypatch):
     for k in first:
         assert torch.equal(first[k], second[k]), k
     if lora_tma.available(torch.device(device)):
-        assert [(c[0], c[3]) for c in calls if c[0] == 3] == [(3, True), (3, True)], calls
+        one = bwd == "fused_da"
+        assert [(c[0], c[3], c[4]) for c in calls if c[0] == 3] == [(3, True, one), (3, True, one)], calls
 
 
 def test_fused_backward_falls_back_to_the_triton_one(device, monkeypatch):
@@ -661,15 +693,17 @@ def test_custom_ops_pass_opcheck(device):
         (lora_group.lora_bwd_dx, (dy, w, ds, a, None)),
         (lora_group.lora_bwd_da, (ds, x, 0, 4, True)),
         (lora_group.lora_bwd_fused, (dy, w, a, b, s, rs, 2, 5, False, cfg)),  # fp32: the unfused kernels
+        (lora_group.lora_bwd_fused_da, (dy, w, x, a, b, s, rs, 2, 5, False, cfg)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("det", [False, True])
 def test_fused_backward_custom_op(device, monkeypatch, det):
-    """ril_fast::lora_group_bwd_fused (the fused backward under torch.compile): the fused kernel
-    where its TMA operands fit (fp16, 16-byte rows), the same dS / dX / dB as the unfused kernels
-    (its own fallback, fp16 rows of 20), and opcheck's schema, fake-tensor and AOT checks."""
+    """ril_fast::lora_group_bwd_fused and ..._fused_da (the fused backward under torch.compile):
+    the fused kernel where its TMA operands fit (fp16, 16-byte rows), the same dS / dX / dA / dB
+    as the unfused kernels (their own fallback, fp16 rows of 20), and opcheck's schema,
+    fake-tensor and AOT checks."""
     from ril_fast.kernels import lora_tma
 
     calls = _spy_tma(monkeypatch)
@@ -690,23 +724,37 @@ def test_fused_backward_custom_op(device, monkeypatch, det):
             torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * scale)
         torch.library.opcheck(lora_group.lora_bwd_fused, (dy, w, a, b, s, rs, 2, 5, det, None),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        x = t(m, d_in)
+        calls.clear()
+        dx, da, db = lora_group.lora_bwd_fused_da(dy, w, x, a, b, s, rs, 2, 5, det, None)
+        assert [c[0] for c in calls] == [3] * fused and [c[4] for c in calls] == [True] * fused, calls
+        da_ref = lora_group.da_launch(ds_ref, x, 2, 5, True)
+        for got, want in ((dx, dx_ref), (da, da_ref), (db, db_ref)):
+            scale = want.float().abs().max().item()
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * scale)
+        torch.library.opcheck(lora_group.lora_bwd_fused_da, (dy, w, x, a, b, s, rs, 2, 5, det, None),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_compile_path_runs_the_fused_backward_as_a_custom_op(device, monkeypatch):
+@pytest.mark.parametrize("bwd", ["fused", "fused_da"])
+def test_compile_path_runs_the_fused_backward_as_a_custom_op(device, monkeypatch, bwd):
     """Under torch.compile (simulated: ``_compiling`` True, so every launch goes through the
-    custom ops) the fused plan calls ril_fast::lora_group_bwd_fused, not the unfused kernels."""
+    custom ops) the fused plans call ril_fast::lora_group_bwd_fused / ..._fused_da, not the
+    unfused kernels."""
     from ril_fast.kernels import lora_tma
 
     calls = _spy_tma(monkeypatch)
     ops = []
-    real = lora_group.lora_bwd_fused
-    monkeypatch.setattr(lora_group, "lora_bwd_fused", lambda *a: (ops.append("fused"), real(*a))[1])
+    for name in ("lora_bwd_fused", "lora_bwd_fused_da"):
+        real = getattr(lora_group, name)
+        monkeypatch.setattr(lora_group, name, lambda *a, name=name, real=real: (ops.append(name), real(*a))[1])
     monkeypatch.setattr(lora_group, "_compiling", lambda: True)
     monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
-    monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", bwd)
     _compare(device, torch.float16, (150,), 64, 200, (4, 13), 1)
-    assert ops == ["fused"]
-    assert [c[0] for c in calls if c[0] == 3] == ([3] if lora_tma.available(torch.device(device)) else [])
+    assert ops == ["lora_bwd_" + bwd]
+    tma = lora_tma.available(torch.device(device))
+    assert [c[::4] for c in calls if c[0] == 3] == ([(3, bwd == "fused_da")] if tma else [])
 
 
 @pytest.mark.gpu
@@ -715,25 +763,26 @@ def test_compile_path_runs_the_fused_backward_as_a_custom_op(device, monkeypatch
     [(8192, 320, 320, (16, 16, 16, 16)), (4096, 640, 640, (64,)), (4096, 320, 2560, (4, 8)),
      (2048, 1280, 1280, (64,) * 8)],
 )
-@pytest.mark.parametrize("kernel", ["as_dispatched", "tma_fused_bwd"])
+@pytest.mark.parametrize("kernel", ["as_dispatched", "tma_fused_bwd", "tma_fused_da"])
 def test_real_shapes_bf16_cuda(monkeypatch, m, d_in, d_out, ranks, kernel):
     """SD-sized layers on the GPU: as dispatched (tuning table / defaults), and with the persistent
-    TMA GEMM forced for the forward and the fused backward (sm_90+; R > 64 takes the Triton one)."""
+    TMA GEMM forced for the forward and the fused backward, without or with dA in it (sm_90+;
+    R > 64 takes the Triton one)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from ril_fast.kernels import lora_tma
 
     monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
     calls = []
-    if kernel == "tma_fused_bwd":
+    if kernel != "as_dispatched":
         if not lora_tma.available(torch.device("cuda")):
             pytest.skip("no TMA on this GPU")
         calls = _spy_tma(monkeypatch)
         monkeypatch.setenv("RIL_FAST_LORA_GEMM", "tma")
         monkeypatch.setenv("RIL_FAST_LORA_FWD", "fused")
-        monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused")
+        monkeypatch.setenv("RIL_FAST_LORA_BWD", "fused_da" if kernel == "tma_fused_da" else "fused")
     _compare("cuda", torch.bfloat16, (m,), d_in, d_out, ranks, len(ranks) - 1)
-    if kernel == "tma_fused_bwd":
+    if kernel != "as_dispatched":
         # R <= 64: fused forward (EPI 2) and fused backward (EPI 3); else split forward (shrink and
         # main GEMM, EPI 1 each) and the Triton backward's dX (EPI 1)
         want = [2, 3] if sum(ranks) <= lora_group.MAX_FUSED_R else [1, 1, 1]
@@ -795,8 +844,9 @@ def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
     monkeypatch.setattr(tune_lora, "_time", lambda fn: (fn(), float(next(fake)))[1])
     e = tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float16, dev="cpu")
     assert (e["fwd"], e["fwd_cfg"]) == ("fused", list(cands[-1]))
-    assert (e["bwd"], e["bwd_cfg"]) == ("fused", list(cands[-1]))  # TMA candidates also time the fused backward
-    assert len(e["us"]["fwd"]) == 1 + 2 * len(cands) and len(e["us"]["bwd"]) == 1 + len(cands) + 2
+    # TMA candidates also time the fused backward, without and with dA ("fused_da", timed last)
+    assert (e["bwd"], e["bwd_cfg"]) == ("fused_da", list(cands[-1]))
+    assert len(e["us"]["fwd"]) == 1 + 2 * len(cands) and len(e["us"]["bwd"]) == 1 + len(cands) + 4
     assert all(isinstance(v, float) for d in ("fwd", "bwd") for v in e["us"][d].values()), e["us"]
     # their kernels ran (and agreed with cuBLAS): split (EPI 1) and fused (2) forward, fused backward (3)
     assert set(tma_calls) == {(epi, v) for epi in (1, 2, 3) for v in (1, 2)}
@@ -804,7 +854,7 @@ def test_tuner_picks_the_fastest_correct_candidate(monkeypatch):
     # the compile-ahead pass (tune_lora.warm's workers) runs only its slice of candidates, untimed
     tma_calls.clear()
     monkeypatch.setattr(tune_lora, "_time", lambda fn: pytest.fail("the warm pass must not time"))
-    assert tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float16, dev="cpu", warm_only={2}) == 4  # 2 fwd, 2 bwd
+    assert tune_lora.tune_shape(70, 48, 40, 16, dtype=torch.float16, dev="cpu", warm_only={2}) == 5  # 2 fwd, 3 bwd
     assert set(tma_calls) == {(1, 2), (2, 2), (3, 2)}
 
 
@@ -896,15 +946,17 @@ def test_bench_lora_summary_ratios():
 
     rows = []
     for prov, fwd, full in (("base", 10, 20), ("fused", 12, 30), ("peft_eager", 30, 90), ("torch_stacked", 15, 36),
-                            ("triton_base", 11, None), ("triton_base_tma", 9, None), ("triton_tma", 11, 25)):
+                            ("triton_base", 11, None), ("triton_base_tma", 9, None), ("triton_tma", 11, 25),
+                            ("triton_tma_da", 11, 23)):
         rows.append(dict(shape="s", r=16, k=4, mode="forward", graph=True, provider=prov, median_ms=fwd))
         if full:
             rows.append(dict(shape="s", r=16, k=4, mode="full", graph=True, provider=prov, median_ms=full))
     got = summarize(rows)["s/r16/k4"]
     assert got == {"fwd_x_base_graph": 1.2, "full_x_base_graph": 1.5, "peft_speedup_graph": 3.0,
                    "stacked_speedup_graph": 1.2, "full_ms_graph": 30, "gemm_x_base_graph": 1.1,
-                   "gemm_tma_x_base_graph": 0.9, "tma_fwd_x_base_graph": 1.1, "tma_full_x_base_graph": 1.25}
-    assert "tma_full_x_base" in table(summarize(rows)).splitlines()[0]
+                   "gemm_tma_x_base_graph": 0.9, "tma_fwd_x_base_graph": 1.1, "tma_full_x_base_graph": 1.25,
+                   "tma_da_full_x_base_graph": 1.15}
+    assert "tma_da_full_x_base" in table(summarize(rows)).splitlines()[0]
 
 
 def test_tuner_compile_ahead_pass_runs_every_candidate_in_worker_processes():
@@ -921,6 +973,6 @@ def test_tuner_compile_ahead_pass_runs_every_candidate_in_worker_processes():
     cands = tune_lora.candidates("cpu")
     secs, ran = tune_lora.warm([("tiny", 40, 32, 24)], True, 2, dtype=torch.float16, dev="cpu")
     # per R bucket (16, 64): split + fused forward and the Triton backward for all; the fused
-    # backward for the TMA candidates
+    # backward, without and with dA, for the TMA candidates
     tma = sum(1 for c in cands if c[6])
-    assert ran == 2 * (3 * len(cands) + tma), (ran, len(cands), tma)
+    assert ran == 2 * (3 * len(cands) + 2 * tma), (ran, len(cands), tma)

@@ -9,7 +9,9 @@ Forward: F1 ("fused", narrow layers) runs the shrink inside the base GEMM's K-lo
 expand in its epilogue; F2 ("split", wide layers or R > 64) computes S first, then the base
 GEMM with ``S·B_catᵀ`` in the epilogue. Backward (kernels-research §7.3): one read of dY gives
 dS and dB of the trainable slice; ``dX = dY·W + dS·A_cat`` is one GEMM with the LoRA term in
-the epilogue; dA of the trainable slice is a split-K reduction over M. Deterministic mode
+the epilogue; dA of the trainable slice is a split-K reduction over M. On sm_90+ the
+persistent TMA kernel (:mod:`lora_tma`) can also run dS, dB and dX as one GEMM ("fused"), and
+reduce dA in that GEMM's epilogue too ("fused_da": the whole backward in one launch). Deterministic mode
 (``RIL_FAST_DETERMINISTIC=1`` or torch deterministic algorithms) uses fp32 partials and an
 ordered sum instead of atomics. Accumulation is fp32 (fp64 for fp64 inputs).
 
@@ -293,19 +295,21 @@ def forward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[
 
 
 def backward_plan(device, dtype, m: int, d_in: int, d_out: int, r: int) -> tuple[str, Optional[list]]:
-    """("triton" | "cublas" | "fused", dX tile config or None); ``RIL_FAST_LORA_BWD`` forces one.
+    """("triton" | "cublas" | "fused" | "fused_da", dX tile config or None); ``RIL_FAST_LORA_BWD``
+    forces one.
 
     "fused" is the Triton backward with dS, dB and dX in one kernel (one read of dY; the TMA
     kernel's EPI 3; in deterministic mode dB from stored per-M-tile partials), where it can run
     (sm_90+ or the interpreter, 16-bit aligned operands, R <= 64, dX needed); elsewhere it runs
-    as "triton".
+    as "triton". "fused_da" also reduces dA in that kernel's epilogue (X's tile is the dX tile's
+    columns): the whole backward in one launch, no dS round trip through memory.
 
     Untuned default on CUDA: cuBLAS. On the H100 the autograd backward of torch-stacked (cuBLAS)
     took 1.3-3.5x less time than the Triton backward on all 16 graph-replay cases (its dS/dB
     kernel parallelises over M only: 32 programs at M = 2048). Off CUDA (the interpreter in
     tests): Triton.
     """
-    force = _env_choice("RIL_FAST_LORA_BWD", ("auto", "triton", "cublas", "fused"))
+    force = _env_choice("RIL_FAST_LORA_BWD", ("auto", "triton", "cublas", "fused", "fused_da"))
     if force != "auto":
         return force, None
     tuned = lora_tuning.plan(device, dtype, m, d_in, d_out, r)
@@ -469,24 +473,41 @@ def dx_launch(dy, weight, ds, a_cat, cfg=None):
     return dx
 
 
-def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None, deterministic=False):
+def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None, deterministic=False, x=None,
+                    da=None):
     """dS, dX and dB of rank columns [lo, hi) from one read of dY: the TMA kernel's EPI 3
     (:mod:`lora_tma`). ``db``: zeroed fp32 (d_out, hi-lo), accumulated with atomics, or with
     ``deterministic`` written from per-M-tile partials summed in order. Returns (dS in dY's dtype,
-    dX, db). Callers check :func:`fused_backward_fits` and R <= :data:`MAX_FUSED_R`."""
+    dX, db). Callers check :func:`fused_backward_fits` and R <= :data:`MAX_FUSED_R`.
+
+    With ``x`` (the forward's input, M×d_in) and ``da`` (zeroed fp32 (hi-lo, d_in)) dA is also
+    reduced into ``da``: by the same kernel where the tile allows (:func:`lora_tma.da_fits`; the
+    whole backward in one launch, "fused_da", no dS stored, the first result None), else by
+    :func:`da_launch` after it."""
     M, N = dy.shape
     K, R = weight.shape[1], a_cat.shape[0]
-    dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
-    ds = torch.empty(M, R, device=dy.device, dtype=dy.dtype)
     tiles = _main_tiles(K, cfg)
+    if da is not None and not lora_tma.da_fits(tiles[1]):
+        ds, dx, db = dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic)
+        da_launch(ds, x, lo, hi, deterministic, da=da)
+        return ds, dx, db
+    with_da = da is not None
+    dx = torch.empty(M, K, device=dy.device, dtype=dy.dtype)
+    ds = None if with_da else torch.empty(M, R, device=dy.device, dtype=dy.dtype)
     variant = gemm_variant(cfg) or lora_tma.VARIANTS["tma"]
-    # one (d_out, hi-lo) fp32 partial per M-tile, each element written once: no memset needed
-    part = torch.empty(_cdiv(M, tiles[0]), N, hi - lo, device=dy.device, dtype=torch.float32) if deterministic else db
+    # one fp32 partial per M-tile, each element written once: no memset needed
+    m_tiles = _cdiv(M, tiles[0])
+    part = torch.empty(m_tiles, N, hi - lo, device=dy.device, dtype=torch.float32) if deterministic else db
+    part_a = (torch.empty(m_tiles, hi - lo, K, device=dy.device, dtype=torch.float32) if deterministic else da
+              ) if with_da else None
     lora_tma.gemm(dy, weight, dx, b_nk=False, M=M, N=K, K=N, cfg=tiles, variant=variant,
                   upcast=_flags(dy.dtype)["UPCAST"], g=b_cat, f=a_cat, escale=rscale, s=ds, epi=3, r=R,
-                  sf=a_cat.stride(), db=part, st=s[:, lo:hi], stscale=rscale[lo:hi], db_partial=deterministic)
+                  sf=a_cat.stride(), db=part, st=s[:, lo:hi], stscale=rscale[lo:hi], db_partial=deterministic,
+                  x=x if with_da else None, da=part_a, lo=lo)
     if deterministic:
         torch.sum(part, dim=0, out=db)
+        if with_da:
+            torch.sum(part_a, dim=0, out=da)
     return ds, dx, db
 
 
@@ -601,6 +622,29 @@ def fused_backward_fits(dy: torch.Tensor, weight: torch.Tensor) -> bool:
     return lora_tma.usable(dy, weight, weight)
 
 
+@torch.library.custom_op("ril_fast::lora_group_bwd_fused_da", mutates_args=())
+def lora_bwd_fused_da(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor,
+                      b_cat: torch.Tensor, s: torch.Tensor, rscale: torch.Tensor, lo: int, hi: int, deterministic: bool,
+                      cfg: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom-op form of the one-kernel backward: (dX, fp32 dA of rank rows [lo, hi), fp32 dB of
+    columns [lo, hi)) from :func:`dx_ds_db_launch` with dA where its TMA operands fit (checked
+    here, on real tensors), else from the dS/dB, dX and dA kernels."""
+    db = torch.zeros(dy.shape[1], hi - lo, device=dy.device, dtype=torch.float32)
+    da = torch.zeros(hi - lo, x.shape[1], device=dy.device, dtype=torch.float32)
+    if fused_backward_fits(dy, weight):
+        _, dx, db = dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic=deterministic,
+                                    x=x, da=da)
+        return dx, da, db
+    ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=db)
+    return dx_launch(dy, weight, ds, a_cat, cfg), da_launch(ds, x, lo, hi, deterministic, da=da), db
+
+
+@lora_bwd_fused_da.register_fake
+def _(dy, weight, x, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg):
+    return (dy.new_empty(dy.shape[0], weight.shape[1]), x.new_empty(hi - lo, x.shape[1], dtype=torch.float32),
+            dy.new_empty(dy.shape[1], hi - lo, dtype=torch.float32))
+
+
 @torch.library.custom_op("ril_fast::lora_group_bwd_fused", mutates_args=())
 def lora_bwd_fused(dy: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
                    s: torch.Tensor, rscale: torch.Tensor, lo: int, hi: int, deterministic: bool,
@@ -674,7 +718,7 @@ class _LoraGroupFn(torch.autograd.Function):
             need_b = any(need[5 + k + i] for i in train)
             need_a = any(need[5 + i] for i in train)
             impl, cfg = ctx.bwd_plan
-            if impl == "fused" and (not need[0] or _pow2(a_cat.shape[0]) > MAX_FUSED_R):
+            if impl in ("fused", "fused_da") and (not need[0] or _pow2(a_cat.shape[0]) > MAX_FUSED_R):
                 impl = "triton"  # the fused backward: dX needed, dS tile in registers
             if impl == "cublas":
                 gx, da, db = backward_cublas(dy, x2, _as(weight, x2.dtype), a_cat, b_cat, s, rscale, lo, hi,
@@ -682,7 +726,8 @@ class _LoraGroupFn(torch.autograd.Function):
                 gx = None if gx is None else gx.reshape(ctx.x_shape)
             else:
                 gx, da, db = _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_a, need_b,
-                                              det, ops, cfg, train, fused=impl == "fused")
+                                              det, ops, cfg, train, fused=impl in ("fused", "fused_da"),
+                                              with_da=impl == "fused_da")
             for i in train:
                 sl = slice(offs[i] - lo, offs[i + 1] - lo)
                 if need[5 + i]:
@@ -697,17 +742,22 @@ class _LoraGroupFn(torch.autograd.Function):
 
 
 def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_a, need_b, det, ops, cfg, train,
-                     fused=False):
+                     fused=False, with_da=False):
     """dS/dB in one read of dY, dX with the LoRA epilogue, dA split-K: (dX, dA, dB). ``fused``: dS,
-    dB and dX in one read of dY (:func:`dx_ds_db_launch`) where the TMA kernel can run."""
+    dB and dX in one read of dY (:func:`dx_ds_db_launch`) where the TMA kernel can run;
+    ``with_da``: dA in that kernel too (the whole backward in one launch)."""
     k, need = len(ctx.ranks), ctx.needs_input_grad
     rt, n_out, n_in = hi - lo, dy.shape[1], x2.shape[1]
-    gx = None
+    gx = da = None
     w = _as(weight, x2.dtype)
     if fused and not ops:  # (under torch.compile the custom op checks, on real tensors)
         fused = fused_backward_fits(dy, w)
+    with_da = with_da and fused and need_a
     has_b = need_b or fused  # the fused kernel always accumulates dB (masked atomics, a few % of its work)
-    if ops and fused:
+    if ops and with_da:
+        gx, da, db = lora_bwd_fused_da(dy, w, x2, a_cat, b_cat, s, rscale, lo, hi, det, cfg)
+        gx = gx.reshape(ctx.x_shape)
+    elif ops and fused:
         ds, gx, db = lora_bwd_fused(dy, w, a_cat, b_cat, s, rscale, lo, hi, det, cfg)
         gx = gx.reshape(ctx.x_shape)
     elif ops:
@@ -716,17 +766,19 @@ def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_
         acc = torch.zeros(n_out * rt * has_b + rt * n_in * need_a, device=dy.device,
                           dtype=torch.float32) if train or fused else None
         db_buf = acc[:n_out * rt].view(n_out, rt) if has_b else None
+        da_buf = acc[n_out * rt * has_b:].view(rt, n_in) if need_a else None
         if fused:
-            ds, gx, db = dx_ds_db_launch(dy, w, a_cat, b_cat, s, rscale, lo, hi, db_buf, cfg, deterministic=det)
+            ds, gx, db = dx_ds_db_launch(dy, w, a_cat, b_cat, s, rscale, lo, hi, db_buf, cfg, deterministic=det,
+                                         x=x2 if with_da else None, da=da_buf if with_da else None)
             gx = gx.reshape(ctx.x_shape)
+            da = da_buf if with_da else None
         else:
             ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi if need_b else lo, det, db=db_buf)
     if need[0] and gx is None:
         gx = (lora_bwd_dx(dy, w, ds, a_cat, cfg) if ops else dx_launch(dy, w, ds, a_cat, cfg)).reshape(ctx.x_shape)
-    da = None
-    if need_a:
+    if need_a and not with_da:
         da = (lora_bwd_da(ds, x2, lo, hi, det) if ops
-              else da_launch(ds, x2, lo, hi, det, da=acc[n_out * rt * has_b:].view(rt, n_in)))
+              else da_launch(ds, x2, lo, hi, det, da=da_buf))
     dts = {ctx.dtypes[-2 * k + i] for i in train if need[5 + i]} | {
         ctx.dtypes[-k + i] for i in train if need[5 + k + i]}
     if not ops and len(dts) == 1:  # cast dA and dB together

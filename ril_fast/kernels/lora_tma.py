@@ -17,7 +17,8 @@ pipeline) and the epilogue (the store) are a large share of each tile. This kern
   the epilogue's staging buffer, so more pipeline stages fit).
 
 It also has a role the pointer kernel lacks, the fused backward (EPI 3): dX, dS and dB of the
-trainable slice from one read of dY (``lora_group.dx_ds_db_launch``).
+trainable slice from one read of dY (``lora_group.dx_ds_db_launch``), optionally with dA reduced
+in the same epilogue (``DA``: the whole backward in one launch).
 
 The small LoRA operands (S or dS, B_cat or A_cat, the scales, bias) keep pointer loads: they
 are a few KB per tile, their rank R is often not a multiple of 8 (TMA needs 16-byte row
@@ -60,6 +61,20 @@ MAX_UNROLLED_R = tl.constexpr(64)  # a constexpr global: the kernel reads it
 # The fused backward (EPI 3) also pipelines B_cat tiles and stages S_t and dYᵀ: 4 stages of a
 # 128x128 tile need 240 KB of shared memory there (compile gate), so it runs with at most 3.
 EPI3_MAX_STAGES = 3
+# ... and with dA (DA) it also stages X's (BM, BN) tile and dS for the epilogue's dA dot: +37 KB at
+# 128x128, R 16 (launch gate, SDXL 640 -> 640). 128x128 at R_PAD 64 then needs 234 KB with 3 stages
+# (2 fit), and 128x256 237-270 KB at R_PAD >= 32 with its 2: that tile takes dA in a separate kernel.
+
+
+def da_fits(bn: int) -> bool:
+    """Whether the fused backward can also reduce dA on tiles ``bn`` wide (else dA runs after it)."""
+    return bn <= 128
+
+
+def epi3_stages(stages: int, bm: int, bn: int, r_pad: int, with_da: bool) -> int:
+    """Pipeline stages the fused backward (EPI 3) runs a tile config's ``stages`` with."""
+    stages = min(stages, EPI3_MAX_STAGES)
+    return min(stages, 2) if with_da and bm * bn >= 128 * 128 and r_pad >= 64 else stages
 
 
 def split_store(variant: int, epi: int, bn: int) -> bool:
@@ -96,10 +111,10 @@ def _lora_chunk(acc, e_ptr, f_ptr, escale_ptr, rm, rn, mm, mn, r0, R, s_em, s_er
 @triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE"])
 def _gemm_tma_kernel(
     a_desc, b_desc, c_desc, g_desc,
-    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr, db_ptr, st_ptr, stscale_ptr,
-    M, N, K, R, RT, NUM_PROGRAMS, HAS_BIAS, ESCALE, CSCALE,
-    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_dbz, s_dbk, s_dbr, s_stm, s_str,
-    EPI: tl.constexpr, B_NK: tl.constexpr, SUBTILE: tl.constexpr, DB_PARTIAL: tl.constexpr,
+    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr, db_ptr, st_ptr, stscale_ptr, x_ptr, da_ptr,
+    M, N, K, R, RT, LO, NUM_PROGRAMS, HAS_BIAS, ESCALE, CSCALE,
+    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_dbz, s_dbk, s_dbr, s_stm, s_str, s_xm, s_xn, s_daz, s_dar, s_dan,
+    EPI: tl.constexpr, B_NK: tl.constexpr, SUBTILE: tl.constexpr, DB_PARTIAL: tl.constexpr, DA: tl.constexpr,
     R_PAD: tl.constexpr, RB: tl.constexpr, RT_PAD: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -119,6 +134,11 @@ def _gemm_tma_kernel(
     ``lora_group._ds_db_kernel``). ``DB_PARTIAL``: it stores it instead, into its M-tile's slice
     ``s_dbz`` apart, for an ordered sum after the kernel (deterministic mode). Epilogue ``+ dS·F`` with
     F = A_cat; the pid_n == 0 tile stores dS.
+    EPI 3 with ``DA`` (the whole backward in one kernel): instead of storing dS, each tile adds
+    ``dA[:, n-block] += (dS·diag(escale))[:, LO:LO+RT]ᵀ · X[m-block, n-block]`` (X, M×N, ``x_ptr``:
+    the forward's input, whose columns are dX's), computed as ``Xᵀ·dS`` (BN×R_PAD; the rank
+    columns outside the trainable slice masked off), by fp32 atomics into ``da_ptr`` (RT×N), or
+    with ``DB_PARTIAL`` stored into its M-tile's slice ``s_daz`` apart.
     """
     start = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
@@ -202,12 +222,25 @@ def _gemm_tma_kernel(
             sc = tl.load(escale_ptr + rr, mask=rr < R, other=0.0)
             f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & mn[None, :],
                         other=0.0)
+            if DA:  # X's tile, with the other small loads: their round trips overlap
+                x = tl.load(x_ptr + rm[:, None] * s_xm + rn[None, :] * s_xn, mask=mm[:, None] & mn[None, :], other=0.0)
             s_q = (s_acc * sc[None, :]).to(f_ptr.dtype.element_ty)  # round S once, as the dot input
             if UPCAST:
                 acc = tl.dot(s_q.to(tl.float32), f.to(tl.float32), acc)
             else:
                 acc = tl.dot(s_q, f, acc)
-            if pid_n == 0:  # S (forward, unscaled) or dS (backward, scaled) for the later kernels
+            if DA:  # dAᵀ's (BN, R_PAD) partial of this M-tile: its rank columns LO..LO+RT are dA's rows
+                if UPCAST:
+                    da_t = tl.dot(tl.trans(x.to(tl.float32)), s_q.to(tl.float32))
+                else:
+                    da_t = tl.dot(tl.trans(x), s_q)
+                da_mask = mn[:, None] & (rr[None, :] >= LO) & (rr[None, :] < LO + RT)
+                da_off = (rr[None, :] - LO) * s_dar + rn[:, None] * s_dan
+                if DB_PARTIAL:
+                    tl.store(da_ptr + pid_m * s_daz + da_off, da_t, mask=da_mask)
+                else:
+                    tl.atomic_add(da_ptr + da_off, da_t, mask=da_mask, sem="relaxed")
+            elif pid_n == 0:  # S (forward, unscaled) or dS (backward, scaled) for the later kernels
                 if EPI == 2:
                     s_out = s_acc.to(s_ptr.dtype.element_ty)
                 else:
@@ -334,19 +367,25 @@ def usable(a, b, c, g=None) -> bool:
 
 def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=None, e=None, f=None,
          escale=None, s=None, cscale=None, epi=1, r=0, se=None, sf=None, db=None, st=None, stscale=None,
-         db_partial=False):
+         db_partial=False, x=None, da=None, lo=0):
     """Launch :func:`_gemm_tma_kernel`. ``b`` is the tensor itself, (N, K) if ``b_nk`` else
     (K, N); ``cfg`` = (BM, BN, BK, GROUP_M, warps, stages); ``variant`` 1 or 2 (:data:`VARIANTS`).
     EPI 3 (see the kernel): ``g`` = B_cat (K, R; padded here by :func:`rank_padded`), ``db`` a
     zeroed fp32 (K, RT) accumulator, or with ``db_partial`` an fp32 (cdiv(M, BM), K, RT) buffer of
     per-M-tile partials (every element is written), ``st`` = S[:, lo:hi] (M, RT), ``stscale`` its
-    rank scales. Callers check :func:`usable` first."""
+    rank scales. With ``x`` (M, N: the forward's input) and ``da`` (EPI 3 only) the kernel also
+    reduces dA of rank rows [lo, lo + RT) into ``da``: zeroed fp32 (RT, N), or with ``db_partial``
+    (cdiv(M, BM), RT, N), every element written; it then stores no dS. Callers check :func:`usable`
+    first."""
     bm, bn, bk, gm, warps, stages = cfg
-    if epi == 3:
-        stages = min(stages, EPI3_MAX_STAGES)
     if r == 0:
         epi = 0
     r_pad = _pow2(r)
+    with_da = epi == 3 and da is not None
+    if with_da and not da_fits(bn):
+        raise ValueError(f"the fused backward takes dA on tiles up to 128 wide, not {bn} (lora_tma.da_fits)")
+    if epi == 3:
+        stages = epi3_stages(stages, bm, bn, r_pad, with_da)
     subtile = split_store(variant, epi, bn)
     a_desc = _desc(a, [M, K], [bm, bk])
     b_desc = _desc(b, [N, K], [bn, bk]) if b_nk else _desc(b, [K, N], [bk, bn])
@@ -361,19 +400,21 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
     rt_pad, db_partial = _pow2(rt), bool(db_partial) and epi == 3
     dummy = c
     tiles = -(-M // bm) * -(-N // bn)
-    variant_key = (a.device, a.dtype, tuple(cfg), epi, b_nk, subtile, db_partial, r_pad, rt_pad, upcast)
+    variant_key = (a.device, a.dtype, tuple(cfg), epi, b_nk, subtile, db_partial, with_da, r_pad, rt_pad, upcast)
     programs = min(_programs(a.device) * _OCCUPANCY.get(variant_key, 1), tiles)
     kernel = _gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, g_desc,
         bias if bias is not None else dummy, e if e is not None else dummy, f if f is not None else dummy,
         escale if escale is not None else dummy, s if s is not None else dummy,
         cscale if cscale is not None else dummy, db if epi == 3 else dummy,
-        st if epi == 3 else dummy, stscale if epi == 3 else dummy,
-        M, N, K, r, rt, programs, int(bias is not None), int(escale is not None and epi == 1), int(cscale is not None),
-        *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None else (0, 0)),
+        st if epi == 3 else dummy, stscale if epi == 3 else dummy, x if with_da else dummy, da if with_da else dummy,
+        M, N, K, r, rt, lo if with_da else 0, programs, int(bias is not None), int(escale is not None and epi == 1),
+        int(cscale is not None),
+        *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None and not with_da else (0, 0)),
         *((db.stride() if db_partial else (0, *db.stride())) if epi == 3 else (0, 0, 0)),
-        *(st.stride() if epi == 3 else (0, 0)),
-        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=db_partial, R_PAD=r_pad,
+        *(st.stride() if epi == 3 else (0, 0)), *(x.stride() if with_da else (0, 0)),
+        *((da.stride() if db_partial else (0, *da.stride())) if with_da else (0, 0, 0)),
+        EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=db_partial, DA=with_da, R_PAD=r_pad,
         RB=min(RB_MAX, r_pad), RT_PAD=rt_pad, UPCAST=upcast,
         BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
     if variant_key not in _OCCUPANCY and not INTERPRET:  # first launch of this binary: size later grids
@@ -396,7 +437,8 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
     (``tensordesc<dtype[block]>``) and the fp32 pointers, other pointers take ``dtype``.
 
     Per tile of :data:`TILES`: the fused forward and the fused backward (EPI 3, also its
-    deterministic variant) at the largest rank tiles (R_PAD = RT_PAD = 64), the split forward and
+    deterministic variant, and the one reducing dA too) at the largest rank tiles (R_PAD = RT_PAD =
+    64), the split forward and
     dX with the largest unrolled epilogue (R_PAD 64) and with the runtime rank loop (R_PAD 128, the
     code of every larger R); with split stores (which change only the store, and need less shared
     memory) the fused forward and backward, the roles with the most shared memory. The plain GEMM
@@ -416,8 +458,10 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                 types = {"a_desc": f"tensordesc<{dtype}[{bm}, {bk}]>",
                          "b_desc": f"tensordesc<{dtype}[{bn}, {bk}]>" if b_nk else f"tensordesc<{dtype}[{bk}, {bn}]>",
                          "c_desc": f"tensordesc<{dtype}[{bm}, {bn // 2 if split_store(variant, epi, bn) else bn}]>",
-                         "escale_ptr": "fp32", "cscale_ptr": "fp32", "db_ptr": "fp32", "stscale_ptr": "fp32"}
-                cx = dict(EPI=epi, B_NK=b_nk, SUBTILE=split_store(variant, epi, bn), DB_PARTIAL=False, R_PAD=r_pad,
+                         "escale_ptr": "fp32", "cscale_ptr": "fp32", "db_ptr": "fp32", "stscale_ptr": "fp32",
+                         "da_ptr": "fp32"}
+                cx = dict(EPI=epi, B_NK=b_nk, SUBTILE=split_store(variant, epi, bn), DB_PARTIAL=False, DA=False,
+                          R_PAD=r_pad,
                           RB=min(RB_MAX, r_pad),
                           RT_PAD=r_pad if epi == 3 else 16, UPCAST=False, BM=bm, BN=bn, BK=bk, GROUP_M=gm)
                 if epi == 2:
@@ -426,11 +470,15 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                     types["g_desc"] = f"tensordesc<{dtype}[{bk}, {r_pad}]>"
                 else:
                     cx["g_desc"] = None
-                case = (_gemm_tma_kernel, types, cx, warps, min(stages, EPI3_MAX_STAGES) if epi == 3 else stages)
+                case = (_gemm_tma_kernel, types, cx, warps, epi3_stages(stages, bm, bn, r_pad, False) if epi == 3
+                        else stages)
                 if case not in cases:  # EPI 3's stage cap makes two 128x128 tiles one kernel
                     cases.append(case)
-                if epi == 3 and variant == 1:  # the deterministic fused backward (dB partials stored)
-                    det = (_gemm_tma_kernel, types, dict(cx, DB_PARTIAL=True), warps, case[4])
-                    if det not in cases:
-                        cases.append(det)
+                if epi == 3 and variant == 1:  # deterministic (dB partials stored); with dA where it fits
+                    # (the launch gate also builds dA with partials stored, at real shapes)
+                    more = [(_gemm_tma_kernel, types, dict(cx, DB_PARTIAL=True), warps, case[4])]
+                    if da_fits(bn):
+                        more.append((_gemm_tma_kernel, types, dict(cx, DA=True), warps,
+                                     epi3_stages(stages, bm, bn, r_pad, True)))
+                    cases += [c for c in more if c not in cases]
     return cases

@@ -6,7 +6,8 @@ The op has more than one implementation of each direction:
   in the base GEMM's epilogue) or ``cublas`` (cuBLAS base GEMM with the bias, cuBLAS shrink, then
   ``y += S·(B_cat·diag(scale))ᵀ`` as one cuBLAS ``addmm_`` reading y once);
 - backward: ``triton`` (dS and dB from one read of dY, dX with the LoRA term in the GEMM epilogue,
-  dA split-K), ``fused`` (dS, dB and dX in one persistent TMA kernel, one read of dY; then dA) or
+  dA split-K), ``fused`` (dS, dB and dX in one persistent TMA kernel, one read of dY; then dA),
+  ``fused_da`` (the same kernel reducing dA in its epilogue too: one launch) or
   ``cublas`` (the same products as cuBLAS GEMMs with fp32 dA/dB output). All compute dA/dB for the
   trainable slice only.
 
@@ -42,7 +43,7 @@ ENV = "RIL_FAST_LORA_TUNING"
 SHIPPED = Path(__file__).resolve().parent / "tuned"
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ril_fast" / "lora_tuning"
 FWD_IMPLS = ("cublas", "split", "fused")
-BWD_IMPLS = ("cublas", "triton", "fused")
+BWD_IMPLS = ("cublas", "triton", "fused", "fused_da")
 VARIANTS = (0, 1, 2)  # main-GEMM kernel: pointer, TMA persistent, TMA persistent with split stores (lora_tma)
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
