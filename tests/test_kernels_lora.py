@@ -293,6 +293,27 @@ def test_fused_backward_takes_da_after_it_where_the_tile_is_too_wide(device, mon
         assert [c[::4] for c in calls if c[0] == 3] == [(3, False)] and len(da_calls) == 1, calls
 
 
+def test_fused_backward_takes_da_after_it_where_tma_cannot_load_x(device, monkeypatch):
+    """X's tiles are TMA loads: X rows 130 bytes apart (a column slice of a wider tensor) cannot be
+    addressed, so dx_ds_db_launch runs dA after the kernel; same dA as the dA kernel's."""
+    from ril_fast.kernels import lora_tma
+
+    calls, da_calls = _spy_tma(monkeypatch), _spy_da(monkeypatch)
+    torch.manual_seed(0)
+    m, d_in, d_out, r = 70, 64, 32, 6
+    t = lambda *sh: torch.randn(*sh, device=device).half()  # noqa: E731
+    dy, w, a, b, s = t(m, d_out), t(d_out, d_in), t(r, d_in), t(d_out, r), t(m, r)
+    x = t(m, d_in + 1)[:, :d_in]
+    assert not lora_tma.tma_ok(x)
+    rs = torch.full((r,), 0.5, device=device)
+    da = torch.zeros(3, d_in, device=device)
+    db = torch.zeros(d_out, 3, device=device)
+    ds, _, _ = lora_group.dx_ds_db_launch(dy, w, a, b, s, rs, 2, 5, db, x=x, da=da)
+    want = lora_group.da_launch(ds, x.contiguous(), 2, 5, True)
+    torch.testing.assert_close(da, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    assert len(da_calls) == 2 and [c[::4] for c in calls] == ([(3, False)] if lora_tma.available(x.device) else [])
+
+
 @pytest.mark.parametrize("bwd", ["fused", "fused_da"])
 def test_fused_backward_deterministic_mode(device, monkeypatch, bwd):
     """RIL_FAST_DETERMINISTIC=1: the fused backward stores per-M-tile dB (and with "fused_da" dA)

@@ -481,13 +481,13 @@ def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None, d
     dX, db). Callers check :func:`fused_backward_fits` and R <= :data:`MAX_FUSED_R`.
 
     With ``x`` (the forward's input, M×d_in) and ``da`` (zeroed fp32 (hi-lo, d_in)) dA is also
-    reduced into ``da``: by the same kernel where the tile allows (:func:`lora_tma.da_fits`; the
-    whole backward in one launch, "fused_da", no dS stored, the first result None), else by
-    :func:`da_launch` after it."""
+    reduced into ``da``: by the same kernel where the tile and X allow (:func:`lora_tma.da_fits`;
+    X's tiles are loaded by TMA, :func:`lora_tma.tma_ok`), which is the whole backward in one
+    launch ("fused_da"; no dS stored, the first result None); else by :func:`da_launch` after it."""
     M, N = dy.shape
     K, R = weight.shape[1], a_cat.shape[0]
     tiles = _main_tiles(K, cfg)
-    if da is not None and not lora_tma.da_fits(tiles[1]):
+    if da is not None and not (lora_tma.da_fits(tiles[1]) and lora_tma.tma_ok(x)):
         ds, dx, db = dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic)
         da_launch(ds, x, lo, hi, deterministic, da=da)
         return ds, dx, db

@@ -110,10 +110,10 @@ def _lora_chunk(acc, e_ptr, f_ptr, escale_ptr, rm, rn, mm, mn, r0, R, s_em, s_er
 
 @triton.jit(do_not_specialize=["HAS_BIAS", "ESCALE", "CSCALE"])
 def _gemm_tma_kernel(
-    a_desc, b_desc, c_desc, g_desc,
-    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr, db_ptr, st_ptr, stscale_ptr, x_ptr, da_ptr,
+    a_desc, b_desc, c_desc, g_desc, x_desc,
+    bias_ptr, e_ptr, f_ptr, escale_ptr, s_ptr, cscale_ptr, db_ptr, st_ptr, stscale_ptr, da_ptr,
     M, N, K, R, RT, LO, NUM_PROGRAMS, HAS_BIAS, ESCALE, CSCALE,
-    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_dbz, s_dbk, s_dbr, s_stm, s_str, s_xm, s_xn, s_daz, s_dar, s_dan,
+    s_em, s_er, s_fr, s_fn, s_sm, s_sr, s_dbz, s_dbk, s_dbr, s_stm, s_str, s_daz, s_dar, s_dan,
     EPI: tl.constexpr, B_NK: tl.constexpr, SUBTILE: tl.constexpr, DB_PARTIAL: tl.constexpr, DA: tl.constexpr,
     R_PAD: tl.constexpr, RB: tl.constexpr, RT_PAD: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -135,7 +135,7 @@ def _gemm_tma_kernel(
     ``s_dbz`` apart, for an ordered sum after the kernel (deterministic mode). Epilogue ``+ dS·F`` with
     F = A_cat; the pid_n == 0 tile stores dS.
     EPI 3 with ``DA`` (the whole backward in one kernel): instead of storing dS, each tile adds
-    ``dA[:, n-block] += (dS·diag(escale))[:, LO:LO+RT]ᵀ · X[m-block, n-block]`` (X, M×N, ``x_ptr``:
+    ``dA[:, n-block] += (dS·diag(escale))[:, LO:LO+RT]ᵀ · X[m-block, n-block]`` (X, M×N, ``x_desc``:
     the forward's input, whose columns are dX's), computed as ``Xᵀ·dS`` (BN×R_PAD; the rank
     columns outside the trainable slice masked off), by fp32 atomics into ``da_ptr`` (RT×N), or
     with ``DB_PARTIAL`` stored into its M-tile's slice ``s_daz`` apart.
@@ -222,8 +222,11 @@ def _gemm_tma_kernel(
             sc = tl.load(escale_ptr + rr, mask=rr < R, other=0.0)
             f = tl.load(f_ptr + rr[:, None] * s_fr + rn[None, :] * s_fn, mask=(rr[:, None] < R) & mn[None, :],
                         other=0.0)
-            if DA:  # X's tile, with the other small loads: their round trips overlap
-                x = tl.load(x_ptr + rm[:, None] * s_xm + rn[None, :] * s_xn, mask=mm[:, None] & mn[None, :], other=0.0)
+            if DA:  # X's tile by TMA, straight into shared memory as the dA dot's operand (by pointers it
+                # took 24 more registers). Triton waits on the copy at once, and F's staging store waits on
+                # F before it, so this is a second round trip after the small loads'. Loaded at the tile
+                # start instead, it was carried through the K-loop in registers (255, spills).
+                x = x_desc.load([pid_m * BM, pid_n * BN])
             s_q = (s_acc * sc[None, :]).to(f_ptr.dtype.element_ty)  # round S once, as the dot input
             if UPCAST:
                 acc = tl.dot(s_q.to(tl.float32), f.to(tl.float32), acc)
@@ -382,8 +385,9 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         epi = 0
     r_pad = _pow2(r)
     with_da = epi == 3 and da is not None
-    if with_da and not da_fits(bn):
-        raise ValueError(f"the fused backward takes dA on tiles up to 128 wide, not {bn} (lora_tma.da_fits)")
+    if with_da and not (da_fits(bn) and tma_ok(x)):
+        raise ValueError(f"the fused backward takes dA on tiles up to 128 wide (not {bn}: lora_tma.da_fits), "
+                         "with X TMA-addressable (lora_tma.tma_ok)")
     if epi == 3:
         stages = epi3_stages(stages, bm, bn, r_pad, with_da)
     subtile = split_store(variant, epi, bn)
@@ -402,17 +406,18 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
     tiles = -(-M // bm) * -(-N // bn)
     variant_key = (a.device, a.dtype, tuple(cfg), epi, b_nk, subtile, db_partial, with_da, r_pad, rt_pad, upcast)
     programs = min(_programs(a.device) * _OCCUPANCY.get(variant_key, 1), tiles)
+    x_desc = _desc(x, [M, N], [bm, bn]) if with_da else None
     kernel = _gemm_tma_kernel[(programs,)](
-        a_desc, b_desc, c_desc, g_desc,
+        a_desc, b_desc, c_desc, g_desc, x_desc,
         bias if bias is not None else dummy, e if e is not None else dummy, f if f is not None else dummy,
         escale if escale is not None else dummy, s if s is not None else dummy,
         cscale if cscale is not None else dummy, db if epi == 3 else dummy,
-        st if epi == 3 else dummy, stscale if epi == 3 else dummy, x if with_da else dummy, da if with_da else dummy,
+        st if epi == 3 else dummy, stscale if epi == 3 else dummy, da if with_da else dummy,
         M, N, K, r, rt, lo if with_da else 0, programs, int(bias is not None), int(escale is not None and epi == 1),
         int(cscale is not None),
         *(se or (0, 0)), *(sf or (0, 0)), *(s.stride() if s is not None and not with_da else (0, 0)),
         *((db.stride() if db_partial else (0, *db.stride())) if epi == 3 else (0, 0, 0)),
-        *(st.stride() if epi == 3 else (0, 0)), *(x.stride() if with_da else (0, 0)),
+        *(st.stride() if epi == 3 else (0, 0)),
         *((da.stride() if db_partial else (0, *da.stride())) if with_da else (0, 0, 0)),
         EPI=epi, B_NK=bool(b_nk), SUBTILE=subtile, DB_PARTIAL=db_partial, DA=with_da, R_PAD=r_pad,
         RB=min(RB_MAX, r_pad), RT_PAD=rt_pad, UPCAST=upcast,
@@ -470,6 +475,7 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                     types["g_desc"] = f"tensordesc<{dtype}[{bk}, {r_pad}]>"
                 else:
                     cx["g_desc"] = None
+                cx["x_desc"] = None
                 case = (_gemm_tma_kernel, types, cx, warps, epi3_stages(stages, bm, bn, r_pad, False) if epi == 3
                         else stages)
                 if case not in cases:  # EPI 3's stage cap makes two 128x128 tiles one kernel
@@ -478,7 +484,8 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                     # (the launch gate also builds dA with partials stored, at real shapes)
                     more = [(_gemm_tma_kernel, types, dict(cx, DB_PARTIAL=True), warps, case[4])]
                     if da_fits(bn):
-                        more.append((_gemm_tma_kernel, types, dict(cx, DA=True), warps,
-                                     epi3_stages(stages, bm, bn, r_pad, True)))
+                        cx_da = {k: v for k, v in cx.items() if k != "x_desc"}
+                        more.append((_gemm_tma_kernel, dict(types, x_desc=f"tensordesc<{dtype}[{bm}, {bn}]>"),
+                                     dict(cx_da, DA=True), warps, epi3_stages(stages, bm, bn, r_pad, True)))
                     cases += [c for c in more if c not in cases]
     return cases
