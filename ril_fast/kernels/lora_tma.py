@@ -50,9 +50,11 @@ INTERP_PROGRAMS = 4
 # stages C in shared memory next to the pipeline buffers, so the 128x256 tile gets 2 stages (3 need
 # 264 KB with the fused shrink; sm_90 has 227 KB) and 128x128 also tries 4. 128x64 with 3 stages
 # fits two CTAs on an SM (94-113 KB, 141-161 registers at SDXL shapes: :func:`occupancy`), so one
-# CTA's epilogue runs under the other's main loop, as cuBLAS' two consumer warp groups do.
+# CTA's epilogue runs under the other's main loop, as cuBLAS' two consumer warp groups do. With 2
+# stages it also fits twice where 3 do not: the fused backward with dA (100 KB, 198 registers at R 16
+# against 128 KB) and the R 64 roles.
 TILES = [(128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 64, 64, 8, 4, 4),
-         (64, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 2), (128, 64, 64, 8, 4, 3)]
+         (64, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 2), (128, 64, 64, 8, 4, 3), (128, 64, 64, 8, 4, 2)]
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 RB_MAX = 32  # rank chunk of the EPI 1 epilogue
 # EPI 1 unrolls its rank chunks up to this R_PAD (2 chunks); at 128 and above the unrolled loads
