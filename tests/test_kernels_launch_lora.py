@@ -10,6 +10,9 @@ the K-loop of each kernel in the TTGIR: a synchronous ``tt.load`` left there is 
 pipeliner could not prefetch, so every K-step waits a global-memory round trip. That is a GPU
 speed defect the interpreter tests cannot see (it is how a rank-minor ``B_cat`` load at R = 4 or
 20 was found: 2-byte loads under a rank mask, never copied asynchronously).
+
+It also builds the untuned pointer-kernel launches for sm_86 and checks that they fit the 99 KB of
+shared memory a consumer GPU (RTX 3090 / 4090) gives a block.
 """
 
 from __future__ import annotations
@@ -109,6 +112,35 @@ def _record():
     return roles, launches
 
 
+# d_in = d_out of the consumer-GPU check: one per fixed tile size of lora_group.main_config
+CONSUMER_DIMS = (640, 1280)
+
+
+def _record_consumer():
+    """The untuned pointer-kernel launches at R 64 (every launcher), keyed "sm86|..." so that
+    :func:`_compile_one` builds them for sm_86: ({"consumer-d<d>": [key, ...]}, {key: launch})."""
+    import torch
+    from launch_capture import launch_key, recording
+
+    from ril_fast.kernels import lora_group as lg
+
+    roles, launches = {}, {}
+    for d in CONSUMER_DIMS:
+        M, R, lo, dt = 4096, 64, 48, torch.bfloat16
+        x, w, bias, a, b = (torch.empty(*sh, dtype=dt) for sh in ((M, d), (d, d), (d,), (R, d), (d, R)))
+        s, dy, sc = torch.empty(M, R, dtype=dt), torch.empty(M, d, dtype=dt), torch.ones(R)
+        with recording() as rec:
+            lg.fwd_launch(x, w, bias, a, b, sc, 2, None)
+            lg.fwd_launch(x, w, bias, a, b, sc, 1, None)
+            lg.dx_launch(dy, w, s, a, None)
+            lg.ds_db_launch(dy, b, s, sc, lo, R, False)
+            lg.da_launch(s, x, lo, R, False)
+        keys = ["sm86|" + launch_key(*r) for r in rec]
+        launches.update(zip(keys, rec))
+        roles[f"consumer-d{d}"] = keys
+    return roles, launches
+
+
 def _compile_one(key):
     from launch_capture import compile_launch, k_loop, source_line
 
@@ -116,9 +148,11 @@ def _compile_one(key):
 
     fn, args, kwargs = _LAUNCHES[key]
     try:
-        ck, log = compile_launch(fn, args, kwargs)
+        ck, log = compile_launch(fn, args, kwargs, cc=86 if key.startswith("sm86|") else 90)
     except Exception as exc:  # reported per role by the test
         return key, {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    if key.startswith("sm86|"):
+        return key, {"kernel": fn.__name__, "shared": ck.metadata.shared}
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
     # dB's partial dot feeds atomics at once, so the fused backward (EPI 3) and the dS/dB kernel with
     # dB drain the wgmma queue every K-step by design (their main dots are issued after that wait)
@@ -143,6 +177,9 @@ def _worker():
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ril_fast_launch_gate_")
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     roles, launches = _record()
+    consumer_roles, consumer_launches = _record_consumer()
+    roles.update(consumer_roles)
+    launches.update(consumer_launches)
     _LAUNCHES.update(launches)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -209,6 +246,24 @@ def test_k_loop_reader_on_synthetic_ttgir():
 
 def test_known_misses_name_real_roles():
     assert set(KNOWN) <= set(_role_ids())
+
+
+# Opt-in shared memory per block of sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40): the 24 GB cards
+# the product targets. (sm_80: 163 KB; sm_90: 227 KB.)
+CONSUMER_SMEM = 101376
+
+
+@pytest.mark.parametrize("d", CONSUMER_DIMS)
+def test_untuned_launches_fit_a_consumer_gpu(report, d):
+    """Where no tuning table exists (any GPU but the ones we tuned), the op runs the pointer kernels
+    with fixed tiles. Each of their launches at R 64 (the largest rank tile of the fused forward)
+    must fit the 99 KB of shared memory an sm_86 / sm_89 block gets, or the op would raise
+    OutOfResources on those cards (launch-faithful compiles for sm_86)."""
+    launches = report[f"consumer-d{d}"]
+    assert len(launches) == 6 and {g["kernel"] for g in launches} == {"_gemm_kernel", "_ds_db_kernel"}
+    for got in launches:
+        assert "error" not in got, got.get("error")
+        assert got["shared"] <= CONSUMER_SMEM, got
 
 
 @pytest.mark.parametrize("role_id", _params())
