@@ -175,6 +175,22 @@ def test_occupancy_against_hand_counts():
     assert lora_tma.occupancy(8, 1024, 16) == 4  # 64 warp slots / 16
 
 
+@pytest.mark.parametrize("major,smem,ok", [(9, 232448, True), (10, 232448, True), (12, 101376, False),
+                                           (8, 166912, False)])
+def test_tma_kernel_only_where_its_tiles_fit(monkeypatch, major, smem, ok):
+    """H100 / B200 (227 KB a block) run the TMA kernel; an RTX 5090 (sm_120: TMA, but 99 KB) and an
+    A100 (no TMA) run the pointer kernel."""
+    from types import SimpleNamespace
+
+    from ril_fast.kernels import lora_tma
+
+    monkeypatch.setattr(lora_tma, "INTERPRET", False)
+    monkeypatch.setattr(lora_tma, "_CAPABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(major=major, shared_memory_per_block_optin=smem))
+    assert lora_tma.available(torch.device("cuda", 0)) is ok
+
+
 def test_persistent_grid_grows_to_the_measured_occupancy(monkeypatch):
     """The first launch of a TMA variant runs one program per SM and records its CTAs per SM; later
     launches of the same variant size the grid by it (capped at the tile count)."""

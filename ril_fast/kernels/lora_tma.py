@@ -351,15 +351,23 @@ def tma_ok(t: torch.Tensor) -> bool:
 _CAPABLE: dict = {}
 
 
+# Shared memory per block the tiles are sized for: sm_90 / sm_100 give 227 KB. Consumer Blackwell
+# (sm_120, RTX 50xx) has TMA but 99 KB, which most TILES exceed: it runs the pointer kernel.
+MIN_BLOCK_SMEM = 200 * 1024
+
+
 def available(device: torch.device) -> bool:
-    """This kernel can run on ``device``: the interpreter, or a GPU with TMA (sm_90+)."""
+    """This kernel can run on ``device``: the interpreter, or a GPU with TMA (sm_90+) and the
+    shared memory of a data-centre part (:data:`MIN_BLOCK_SMEM`)."""
     if INTERPRET:
         return True
     if device.type != "cuda":
         return False
     ok = _CAPABLE.get(device.index)
     if ok is None:
-        ok = _CAPABLE[device.index] = torch.cuda.get_device_capability(device)[0] >= 9
+        props = torch.cuda.get_device_properties(device)
+        smem = getattr(props, "shared_memory_per_block_optin", SM90_SMEM)
+        ok = _CAPABLE[device.index] = props.major >= 9 and smem >= MIN_BLOCK_SMEM
     return ok
 
 
