@@ -152,7 +152,7 @@ def _prefetches(body: list) -> bool:
     return copy is not None and wait is not None and wait < copy
 
 
-def k_loop(ttgir: str, lines) -> dict:
+def k_loop(ttgir: str, lines, wgmma: bool = True) -> dict:
     """The loop compiled from source ``lines`` (sm_90): how many loops it became, whether its K-loop
     is pipelined, and the synchronous global loads left at the top level of the K-loop's body.
 
@@ -160,9 +160,10 @@ def k_loop(ttgir: str, lines) -> dict:
     issues wgmma with A read from shared memory (the pipelined operand). A flattened persistent
     loop also leaves a copy for K = 0 that holds only the epilogue and carries no accumulator
     (its dots may read shared memory too: the fused backward's dA reads X's tile there); its loads
-    are once per tile, not per K-step."""
+    are once per tile, not per K-step. ``wgmma=False`` (sm_8x: ``tt.dot`` on register operands, no
+    persistent kernels there) takes every copy that carries an MMA accumulator."""
     found = [(head, body) for where, head, body in loops(ttgir) if where in lines]
-    main = [b for head, b in found if K_ACC.search(head) and any(K_DOT.search(t) for t in b)]
+    main = [b for head, b in found if K_ACC.search(head) and (not wgmma or any(K_DOT.search(t) for t in b))]
     piped = [b for b in main if _prefetches(b)]
     sync = [t[:160] for b in main for t in b if re.search(r"= tt\.load ", t)]
     # wgmma groups each wait leaves in flight: 0 drains the queue (the tensor cores then idle until

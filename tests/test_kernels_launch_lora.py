@@ -116,9 +116,20 @@ def _record():
 CONSUMER_DIMS = (640, 1280)
 
 
+@__import__("contextlib").contextmanager
+def _sm8x_host(lg):
+    saved = lg._dy_twice
+    lg._dy_twice = lambda device: True
+    try:
+        yield
+    finally:
+        lg._dy_twice = saved
+
+
 def _record_consumer():
-    """The untuned pointer-kernel launches at R 64 (every launcher), keyed "sm86|..." so that
-    :func:`_compile_one` builds them for sm_86: ({"consumer-d<d>": [key, ...]}, {key: launch})."""
+    """The untuned pointer-kernel launches at R 64 (every launcher), as the host makes them for an
+    sm_8x GPU (``lora_group._dy_twice``), keyed "sm86|..." so that :func:`_compile_one` builds them
+    for sm_86: ({"consumer-d<d>": [key, ...]}, {key: launch})."""
     import torch
     from launch_capture import launch_key, recording
 
@@ -129,7 +140,7 @@ def _record_consumer():
         M, R, lo, dt = 4096, 64, 48, torch.bfloat16
         x, w, bias, a, b = (torch.empty(*sh, dtype=dt) for sh in ((M, d), (d, d), (d,), (R, d), (d, R)))
         s, dy, sc = torch.empty(M, R, dtype=dt), torch.empty(M, d, dtype=dt), torch.ones(R)
-        with recording() as rec:
+        with recording() as rec, _sm8x_host(lg):
             lg.fwd_launch(x, w, bias, a, b, sc, 2, None)
             lg.fwd_launch(x, w, bias, a, b, sc, 1, None)
             lg.dx_launch(dy, w, s, a, None)
@@ -152,7 +163,9 @@ def _compile_one(key):
     except Exception as exc:  # reported per role by the test
         return key, {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     if key.startswith("sm86|"):
-        return key, {"kernel": fn.__name__, "shared": ck.metadata.shared}
+        return key, {"kernel": fn.__name__, "shared": ck.metadata.shared,
+                     "k_loop": k_loop(ck.asm["ttgir"], [source_line(fn, t) for t in K_LOOPS[fn.__name__]],
+                                      wgmma=False)}
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", log)]
     # dB's partial dot feeds atomics at once, so the fused backward (EPI 3) and the dS/dB kernel with
     # dB drain the wgmma queue every K-step by design (their main dots are issued after that wait)
@@ -258,12 +271,15 @@ def test_untuned_launches_fit_a_consumer_gpu(report, d):
     """Where no tuning table exists (any GPU but the ones we tuned), the op runs the pointer kernels
     with fixed tiles. Each of their launches at R 64 (the largest rank tile of the fused forward)
     must fit the 99 KB of shared memory an sm_86 / sm_89 block gets, or the op would raise
-    OutOfResources on those cards (launch-faithful compiles for sm_86)."""
+    OutOfResources on those cards, and keep its K-loop pipelined with no synchronous load
+    (launch-faithful compiles for sm_86; the dS/dB kernel loads dY twice there for that)."""
     launches = report[f"consumer-d{d}"]
     assert len(launches) == 6 and {g["kernel"] for g in launches} == {"_gemm_kernel", "_ds_db_kernel"}
     for got in launches:
         assert "error" not in got, got.get("error")
         assert got["shared"] <= CONSUMER_SMEM, got
+        loop = got["k_loop"]
+        assert loop["pipelined"] and not loop["sync_loads"], (got["kernel"], got["key"], loop)
 
 
 @pytest.mark.parametrize("role_id", _params())

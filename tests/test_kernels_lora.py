@@ -163,6 +163,17 @@ def test_triton_backward_through_the_rank_slice_copy(device, monkeypatch, det):
     assert len(seen) == (2 if det else 1), seen
 
 
+def test_ds_db_kernel_with_the_second_dy_load(device, monkeypatch):
+    """The sm_8x variant of the dS/dB kernel (DY_TWICE: dB's dot reads its own transposed load of
+    dY) against fp64, with the N-range split, an M tail and the trainable slice at rank 4."""
+    seen, real = [], lora_group._dy_twice
+    monkeypatch.setattr(lora_group, "_dy_twice", lambda dev: (seen.append(dev), True)[1])
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", "triton")
+    _compare(device, torch.float16, (150,), 48, 200, (4, 13), 1)
+    assert seen, "the dS/dB kernel with dB did not run"
+    assert real(torch.device("cpu")) is False
+
+
 def test_occupancy_against_hand_counts():
     """CTAs per SM from registers (per warp, in 256-register units), shared memory (+1 KB reserved
     per CTA) and warp slots, each bound reached once (sm_90: 64K registers, 228 KB, 64 warps)."""

@@ -172,7 +172,7 @@ def _ds_db_kernel(
     dy_ptr, bc_ptr, s_ptr, rscale_ptr, ds_ptr, db_ptr,
     M, N, R, LO, RT, N_PER,
     s_dym, s_dyn, s_bn, s_br, s_sm, s_sr, s_dsz, s_dsm, s_dsr, s_dbn, s_dbr,
-    NEED_DB: tl.constexpr, DS_ATOMIC: tl.constexpr, R_PAD: tl.constexpr,
+    NEED_DB: tl.constexpr, DS_ATOMIC: tl.constexpr, R_PAD: tl.constexpr, DY_TWICE: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
@@ -190,7 +190,12 @@ def _ds_db_kernel(
     NEED_DB must stay a constexpr: as a runtime ``if`` around the second dot, Triton's
     pipeliner (num_stages ≥ 2) issued the prefetch of tile n+2 into the dY shared-memory slot
     before the branch read ``trans(dy)`` from it, so dB summed the wrong (often zero) tiles on
-    GPU while the interpreter, which does not pipeline, was right."""
+    GPU while the interpreter, which does not pipeline, was right.
+
+    DY_TWICE (sm_8x, :func:`_dy_twice`): dB's dot reads its own, transposed, load of the dY tile.
+    There the two dots want dY in two register layouts and the pipeliner left the single load
+    synchronous in every K-step (launch gate, sm_86); the second load hits L1/L2. On sm_90 one
+    shared-memory copy feeds both wgmmas."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_lo = pid_n * N_PER
@@ -213,7 +218,11 @@ def _ds_db_kernel(
         dy = _ld(dy_ptr + rm[:, None] * s_dym + rn[None, :] * s_dyn, mm[:, None] & mn[None, :], UPCAST)
         bt = _ld(bc_ptr + rn[:, None] * s_bn + rr[None, :] * s_br, mn[:, None], UPCAST)
         if NEED_DB:  # first: its result is needed at once, and the wait for it then leaves dS's dot running
-            part = _mma(tl.trans(dy), st, tl.zeros((BN, R_PAD), dtype=ACC), IEEE)
+            if DY_TWICE:
+                dyt = _ld(dy_ptr + rn[:, None] * s_dyn + rm[None, :] * s_dym, mn[:, None] & mm[None, :], UPCAST)
+            else:
+                dyt = tl.trans(dy)
+            part = _mma(dyt, st, tl.zeros((BN, R_PAD), dtype=ACC), IEEE)
         ds = _mma(dy, bt, ds, IEEE)
         if NEED_DB:
             tl.atomic_add(db_ptr + rn[:, None] * s_dbn + rt[None, :] * s_dbr, part, mask=mn[:, None] & mt[None, :],
@@ -371,6 +380,11 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
 REDUCE_BLOCKS = (64, 64, 64, 4)
 
 
+def _dy_twice(device: torch.device) -> bool:
+    """The dS/dB kernel loads dY a second time for dB's dot: on GPUs before sm_90 (see the kernel)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
+
+
 def _dsdb_split(m_tiles: int, n_chunks: int) -> int:
     """N-ranges of the dS/dB kernel: about two waves of programs on a 132-SM GPU (one range in the
     interpreter, where every program costs tens of ms; tests force more)."""
@@ -442,7 +456,8 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
             dy, b_full, s, rscale, out, db if fused_db else ds, M, N, R, lo, rt, n_per, *dy.stride(),
             *b_full.stride(), *s.stride(), out.stride(0) if mode == 2 else 0, *out.stride()[-2:],
             *(db.stride() if fused_db else (0, 0)), NEED_DB=fused_db, DS_ATOMIC=mode == 1, R_PAD=_pow2(R),
-            **_flags(dy.dtype), BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+            DY_TWICE=fused_db and _dy_twice(dy.device), **_flags(dy.dtype), BM=bm, BN=bn, num_warps=warps,
+            num_stages=stages)
         if mode:
             ds.copy_(out.sum(0) if mode == 2 else out)
     else:  # wide stacks: dS as a plain GEMM with the rank scale in the epilogue
@@ -937,7 +952,8 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
     for need_db, atomic, ds in ((True, False, None), (False, False, None), (True, True, "fp32"),
                                 (False, True, "fp32"), (False, False, "fp32")):
         for r_pad in (16, 32, 64, 128):
-            m = dict(R_PAD=r_pad, NEED_DB=need_db, DS_ATOMIC=atomic, BM=bm, BN=bn, **base)
             ptrs = {"rscale_ptr": "fp32", "db_ptr": "fp32", **({"ds_ptr": ds} if ds else {})}
-            cases.append((_ds_db_kernel, ptrs, m, warps, stages))
+            for twice in (False, True) if need_db else (False,):  # True: what sm_8x runs (_dy_twice)
+                m = dict(R_PAD=r_pad, NEED_DB=need_db, DS_ATOMIC=atomic, DY_TWICE=twice, BM=bm, BN=bn, **base)
+                cases.append((_ds_db_kernel, ptrs, m, warps, stages))
     return cases
