@@ -127,17 +127,18 @@ def _sm8x_host(lg):
 
 
 def _record_consumer():
-    """The untuned pointer-kernel launches at R 64 (every launcher), as the host makes them for an
-    sm_8x GPU (``lora_group._dy_twice``), keyed "sm86|..." so that :func:`_compile_one` builds them
-    for sm_86: ({"consumer-d<d>": [key, ...]}, {key: launch})."""
+    """The untuned pointer-kernel launches at R 64 (the largest rank tile of the fused forward) and
+    R 4 (rank-minor operands narrower than a 16-byte vector), every launcher, as the host makes them
+    for an sm_8x GPU (``lora_group._dy_twice``), keyed "sm86|..." so that :func:`_compile_one`
+    builds them for sm_86: ({"consumer-d<d>-R<R>": [key, ...]}, {key: launch})."""
     import torch
     from launch_capture import launch_key, recording
 
     from ril_fast.kernels import lora_group as lg
 
     roles, launches = {}, {}
-    for d in CONSUMER_DIMS:
-        M, R, lo, dt = 4096, 64, 48, torch.bfloat16
+    for d, R in ((d, R) for d in CONSUMER_DIMS for R in (4, 64)):
+        M, lo, dt = 4096, max(R - 16, 0), torch.bfloat16
         x, w, bias, a, b = (torch.empty(*sh, dtype=dt) for sh in ((M, d), (d, d), (d,), (R, d), (d, R)))
         s, dy, sc = torch.empty(M, R, dtype=dt), torch.empty(M, d, dtype=dt), torch.ones(R)
         with recording() as rec, _sm8x_host(lg):
@@ -148,7 +149,7 @@ def _record_consumer():
             lg.da_launch(s, x, lo, R, False)
         keys = ["sm86|" + launch_key(*r) for r in rec]
         launches.update(zip(keys, rec))
-        roles[f"consumer-d{d}"] = keys
+        roles[f"consumer-d{d}-R{R}"] = keys
     return roles, launches
 
 
@@ -266,14 +267,15 @@ def test_known_misses_name_real_roles():
 CONSUMER_SMEM = 101376
 
 
+@pytest.mark.parametrize("R", [4, 64])
 @pytest.mark.parametrize("d", CONSUMER_DIMS)
-def test_untuned_launches_fit_a_consumer_gpu(report, d):
+def test_untuned_launches_fit_a_consumer_gpu(report, d, R):
     """Where no tuning table exists (any GPU but the ones we tuned), the op runs the pointer kernels
-    with fixed tiles. Each of their launches at R 64 (the largest rank tile of the fused forward)
-    must fit the 99 KB of shared memory an sm_86 / sm_89 block gets, or the op would raise
+    with fixed tiles. Each of their launches (at R 64, the largest rank tile of the fused forward,
+    and R 4) must fit the 99 KB of shared memory an sm_86 / sm_89 block gets, or the op would raise
     OutOfResources on those cards, and keep its K-loop pipelined with no synchronous load
     (launch-faithful compiles for sm_86; the dS/dB kernel loads dY twice there for that)."""
-    launches = report[f"consumer-d{d}"]
+    launches = report[f"consumer-d{d}-R{R}"]
     assert len(launches) == 6 and {g["kernel"] for g in launches} == {"_gemm_kernel", "_ds_db_kernel"}
     for got in launches:
         assert "error" not in got, got.get("error")
