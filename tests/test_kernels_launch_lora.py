@@ -12,7 +12,8 @@ speed defect the interpreter tests cannot see (it is how a rank-minor ``B_cat`` 
 20 was found: 2-byte loads under a rank mask, never copied asynchronously).
 
 It also builds the untuned pointer-kernel launches for sm_86 and checks that they fit the 99 KB of
-shared memory a consumer GPU (RTX 3090 / 4090) gives a block.
+shared memory a consumer GPU (RTX 3090 / 4090) gives a block, with pipelined K-loops, and for
+sm_100 (B200) that they compile.
 """
 
 from __future__ import annotations
@@ -126,30 +127,34 @@ def _sm8x_host(lg):
         lg._dy_twice = saved
 
 
-def _record_consumer():
-    """The untuned pointer-kernel launches at R 64 (the largest rank tile of the fused forward) and
-    R 4 (rank-minor operands narrower than a 16-byte vector), every launcher, as the host makes them
-    for an sm_8x GPU (``lora_group._dy_twice``), keyed "sm86|..." so that :func:`_compile_one`
-    builds them for sm_86: ({"consumer-d<d>-R<R>": [key, ...]}, {key: launch})."""
+def _record_consumer(cc: int = 86):
+    """The untuned pointer-kernel launches, every launcher, keyed "sm<cc>|..." so that
+    :func:`_compile_one` builds them for ``sm_<cc>``: ({"sm<cc>-d<d>-R<R>": [key, ...]},
+    {key: launch}). sm_86: at R 64 (the largest rank tile of the fused forward) and R 4 (rank-minor
+    operands narrower than a 16-byte vector), as the host makes them for an sm_8x GPU
+    (``lora_group._dy_twice``). sm_100 (B200, which runs the pointer kernel too:
+    ``lora_tma.available``): at R 64."""
+    import contextlib
+
     import torch
     from launch_capture import launch_key, recording
 
     from ril_fast.kernels import lora_group as lg
 
     roles, launches = {}, {}
-    for d, R in ((d, R) for d in CONSUMER_DIMS for R in (4, 64)):
+    for d, R in ((d, R) for d in CONSUMER_DIMS for R in ((4, 64) if cc == 86 else (64,))):
         M, lo, dt = 4096, max(R - 16, 0), torch.bfloat16
         x, w, bias, a, b = (torch.empty(*sh, dtype=dt) for sh in ((M, d), (d, d), (d,), (R, d), (d, R)))
         s, dy, sc = torch.empty(M, R, dtype=dt), torch.empty(M, d, dtype=dt), torch.ones(R)
-        with recording() as rec, _sm8x_host(lg):
+        with recording() as rec, (_sm8x_host(lg) if cc < 90 else contextlib.nullcontext()):
             lg.fwd_launch(x, w, bias, a, b, sc, 2, None)
             lg.fwd_launch(x, w, bias, a, b, sc, 1, None)
             lg.dx_launch(dy, w, s, a, None)
             lg.ds_db_launch(dy, b, s, sc, lo, R, False)
             lg.da_launch(s, x, lo, R, False)
-        keys = ["sm86|" + launch_key(*r) for r in rec]
+        keys = [f"sm{cc}|" + launch_key(*r) for r in rec]
         launches.update(zip(keys, rec))
-        roles[f"consumer-d{d}-R{R}"] = keys
+        roles[f"sm{cc}-d{d}-R{R}"] = keys
     return roles, launches
 
 
@@ -160,9 +165,11 @@ def _compile_one(key):
 
     fn, args, kwargs = _LAUNCHES[key]
     try:
-        ck, log = compile_launch(fn, args, kwargs, cc=86 if key.startswith("sm86|") else 90)
+        ck, log = compile_launch(fn, args, kwargs, cc=int(key.split("|")[0][2:]) if key.startswith("sm") else 90)
     except Exception as exc:  # reported per role by the test
         return key, {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+    if key.startswith("sm100|"):  # (its accumulators live in tensor memory: no K-loop reading here)
+        return key, {"kernel": fn.__name__, "shared": ck.metadata.shared}
     if key.startswith("sm86|"):
         return key, {"kernel": fn.__name__, "shared": ck.metadata.shared,
                      "k_loop": k_loop(ck.asm["ttgir"], [source_line(fn, t) for t in K_LOOPS[fn.__name__]],
@@ -191,9 +198,10 @@ def _worker():
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ril_fast_launch_gate_")
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     roles, launches = _record()
-    consumer_roles, consumer_launches = _record_consumer()
-    roles.update(consumer_roles)
-    launches.update(consumer_launches)
+    for cc in (86, 100):
+        more_roles, more_launches = _record_consumer(cc)
+        roles.update(more_roles)
+        launches.update(more_launches)
     _LAUNCHES.update(launches)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -275,13 +283,24 @@ def test_untuned_launches_fit_a_consumer_gpu(report, d, R):
     and R 4) must fit the 99 KB of shared memory an sm_86 / sm_89 block gets, or the op would raise
     OutOfResources on those cards, and keep its K-loop pipelined with no synchronous load
     (launch-faithful compiles for sm_86; the dS/dB kernel loads dY twice there for that)."""
-    launches = report[f"consumer-d{d}-R{R}"]
+    launches = report[f"sm86-d{d}-R{R}"]
     assert len(launches) == 6 and {g["kernel"] for g in launches} == {"_gemm_kernel", "_ds_db_kernel"}
     for got in launches:
         assert "error" not in got, got.get("error")
         assert got["shared"] <= CONSUMER_SMEM, got
         loop = got["k_loop"]
         assert loop["pipelined"] and not loop["sync_loads"], (got["kernel"], got["key"], loop)
+
+
+@pytest.mark.parametrize("d", CONSUMER_DIMS)
+def test_untuned_launches_compile_for_blackwell(report, d):
+    """A B200 (sm_100) runs the pointer kernels too (Triton 3.7.1 cannot compile the TMA kernel for
+    it: ``lora_tma.available``): each untuned launch at R 64 compiles for sm_100 within 227 KB."""
+    launches = report[f"sm100-d{d}-R64"]
+    assert len(launches) == 6 and {g["kernel"] for g in launches} == {"_gemm_kernel", "_ds_db_kernel"}
+    for got in launches:
+        assert "error" not in got, got.get("error")
+        assert got["shared"] <= SMEM_LIMIT, got
 
 
 @pytest.mark.parametrize("role_id", _params())

@@ -26,7 +26,7 @@ strides), and they live in L2.
 
 Whether it beats the pointer kernel is a per-GPU, per-shape measurement: the tuning table picks
 it with a 7-entry tile config whose last entry is :data:`VARIANTS` (``benchmarks/tune_lora.py``).
-Selected only on GPUs with compute capability >= 9 (TMA) and when every TMA operand is 2-D,
+Selected only on Hopper GPUs (compute capability 9, see :func:`available`) and when every TMA operand is 2-D,
 row-contiguous, 16-byte aligned; anything else runs the pointer kernel. The interpreter runs it
 on CPU tensors for the tests (programs = 4 there, so each walks several tiles).
 """
@@ -351,14 +351,16 @@ def tma_ok(t: torch.Tensor) -> bool:
 _CAPABLE: dict = {}
 
 
-# Shared memory per block the tiles are sized for: sm_90 / sm_100 give 227 KB. Consumer Blackwell
-# (sm_120, RTX 50xx) has TMA but 99 KB, which most TILES exceed: it runs the pointer kernel.
+# The kernel is built and gated for Hopper (sm_90: wgmma, 227 KB of shared memory a block). Others
+# run the pointer kernel: sm_100 (B200), where Triton 3.7.1 fails to compile every role of it (the
+# TritonGPUHoistTMEMAlloc pass; launch-faithful compile, while the pointer kernel compiles), and
+# sm_120 (RTX 50xx), which has TMA but 99 KB a block, less than most TILES need.
 MIN_BLOCK_SMEM = 200 * 1024
 
 
 def available(device: torch.device) -> bool:
-    """This kernel can run on ``device``: the interpreter, or a GPU with TMA (sm_90+) and the
-    shared memory of a data-centre part (:data:`MIN_BLOCK_SMEM`)."""
+    """This kernel can run on ``device``: the interpreter, or a Hopper GPU (sm_90, TMA) with the
+    shared memory its tiles are sized for (:data:`MIN_BLOCK_SMEM`)."""
     if INTERPRET:
         return True
     if device.type != "cuda":
@@ -367,7 +369,7 @@ def available(device: torch.device) -> bool:
     if ok is None:
         props = torch.cuda.get_device_properties(device)
         smem = getattr(props, "shared_memory_per_block_optin", SM90_SMEM)
-        ok = _CAPABLE[device.index] = props.major >= 9 and smem >= MIN_BLOCK_SMEM
+        ok = _CAPABLE[device.index] = props.major == 9 and smem >= MIN_BLOCK_SMEM
     return ok
 
 
