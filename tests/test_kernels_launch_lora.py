@@ -18,6 +18,7 @@ sm_100 (B200) that they compile.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -117,8 +118,9 @@ def _record():
 CONSUMER_DIMS = (640, 1280)
 
 
-@__import__("contextlib").contextmanager
+@contextlib.contextmanager
 def _sm8x_host(lg):
+    """The host side as on an sm_8x GPU (``lora_group._dy_twice``)."""
     saved = lg._dy_twice
     lg._dy_twice = lambda device: True
     try:
@@ -128,30 +130,21 @@ def _sm8x_host(lg):
 
 
 def _record_consumer(cc: int = 86):
-    """The untuned pointer-kernel launches, every launcher, keyed "sm<cc>|..." so that
-    :func:`_compile_one` builds them for ``sm_<cc>``: ({"sm<cc>-d<d>-R<R>": [key, ...]},
-    {key: launch}). sm_86: at R 64 (the largest rank tile of the fused forward) and R 4 (rank-minor
-    operands narrower than a 16-byte vector), as the host makes them for an sm_8x GPU
-    (``lora_group._dy_twice``). sm_100 (B200, which runs the pointer kernel too:
-    ``lora_tma.available``): at R 64."""
-    import contextlib
-
-    import torch
+    """The untuned pointer-kernel launches (:func:`_roles` without TMA tiles, atomics mode), keyed
+    "sm<cc>|..." so that :func:`_compile_one` builds them for ``sm_<cc>``: ({"sm<cc>-d<d>-R<R>":
+    [key, ...]}, {key: launch}). sm_86: at R 64 (the largest rank tile of the fused forward) and R 4
+    (rank-minor operands narrower than a 16-byte vector), as the host makes them for an sm_8x GPU.
+    sm_100 (B200, which runs the pointer kernel too: ``lora_tma.available``): at R 64."""
     from launch_capture import launch_key, recording
 
     from ril_fast.kernels import lora_group as lg
 
     roles, launches = {}, {}
     for d, R in ((d, R) for d in CONSUMER_DIMS for R in ((4, 64) if cc == 86 else (64,))):
-        M, lo, dt = 4096, max(R - 16, 0), torch.bfloat16
-        x, w, bias, a, b = (torch.empty(*sh, dtype=dt) for sh in ((M, d), (d, d), (d,), (R, d), (d, R)))
-        s, dy, sc = torch.empty(M, R, dtype=dt), torch.empty(M, d, dtype=dt), torch.ones(R)
         with recording() as rec, (_sm8x_host(lg) if cc < 90 else contextlib.nullcontext()):
-            lg.fwd_launch(x, w, bias, a, b, sc, 2, None)
-            lg.fwd_launch(x, w, bias, a, b, sc, 1, None)
-            lg.dx_launch(dy, w, s, a, None)
-            lg.ds_db_launch(dy, b, s, sc, lo, R, False)
-            lg.da_launch(s, x, lo, R, False)
+            for role, thunk in _roles(4096, d, d, R, tma_tags=()):
+                if not role.endswith("det1"):
+                    thunk()
         keys = [f"sm{cc}|" + launch_key(*r) for r in rec]
         launches.update(zip(keys, rec))
         roles[f"sm{cc}-d{d}-R{R}"] = keys

@@ -380,9 +380,16 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
 REDUCE_BLOCKS = (64, 64, 64, 4)
 
 
+_PRE_SM90: dict = {}  # device index -> compute capability below 9
+
+
 def _dy_twice(device: torch.device) -> bool:
     """The dS/dB kernel loads dY a second time for dB's dot: on GPUs before sm_90 (see the kernel)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9
+    if device.type != "cuda":
+        return False
+    if device.index not in _PRE_SM90:
+        _PRE_SM90[device.index] = torch.cuda.get_device_capability(device)[0] < 9
+    return _PRE_SM90[device.index]
 
 
 def _dsdb_split(m_tiles: int, n_chunks: int) -> int:
@@ -496,13 +503,13 @@ def dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg=None, d
     dX, db). Callers check :func:`fused_backward_fits` and R <= :data:`MAX_FUSED_R`.
 
     With ``x`` (the forward's input, M×d_in) and ``da`` (zeroed fp32 (hi-lo, d_in)) dA is also
-    reduced into ``da``: by the same kernel where the tile and X allow (:func:`lora_tma.da_fits`;
-    X's tiles are loaded by TMA, :func:`lora_tma.tma_ok`), which is the whole backward in one
-    launch ("fused_da"; no dS stored, the first result None); else by :func:`da_launch` after it."""
+    reduced into ``da``: by the same kernel where the tile and X allow (:func:`lora_tma.takes_da`),
+    which is the whole backward in one launch ("fused_da"; no dS stored, the first result None);
+    else by :func:`da_launch` after it."""
     M, N = dy.shape
     K, R = weight.shape[1], a_cat.shape[0]
     tiles = _main_tiles(K, cfg)
-    if da is not None and not (lora_tma.da_fits(tiles[1]) and lora_tma.tma_ok(x)):
+    if da is not None and not lora_tma.takes_da(tiles[1], x):
         ds, dx, db = dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic)
         da_launch(ds, x, lo, hi, deterministic, da=da)
         return ds, dx, db
@@ -637,21 +644,29 @@ def fused_backward_fits(dy: torch.Tensor, weight: torch.Tensor) -> bool:
     return lora_tma.usable(dy, weight, weight)
 
 
+def _fused_backward(dy, weight, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg, x=None, da=None):
+    """(dS or None, dX, fp32 dB of columns [lo, hi)) from :func:`dx_ds_db_launch` (with dA into
+    ``da``, given) where its TMA operands fit, checked here on real tensors; else from the dS/dB,
+    dX (and dA) kernels. The body of the fused custom ops."""
+    db = torch.zeros(dy.shape[1], hi - lo, device=dy.device, dtype=torch.float32)
+    if fused_backward_fits(dy, weight):
+        return dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic=deterministic,
+                               x=x, da=da)
+    ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=db)
+    if da is not None:
+        da_launch(ds, x, lo, hi, deterministic, da=da)
+    return ds, dx_launch(dy, weight, ds, a_cat, cfg), db
+
+
 @torch.library.custom_op("ril_fast::lora_group_bwd_fused_da", mutates_args=())
 def lora_bwd_fused_da(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor,
                       b_cat: torch.Tensor, s: torch.Tensor, rscale: torch.Tensor, lo: int, hi: int, deterministic: bool,
                       cfg: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Custom-op form of the one-kernel backward: (dX, fp32 dA of rank rows [lo, hi), fp32 dB of
-    columns [lo, hi)) from :func:`dx_ds_db_launch` with dA where its TMA operands fit (checked
-    here, on real tensors), else from the dS/dB, dX and dA kernels."""
-    db = torch.zeros(dy.shape[1], hi - lo, device=dy.device, dtype=torch.float32)
+    columns [lo, hi)), see :func:`_fused_backward`."""
     da = torch.zeros(hi - lo, x.shape[1], device=dy.device, dtype=torch.float32)
-    if fused_backward_fits(dy, weight):
-        _, dx, db = dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic=deterministic,
-                                    x=x, da=da)
-        return dx, da, db
-    ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=db)
-    return dx_launch(dy, weight, ds, a_cat, cfg), da_launch(ds, x, lo, hi, deterministic, da=da), db
+    _, dx, db = _fused_backward(dy, weight, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg, x=x, da=da)
+    return dx, da, db
 
 
 @lora_bwd_fused_da.register_fake
@@ -664,14 +679,9 @@ def _(dy, weight, x, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg):
 def lora_bwd_fused(dy: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
                    s: torch.Tensor, rscale: torch.Tensor, lo: int, hi: int, deterministic: bool,
                    cfg: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Custom-op form of the fused backward: (dS, dX, fp32 dB of columns [lo, hi)) from
-    :func:`dx_ds_db_launch` where its TMA operands fit (checked here, on real tensors), else from
-    the dS/dB and dX kernels."""
-    db = torch.zeros(dy.shape[1], hi - lo, device=dy.device, dtype=torch.float32)
-    if fused_backward_fits(dy, weight):
-        return dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic=deterministic)
-    ds, db = ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=db)
-    return ds, dx_launch(dy, weight, ds, a_cat, cfg), db
+    """Custom-op form of the fused backward: (dS, dX, fp32 dB of columns [lo, hi)), see
+    :func:`_fused_backward`."""
+    return _fused_backward(dy, weight, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg)
 
 
 @lora_bwd_fused.register_fake

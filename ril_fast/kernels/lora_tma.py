@@ -73,6 +73,11 @@ def da_fits(bn: int) -> bool:
     return bn <= 128
 
 
+def takes_da(bn: int, x: torch.Tensor) -> bool:
+    """The fused backward reduces dA itself: the tile has room (:func:`da_fits`) and TMA can load X."""
+    return da_fits(bn) and tma_ok(x)
+
+
 def epi3_stages(stages: int, bm: int, bn: int, r_pad: int, with_da: bool) -> int:
     """Pipeline stages the fused backward (EPI 3) runs a tile config's ``stages`` with."""
     stages = min(stages, EPI3_MAX_STAGES)
@@ -397,7 +402,7 @@ def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=Non
         epi = 0
     r_pad = _pow2(r)
     with_da = epi == 3 and da is not None
-    if with_da and not (da_fits(bn) and tma_ok(x)):
+    if with_da and not takes_da(bn, x):
         raise ValueError(f"the fused backward takes dA on tiles up to 128 wide (not {bn}: lora_tma.da_fits), "
                          "with X TMA-addressable (lora_tma.tma_ok)")
     if epi == 3:
@@ -487,17 +492,15 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                     types["g_desc"] = f"tensordesc<{dtype}[{bk}, {r_pad}]>"
                 else:
                     cx["g_desc"] = None
-                cx["x_desc"] = None
-                case = (_gemm_tma_kernel, types, cx, warps, epi3_stages(stages, bm, bn, r_pad, False) if epi == 3
-                        else stages)
+                case = (_gemm_tma_kernel, types, dict(cx, x_desc=None),
+                        warps, epi3_stages(stages, bm, bn, r_pad, False) if epi == 3 else stages)
                 if case not in cases:  # EPI 3's stage cap makes two 128x128 tiles one kernel
                     cases.append(case)
                 if epi == 3 and variant == 1:  # deterministic (dB partials stored); with dA where it fits
                     # (the launch gate also builds dA with partials stored, at real shapes)
-                    more = [(_gemm_tma_kernel, types, dict(cx, DB_PARTIAL=True), warps, case[4])]
+                    more = [(_gemm_tma_kernel, types, dict(case[2], DB_PARTIAL=True), warps, case[4])]
                     if da_fits(bn):
-                        cx_da = {k: v for k, v in cx.items() if k != "x_desc"}
                         more.append((_gemm_tma_kernel, dict(types, x_desc=f"tensordesc<{dtype}[{bm}, {bn}]>"),
-                                     dict(cx_da, DA=True), warps, epi3_stages(stages, bm, bn, r_pad, True)))
+                                     dict(cx, DA=True), warps, epi3_stages(stages, bm, bn, r_pad, True)))
                     cases += [c for c in more if c not in cases]
     return cases
