@@ -11,7 +11,8 @@ time (graph replay): host-bound.
   exercise: the GPU times are in ``bench_lora.py``'s graph rows).
 - On CPU (the default without CUDA) the Triton launches are stubbed out and the shapes are tiny
   (M = 16, d = 64, fp32), so the wall time is the Python and torch-dispatch cost of each provider
-  around its kernels, not counting Triton's own launch cost (which needs a GPU).
+  around its kernels, not counting Triton's own launch cost (which needs a GPU). ``public_bound``
+  adds the part of that cost a CPU can run: Triton's argument binder and cache key, per launch.
 
 Providers as in ``bench_lora.py`` (``fused`` = our op with its dispatched plan, ``triton_untuned``
 = every GEMM in Triton), plus ``public`` (``ril_fast.kernels.lora_group_linear``: backend
@@ -48,11 +49,45 @@ CPU_CASES = [("tiny", 4, 1), ("tiny", 16, 4)]
 CPU_SHAPE = (16, 64, 64)
 
 
-class _NoLaunch:
-    """Stands in for a Triton kernel on CPU: ``kernel[grid](...)`` does nothing."""
+class _StubLaunch:
+    """Stands in for a Triton kernel on CPU. ``kernel[grid](...)`` launches nothing; while
+    :attr:`bind` is set it first does the host work of ``JITFunction.run`` before a launch, for an
+    sm_90 target: Triton's own argument binder (the specialisation of every argument) and the
+    kernel-cache key. The CUDA driver calls around them (device, stream, the launch) are left out."""
+
+    bind = False
+
+    def __init__(self, fn):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        self.binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
+        self.key_cache: dict = {}
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        if _StubLaunch.bind:
+            from triton import knobs
+            from triton.runtime.jit import compute_cache_key
+
+            kwargs["debug"] = kwargs.get("debug", False) or knobs.runtime.debug
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+            _, specialization, options = self.binder(*args, **kwargs)
+            compute_cache_key(self.key_cache, specialization, options)
+
+
+def _binding(fn):
+    """``fn`` with :class:`_StubLaunch` binding its launches."""
+    def run():
+        _StubLaunch.bind = True
+        try:
+            return fn()
+        finally:
+            _StubLaunch.bind = False
+    return run
 
 
 def host_us(fn, calls: int) -> float:
@@ -98,7 +133,8 @@ def main(argv=None) -> int:
     else:
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise SystemExit("run without TRITON_INTERPRET: the CPU mode stubs the kernels out instead")
-        lora_group._gemm_kernel = lora_group._ds_db_kernel = _NoLaunch()
+        lora_group._gemm_kernel, lora_group._ds_db_kernel = (_StubLaunch(lora_group._gemm_kernel),
+                                                             _StubLaunch(lora_group._ds_db_kernel))
         torch.set_num_threads(1)
         shapes, cases, dtype = {"tiny": CPU_SHAPE}, CPU_CASES, torch.float32
     os.environ["RIL_FAST_KERNELS"] = "triton"  # the public entry on CPU tensors too (stubbed)
@@ -109,6 +145,7 @@ def main(argv=None) -> int:
         providers = {p: fn for p, fn in providers.items() if p not in FORWARD_ONLY}
         if not cuda:  # (on sm_90+ build_case adds triton_tma: the TMA kernel builds descriptors per call)
             providers["fused_cublas_bwd"] = _with_env(providers["fused"], RIL_FAST_LORA_BWD="cublas")
+            providers["public_bound"] = providers["public"]  # (bound below, backward included)
         gy = torch.randn(shapes[name][0], shapes[name][2], device=ns.device, dtype=dtype)
         fns = {}
         for prov, fn in providers.items():
@@ -123,6 +160,8 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     fn()
 
+            if prov == "public_bound":
+                fn, full, sample = _binding(fn), _binding(full), _binding(sample)
             fns[(prov, "forward")], fns[(prov, "full")], fns[(prov, "no_grad")] = fn, full, sample
         got = interleaved_us(fns, ns.calls, rounds, cuda)
         for prov in providers:
@@ -148,6 +187,8 @@ def main(argv=None) -> int:
             profile_text = f"{name} r{r} k{k}, 200 calls\n" + buf.getvalue()
     path = write_record(results_path("profile_lora_host", ns.device, ns.out),
                         {"name": "profile_lora_host", "env": env_info(ns.device), "kernel_launches_stubbed": not cuda,
+                         "public_bound": "public with Triton's binder and cache key run per launch (sm_90)"
+                         if not cuda else None,
                          "rows": rows, "public_full_cprofile": profile_text})
     print(f"wrote {path}")
     return 0

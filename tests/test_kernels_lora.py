@@ -961,7 +961,8 @@ def test_cuda_graph_capture_with_new_scales(backend, monkeypatch):
 
 def test_profile_lora_host_runs_on_cpu(tmp_path):
     """benchmarks/profile_lora_host.py's CPU mode (kernel launches stubbed, in its own process so the
-    stubs never reach other tests) writes a host-cost row per provider, case and mode."""
+    stubs never reach other tests; ``public_bound`` runs Triton's binder per launch) writes a host-cost
+    row per provider, case and mode."""
     import subprocess
     import sys
     from pathlib import Path
@@ -975,7 +976,8 @@ def test_profile_lora_host_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert rec["kernel_launches_stubbed"] is True
-    provs = {"base", "peft_eager", "torch_stacked", "fused", "triton_untuned", "public", "fused_cublas_bwd"}
+    provs = {"base", "peft_eager", "torch_stacked", "fused", "triton_untuned", "public", "fused_cublas_bwd",
+             "public_bound"}
     assert {(r["r"], r["k"]) for r in rec["rows"]} == {(4, 1), (16, 4)}
     for case in ((4, 1), (16, 4)):
         rows = [r for r in rec["rows"] if (r["r"], r["k"]) == case]
