@@ -58,25 +58,23 @@ class _StubLaunch:
     bind = False
 
     def __init__(self, fn):
+        from triton import knobs
         from triton.backends.compiler import GPUTarget
         from triton.compiler.compiler import make_backend
-        from triton.runtime.jit import create_function_from_signature
+        from triton.runtime.jit import compute_cache_key, create_function_from_signature
 
         self.binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
-        self.key_cache: dict = {}
+        self.knobs, self.compute_cache_key, self.key_cache = knobs, compute_cache_key, {}
 
     def __getitem__(self, grid):
         return self._launch
 
     def _launch(self, *args, **kwargs):
-        if _StubLaunch.bind:
-            from triton import knobs
-            from triton.runtime.jit import compute_cache_key
-
-            kwargs["debug"] = kwargs.get("debug", False) or knobs.runtime.debug
-            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        if _StubLaunch.bind:  # as JITFunction.run, up to its kernel-cache lookup
+            kwargs["debug"] = kwargs.get("debug", False) or self.knobs.runtime.debug
+            kwargs["instrumentation_mode"] = self.knobs.compilation.instrumentation_mode
             _, specialization, options = self.binder(*args, **kwargs)
-            compute_cache_key(self.key_cache, specialization, options)
+            self.compute_cache_key(self.key_cache, specialization, options)
 
 
 def _binding(fn):
