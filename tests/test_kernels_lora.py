@@ -706,6 +706,57 @@ def test_gradcheck_fp64(device):
     assert torch.autograd.gradcheck(fn, (x, a[1], bb[1]), fast_mode=True)
 
 
+@pytest.mark.parametrize("lead,d_in,d_out,ranks,train,fwd,bwd,det,split_n", [
+    ((200,), 96, 80, (4, 8, 5), 1, "fused", "triton", False, 1),  # split-K dA with atomics (M > 128)
+    ((200,), 96, 80, (4, 8, 5), (0, 2), "split", "triton", True, 3),  # ordered partials: dA, dB, split-N dS
+    ((150,), 40, 24, (4, 12), 1, "auto", "triton", False, 3),  # split-N dS with atomics
+    ((64,), 40, 24, (64, 64, 16), (0, 2), "auto", "triton", False, None),  # R = 144: wide dS GEMM, split-K dB
+    ((2, 37), 71, 133, (8, 4, 4, 2), 3, "cublas", "cublas", False, None),
+])
+def test_fp64_is_exact_to_rounding(device, monkeypatch, lead, d_in, d_out, ranks, train, fwd, bwd, det, split_n):
+    """In fp64 every kernel accumulates, reduces and scales in fp64: output and grads equal the fp64
+    reference to ~1e-15 relative. A dropped or mis-scaled term, or a partial rounded to fp32 (1e-7),
+    fails here though the fp32 comparisons above (1e-5) pass it."""
+    if device == "cuda":
+        pytest.skip("fp64 runs the Triton kernels only in the interpreter (on a GPU, auto sends it to torch)")
+    monkeypatch.setenv("RIL_FAST_LORA_FWD", fwd)
+    monkeypatch.setenv("RIL_FAST_LORA_BWD", bwd)
+    monkeypatch.setenv("RIL_FAST_DETERMINISTIC", str(int(det)))
+    if split_n:
+        monkeypatch.setattr(lora_group, "_dsdb_split", lambda m_tiles, n_chunks: split_n)
+    x, w, b, a, bb, _ = _make(device, torch.float64, lead, d_in, d_out, ranks, train)
+    scales = [1 / 3 + i / 7 for i in range(len(ranks))]  # not exact in fp32
+    gy = torch.randn(*lead, d_out, device=device, dtype=torch.float64)
+    got = _run(kernels.lora_group_linear, x, w, b, a, bb, scales, gy)
+    leaf = lambda t: _leaf(t, torch.float64)  # noqa: E731
+    ref = _run(reference.lora_group_linear, leaf(x), leaf(w), leaf(b), [leaf(t) for t in a], [leaf(t) for t in bb],
+               scales, gy)
+    assert set(got) == set(ref) and len(got) >= 3
+    for k in ref:
+        err = (got[k] - ref[k]).abs().max().item() / ref[k].abs().max().item()
+        assert got[k].dtype == torch.float64 and err < 1e-13, f"{k}: rel err {err:.2e}"
+
+
+def test_fp64_goes_to_torch_on_a_gpu_under_auto(monkeypatch):
+    """The GPU kernels are compile-gated for 16-bit and fp32 I/O: fp64 CUDA tensors run torch's
+    path under ``auto``, and the Triton kernels refuse fp64 outside the interpreter."""
+    from ril_fast.kernels import dispatch
+
+    monkeypatch.delenv("RIL_FAST_KERNELS", raising=False)
+    dispatch.clear_cache()
+    cuda = torch.device("cuda", 0)  # deciding needs no GPU: Triton counts as available for cuda tensors
+    assert kernels._lora_backend(torch.float64, cuda) == "torch"
+    assert kernels._lora_backend(torch.float32, cuda) == kernels._lora_backend(torch.bfloat16, cuda) == "triton"
+    monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    assert kernels._lora_backend(torch.float64, cuda) == "triton"  # named: the kernels then refuse it
+    dispatch.clear_cache()
+    monkeypatch.setattr(lora_group, "INTERPRET", False)
+    monkeypatch.setattr(lora_group, "_FLAGS", {})
+    with pytest.raises(ValueError, match="float64 runs only in the interpreter"):
+        lora_group._flags(torch.float64)
+    assert lora_group._flags(torch.float32)["ACC"] == lora_group.tl.float32
+
+
 def test_deterministic_mode_is_bitwise_repeatable(device, monkeypatch):
     monkeypatch.setenv("RIL_FAST_DETERMINISTIC", "1")
     first = _compare(device, torch.float32, (300,), 40, 48, (8, 8), 1)
@@ -910,6 +961,8 @@ def test_rank_scale_vector_is_built_per_rank_and_cached():
     got = lora_group._rank_scale((2, 3), (0.5, 2.0), "cpu")
     assert got.tolist() == [0.5, 0.5, 2.0, 2.0, 2.0] and got.dtype == torch.float32
     assert lora_group._rank_scale([2, 3], [0.5, 2], torch.device("cpu")) is got
+    f64 = lora_group._rank_scale((2, 3), (0.5, 2.0), "cpu", torch.float64)
+    assert f64.dtype == torch.float64 and f64 is not got
 
 
 @pytest.mark.gpu

@@ -7,8 +7,10 @@ tensors; the measured order).
 
 from __future__ import annotations
 
+import torch
+
 from ril_fast.kernels import reference
-from ril_fast.kernels.dispatch import select_backend
+from ril_fast.kernels.dispatch import requested_backend, select_backend
 
 
 def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
@@ -27,12 +29,21 @@ def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
     for the shape (:mod:`ril_fast.kernels.lora_tuning`; ``RIL_FAST_LORA_FWD`` / ``RIL_FAST_LORA_BWD``
     force one).
     """
-    backend = select_backend("lora_group_linear", x.device)
+    backend = _lora_backend(x.dtype, x.device)
     if backend == "torch":
         return reference.lora_group_linear_stacked(x, weight, bias, lora_a, lora_b, scales)
     from ril_fast.kernels import lora_group
 
     return lora_group.lora_group_linear(x, weight, bias, lora_a, lora_b, scales, backend=backend)
+
+
+def _lora_backend(dtype, device) -> str:
+    """:func:`select_backend`'s choice, except fp64 on a GPU under ``auto``: torch's exact path (the
+    GPU kernels are built and compile-gated for 16-bit and fp32 I/O; fp64 is for checks, not training)."""
+    backend = select_backend("lora_group_linear", device)
+    if dtype == torch.float64 and device.type == "cuda" and backend != "torch" and requested_backend() == "auto":
+        return "torch"
+    return backend
 
 
 def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight=None):

@@ -255,11 +255,21 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"lora_group_linear supports float16/bfloat16/float32/float64 inputs, got {dtype}; "
                          "cast x first")
+    if dtype == torch.float64 and not INTERPRET:  # (RIL_FAST_KERNELS=auto sends fp64 to torch on a GPU)
+        raise ValueError("the Triton LoRA kernels take float16/bfloat16/float32 on a GPU (compile-gated for "
+                         "those); float64 runs only in the interpreter. Cast x, or set RIL_FAST_KERNELS=auto "
+                         "(fp64 then runs torch's exact path)")
     return {
         "UPCAST": INTERPRET and dtype == torch.bfloat16,
         "IEEE": dtype in (torch.float32, torch.float64),
         "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
     }
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the reduction buffers (dA, dB, split partials) and of the rank scales: fp32, or fp64
+    for fp64 inputs, so an fp64 run (gradcheck, the exact reference tests) rounds nothing to fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def deterministic() -> bool:
@@ -446,7 +456,7 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
     b_full = lora_tma.rank_padded(b_cat, _pow2(R)) if _pow2(R) <= MAX_DSDB_R else b_cat
     fused_db = rt > 0 and not deterministic and _pow2(R) <= MAX_DSDB_R
     if fused_db and db is None:
-        db = torch.zeros(N, rt, device=dy.device, dtype=torch.float32)
+        db = torch.zeros(N, rt, device=dy.device, dtype=_acc_dtype(dy.dtype))
     if _pow2(R) <= MAX_DSDB_R:
         bm, bn, warps, stages = DSDB_CFG
         n_chunks = _cdiv(N, bn)
@@ -456,9 +466,9 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
         if split == 1:
             out, mode = ds, 0
         elif deterministic:  # fp32 partial per N-range, summed in order below
-            out, mode = torch.empty(split, M, R, device=dy.device, dtype=torch.float32), 2
+            out, mode = torch.empty(split, M, R, device=dy.device, dtype=_acc_dtype(dy.dtype)), 2
         else:
-            out, mode = torch.zeros(M, R, device=dy.device, dtype=torch.float32), 1
+            out, mode = torch.zeros(M, R, device=dy.device, dtype=_acc_dtype(dy.dtype)), 1
         _ds_db_kernel[(_cdiv(M, bm), split)](
             dy, b_full, s, rscale, out, db if fused_db else ds, M, N, R, lo, rt, n_per, *dy.stride(),
             *b_full.stride(), *s.stride(), out.stride(0) if mode == 2 else 0, *out.stride()[-2:],
@@ -472,7 +482,7 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
     if rt > 0 and not fused_db:  # dB = dYᵀ·(S·diag(rscale)) as a split-K reduction over M, ordered sum
         blocks = REDUCE_BLOCKS
         split = _split_for(M, _cdiv(N, blocks[0]) * _cdiv(rt, blocks[1]))
-        part = torch.empty(split, N, rt, device=dy.device, dtype=torch.float32)
+        part = torch.empty(split, N, rt, device=dy.device, dtype=_acc_dtype(dy.dtype))
         s_t, st_strides = _rank_slice(s, lo, hi)
         _gemm(dy, s_t, part, M=N, N=rt, K=M, cscale=rscale[lo:hi], split_k=split, blocks=blocks,
               sa=(dy.stride(1), dy.stride(0)), sb=st_strides)
@@ -482,7 +492,7 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
         else:
             db.copy_(red)
     if db is None:
-        db = torch.zeros(N, 0, device=dy.device, dtype=torch.float32)
+        db = torch.zeros(N, 0, device=dy.device, dtype=_acc_dtype(dy.dtype))
     return ds, db
 
 
@@ -563,7 +573,7 @@ def da_launch(ds, x, lo, hi, deterministic, da=None):
     ds_t, (s_m, s_r) = _rank_slice(ds, lo, hi)
     if deterministic or split == 1:
         out = da if da is not None and split == 1 else torch.empty(split, rt, K, device=x.device,
-                                                                   dtype=torch.float32)
+                                                                   dtype=_acc_dtype(x.dtype))
         _gemm(ds_t, x, out, M=rt, N=K, K=M, split_k=split, blocks=blocks, sa=(s_r, s_m),
               sc=(0, *out.stride()) if out.dim() == 2 else None)
         red = out if out.dim() == 2 else (out.sum(0) if split > 1 else out[0])
@@ -573,7 +583,7 @@ def da_launch(ds, x, lo, hi, deterministic, da=None):
             da.copy_(red)
         return da
     if da is None:
-        da = torch.zeros(rt, K, device=x.device, dtype=torch.float32)
+        da = torch.zeros(rt, K, device=x.device, dtype=_acc_dtype(x.dtype))
     _gemm(ds_t, x, da, M=rt, N=K, K=M, split_k=split, atomic=True, blocks=blocks, sa=(s_r, s_m),
           sc=(0, *da.stride()))
     return da
@@ -624,7 +634,7 @@ def lora_bwd_ds_db(dy: torch.Tensor, b_cat: torch.Tensor, s: torch.Tensor, rscal
 
 @lora_bwd_ds_db.register_fake
 def _(dy, b_cat, s, rscale, lo, hi, deterministic):
-    return dy.new_empty(dy.shape[0], b_cat.shape[1]), dy.new_empty(dy.shape[1], hi - lo, dtype=torch.float32)
+    return dy.new_empty(dy.shape[0], b_cat.shape[1]), dy.new_empty(dy.shape[1], hi - lo, dtype=_acc_dtype(dy.dtype))
 
 
 @torch.library.custom_op("ril_fast::lora_group_bwd_dx", mutates_args=())
@@ -648,7 +658,7 @@ def _fused_backward(dy, weight, a_cat, b_cat, s, rscale, lo, hi, deterministic, 
     """(dS or None, dX, fp32 dB of columns [lo, hi)) from :func:`dx_ds_db_launch` (with dA into
     ``da``, given) where its TMA operands fit, checked here on real tensors; else from the dS/dB,
     dX (and dA) kernels. The body of the fused custom ops."""
-    db = torch.zeros(dy.shape[1], hi - lo, device=dy.device, dtype=torch.float32)
+    db = torch.zeros(dy.shape[1], hi - lo, device=dy.device, dtype=_acc_dtype(dy.dtype))
     if fused_backward_fits(dy, weight):
         return dx_ds_db_launch(dy, weight, a_cat, b_cat, s, rscale, lo, hi, db, cfg, deterministic=deterministic,
                                x=x, da=da)
@@ -664,15 +674,16 @@ def lora_bwd_fused_da(dy: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, a
                       cfg: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Custom-op form of the one-kernel backward: (dX, fp32 dA of rank rows [lo, hi), fp32 dB of
     columns [lo, hi)), see :func:`_fused_backward`."""
-    da = torch.zeros(hi - lo, x.shape[1], device=dy.device, dtype=torch.float32)
+    da = torch.zeros(hi - lo, x.shape[1], device=dy.device, dtype=_acc_dtype(dy.dtype))
     _, dx, db = _fused_backward(dy, weight, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg, x=x, da=da)
     return dx, da, db
 
 
 @lora_bwd_fused_da.register_fake
 def _(dy, weight, x, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg):
-    return (dy.new_empty(dy.shape[0], weight.shape[1]), x.new_empty(hi - lo, x.shape[1], dtype=torch.float32),
-            dy.new_empty(dy.shape[1], hi - lo, dtype=torch.float32))
+    acc = _acc_dtype(dy.dtype)
+    return (dy.new_empty(dy.shape[0], weight.shape[1]), x.new_empty(hi - lo, x.shape[1], dtype=acc),
+            dy.new_empty(dy.shape[1], hi - lo, dtype=acc))
 
 
 @torch.library.custom_op("ril_fast::lora_group_bwd_fused", mutates_args=())
@@ -687,7 +698,7 @@ def lora_bwd_fused(dy: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, 
 @lora_bwd_fused.register_fake
 def _(dy, weight, a_cat, b_cat, s, rscale, lo, hi, deterministic, cfg):
     return (dy.new_empty(dy.shape[0], a_cat.shape[0]), dy.new_empty(dy.shape[0], weight.shape[1]),
-            dy.new_empty(dy.shape[1], hi - lo, dtype=torch.float32))
+            dy.new_empty(dy.shape[1], hi - lo, dtype=_acc_dtype(dy.dtype)))
 
 
 @torch.library.custom_op("ril_fast::lora_group_bwd_da", mutates_args=())
@@ -698,7 +709,7 @@ def lora_bwd_da(ds: torch.Tensor, x: torch.Tensor, lo: int, hi: int, determinist
 
 @lora_bwd_da.register_fake
 def _(ds, x, lo, hi, deterministic):
-    return x.new_empty(hi - lo, x.shape[1], dtype=torch.float32)
+    return x.new_empty(hi - lo, x.shape[1], dtype=_acc_dtype(x.dtype))
 
 
 def _compiling() -> bool:
@@ -760,9 +771,10 @@ class _LoraGroupFn(torch.autograd.Function):
                 if need[5 + k + i]:
                     grads_b[i] = _as(db[:, sl], ctx.dtypes[-k + i])
         if need[1]:  # W is frozen by contract; a trainable W still gets its exact gradient
-            gw = (dy.t().to(torch.float32) @ x2.to(torch.float32)).to(weight.dtype)
+            acc = _acc_dtype(x2.dtype)
+            gw = (dy.t().to(acc) @ x2.to(acc)).to(weight.dtype)
         if need[2]:
-            gb = dy.to(torch.float32).sum(0).to(ctx.dtypes[1])
+            gb = dy.to(_acc_dtype(x2.dtype)).sum(0).to(ctx.dtypes[1])
         return (gx, gw, gb, None, None, *grads_a, *grads_b)
 
 
@@ -789,7 +801,7 @@ def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_
         ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
     else:  # one zeroed fp32 buffer for dB and dA: one memset, and one cast at the end
         acc = torch.zeros(n_out * rt * has_b + rt * n_in * need_a, device=dy.device,
-                          dtype=torch.float32) if train or fused else None
+                          dtype=_acc_dtype(dy.dtype)) if train or fused else None
         db_buf = acc[:n_out * rt].view(n_out, rt) if has_b else None
         da_buf = acc[n_out * rt * has_b:].view(rt, n_in) if need_a else None
         if fused:
@@ -874,15 +886,15 @@ def _stacked(a_list, b_list, dt):
 _SCALE_CACHE: dict = {}
 
 
-def _rank_scale(ranks, scales, device) -> torch.Tensor:
+def _rank_scale(ranks, scales, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-rank scale vector (scale ``s_i`` repeated ``r_i`` times), cached so steady-state calls do
     no host-to-device copy. Built on the device by fills, which a CUDA graph can capture (a copy from
     pageable host memory cannot); one built during a capture lives in the graph's pool, so it is not
     cached (as the distillation ticket counters)."""
-    key = (tuple(ranks), tuple(map(float, scales)), torch.device(device))
+    key = (tuple(ranks), tuple(map(float, scales)), torch.device(device), dtype)
     t = _SCALE_CACHE.get(key)
     if t is None:
-        t = torch.empty(sum(ranks), dtype=torch.float32, device=device)
+        t = torch.empty(sum(ranks), dtype=dtype, device=device)
         off = 0
         for r, s in zip(ranks, scales):
             t[off:off + r].fill_(float(s))
@@ -923,7 +935,7 @@ def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if x.shape[-1] != d_in:
         raise ValueError(f"x has last dim {x.shape[-1]} but W expects d_in={d_in}")
     ranks = tuple(ranks)
-    rscale = _rank_scale(ranks, scales, x.device)
+    rscale = _rank_scale(ranks, scales, x.device, _acc_dtype(x.dtype))
     if not torch.is_grad_enabled():
         # No graph will be recorded (sampling steps, the EMA teacher): skip the autograd Function
         # and its saved tensors (host cost, measured by benchmarks/profile_lora_host.py).
