@@ -738,17 +738,20 @@ def test_fp64_is_exact_to_rounding(device, monkeypatch, lead, d_in, d_out, ranks
 
 
 def test_fp64_goes_to_torch_on_a_gpu_under_auto(monkeypatch):
-    """The GPU kernels are compile-gated for 16-bit and fp32 I/O: fp64 CUDA tensors run torch's
-    path under ``auto``, and the Triton kernels refuse fp64 outside the interpreter."""
+    """The GPU kernels (LoRA and distillation) are compile-gated for 16-bit and fp32 I/O: fp64 CUDA
+    tensors run torch's path under ``auto``, and the Triton LoRA kernels refuse fp64 outside the
+    interpreter (the distillation op refuses it everywhere)."""
     from ril_fast.kernels import dispatch
 
     monkeypatch.delenv("RIL_FAST_KERNELS", raising=False)
     dispatch.clear_cache()
     cuda = torch.device("cuda", 0)  # deciding needs no GPU: Triton counts as available for cuda tensors
-    assert kernels._lora_backend(torch.float64, cuda) == "torch"
-    assert kernels._lora_backend(torch.float32, cuda) == kernels._lora_backend(torch.bfloat16, cuda) == "triton"
+    for op in ("lora_group_linear", "distill_mse"):
+        assert kernels._backend(op, torch.float64, cuda) == "torch"
+        assert kernels._backend(op, torch.float32, cuda) == kernels._backend(op, torch.bfloat16, cuda) == "triton"
+        assert kernels._backend(op, torch.float64, torch.device("cpu")) == "torch"
     monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
-    assert kernels._lora_backend(torch.float64, cuda) == "triton"  # named: the kernels then refuse it
+    assert kernels._backend("lora_group_linear", torch.float64, cuda) == "triton"  # named: the kernels refuse it
     dispatch.clear_cache()
     monkeypatch.setattr(lora_group, "INTERPRET", False)
     monkeypatch.setattr(lora_group, "_FLAGS", {})

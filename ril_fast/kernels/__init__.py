@@ -29,7 +29,7 @@ def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
     for the shape (:mod:`ril_fast.kernels.lora_tuning`; ``RIL_FAST_LORA_FWD`` / ``RIL_FAST_LORA_BWD``
     force one).
     """
-    backend = _lora_backend(x.dtype, x.device)
+    backend = _backend("lora_group_linear", x.dtype, x.device)
     if backend == "torch":
         return reference.lora_group_linear_stacked(x, weight, bias, lora_a, lora_b, scales)
     from ril_fast.kernels import lora_group
@@ -37,10 +37,10 @@ def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
     return lora_group.lora_group_linear(x, weight, bias, lora_a, lora_b, scales, backend=backend)
 
 
-def _lora_backend(dtype, device) -> str:
+def _backend(op: str, dtype, device) -> str:
     """:func:`select_backend`'s choice, except fp64 on a GPU under ``auto``: torch's exact path (the
     GPU kernels are built and compile-gated for 16-bit and fp32 I/O; fp64 is for checks, not training)."""
-    backend = select_backend("lora_group_linear", device)
+    backend = select_backend(op, device)
     if dtype == torch.float64 and device.type == "cuda" and backend != "torch" and requested_backend() == "auto":
         return "torch"
     return backend
@@ -48,7 +48,7 @@ def _lora_backend(dtype, device) -> str:
 
 def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight=None):
     """Fused last-step distillation loss; see :func:`ril_fast.kernels.reference.distill_mse`."""
-    backend = select_backend("distill_mse", student_out.device)
+    backend = _backend("distill_mse", student_out.dtype, student_out.device)
     if backend == "torch":
         return reference.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight)
     from ril_fast.kernels import distill as _distill
