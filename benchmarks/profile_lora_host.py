@@ -56,6 +56,7 @@ class _StubLaunch:
     kernel-cache key. The CUDA driver calls around them (device, stream, the launch) are left out."""
 
     bind = False
+    counts: dict = {}  # launches per kernel name since the last reset
 
     def __init__(self, fn):
         from triton import knobs
@@ -63,6 +64,7 @@ class _StubLaunch:
         from triton.compiler.compiler import make_backend
         from triton.runtime.jit import compute_cache_key, create_function_from_signature
 
+        self.name = fn.__name__
         self.binder = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
         self.knobs, self.compute_cache_key, self.key_cache = knobs, compute_cache_key, {}
 
@@ -70,6 +72,7 @@ class _StubLaunch:
         return self._launch
 
     def _launch(self, *args, **kwargs):
+        _StubLaunch.counts[self.name] = _StubLaunch.counts.get(self.name, 0) + 1
         if _StubLaunch.bind:  # as JITFunction.run, up to its kernel-cache lookup
             kwargs["debug"] = kwargs.get("debug", False) or self.knobs.runtime.debug
             kwargs["instrumentation_mode"] = self.knobs.compilation.instrumentation_mode
@@ -131,19 +134,36 @@ def main(argv=None) -> int:
     else:
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise SystemExit("run without TRITON_INTERPRET: the CPU mode stubs the kernels out instead")
+        from ril_fast.kernels import lora_tma
+
         lora_group._gemm_kernel, lora_group._ds_db_kernel = (_StubLaunch(lora_group._gemm_kernel),
                                                              _StubLaunch(lora_group._ds_db_kernel))
+        # the Hopper path (tma_* providers): the TMA kernel stubbed too, and "available" on CPU tensors,
+        # so the op builds its descriptors and takes the one-kernel backward as on an H100/H200
+        lora_tma._gemm_tma_kernel = _StubLaunch(lora_tma._gemm_tma_kernel)
+        lora_tma.available = lambda device: True
         torch.set_num_threads(1)
         shapes, cases, dtype = {"tiny": CPU_SHAPE}, CPU_CASES, torch.float32
     os.environ["RIL_FAST_KERNELS"] = "triton"  # the public entry on CPU tensors too (stubbed)
     os.environ["TRITON_INTERPRET"] = "0" if cuda else "1"  # lets dispatch accept CPU tensors; kernels are stubs
     rows, profile_text = [], ""
-    for name, r, k in cases:
+    # CPU: a second, bf16 group for the Hopper path (the TMA kernel takes 16-bit only): our op's
+    # pointer path against the TMA forward + one-kernel backward, both bound. Only our stubbed
+    # providers there: torch's would compute in bf16, slowly, on this CPU.
+    groups = [(case, dtype) for case in cases] + ([] if cuda else [(case, torch.bfloat16) for case in cases])
+    for (name, r, k), dtype in groups:
         providers, grads = build_case(*shapes[name], r, k, dtype, ns.device, ours=True)
         providers = {p: fn for p, fn in providers.items() if p not in FORWARD_ONLY}
-        if not cuda:  # (on sm_90+ build_case adds triton_tma: the TMA kernel builds descriptors per call)
+        if not cuda and dtype == torch.float32:  # (on sm_90+ build_case adds triton_tma)
             providers["fused_cublas_bwd"] = _with_env(providers["fused"], RIL_FAST_LORA_BWD="cublas")
             providers["public_bound"] = providers["public"]  # (bound below, backward included)
+        elif not cuda:
+            # as an H100/H200 whose table names the TMA kernel, the fused forward and the one-kernel
+            # backward: two launches per fwd + bwd, not four (the TMA kernel builds its descriptors per call)
+            hopper = _with_env(providers["public"], RIL_FAST_LORA_FWD="fused", RIL_FAST_LORA_BWD="fused_da",
+                               RIL_FAST_LORA_GEMM="tma")
+            providers = {"public": providers["public"], "public_bound": providers["public"],
+                         "tma_fused_da": hopper, "tma_fused_da_bound": hopper}
         gy = torch.randn(shapes[name][0], shapes[name][2], device=ns.device, dtype=dtype)
         fns = {}
         for prov, fn in providers.items():
@@ -158,16 +178,23 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     fn()
 
-            if prov == "public_bound":
+            if prov.endswith("_bound"):
                 fn, full, sample = _binding(fn), _binding(full), _binding(sample)
             fns[(prov, "forward")], fns[(prov, "full")], fns[(prov, "no_grad")] = fn, full, sample
+        launches = {}
+        for prov in providers:  # kernel launches per fwd + bwd (CPU: counted by the stubs)
+            _StubLaunch.counts = {}
+            fns[(prov, "full")]()
+            launches[prov] = dict(_StubLaunch.counts)
         got = interleaved_us(fns, ns.calls, rounds, cuda)
         for prov in providers:
-            row = {"shape": name, "m_din_dout": shapes[name], "r": r, "k": k, "provider": prov,
+            row = {"shape": name, "m_din_dout": shapes[name], "r": r, "k": k, "dtype": str(dtype)[6:], "provider": prov,
                    "forward_host_us": got[(prov, "forward")], "full_host_us": got[(prov, "full")],
                    "no_grad_forward_host_us": got[(prov, "no_grad")]}
+            if not cuda:
+                row["triton_launches_per_full"] = launches[prov]
             rows.append(row)
-            print(f"{name:14s} r{r:<3d} k{k}  {prov:17s} forward {row['forward_host_us']:7.1f} us   "
+            print(f"{name:5s} {str(dtype)[6:]:8s} r{r:<3d} k{k}  {prov:18s} forward {row['forward_host_us']:7.1f} us   "
                   f"full {row['full_host_us']:7.1f} us   no-grad forward {row['no_grad_forward_host_us']:7.1f} us",
                   flush=True)
         if not profile_text:

@@ -1032,13 +1032,22 @@ def test_profile_lora_host_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())
     assert rec["kernel_launches_stubbed"] is True
-    provs = {"base", "peft_eager", "torch_stacked", "fused", "triton_untuned", "public", "fused_cublas_bwd",
-             "public_bound"}
+    provs = {"float32": {"base", "peft_eager", "torch_stacked", "fused", "triton_untuned", "public",
+                         "fused_cublas_bwd", "public_bound"},
+             "bfloat16": {"public", "public_bound", "tma_fused_da", "tma_fused_da_bound"}}
     assert {(r["r"], r["k"]) for r in rec["rows"]} == {(4, 1), (16, 4)}
     for case in ((4, 1), (16, 4)):
-        rows = [r for r in rec["rows"] if (r["r"], r["k"]) == case]
-        assert {r["provider"] for r in rows} == provs
-        assert all(r[m] > 0 for r in rows for m in ("forward_host_us", "full_host_us", "no_grad_forward_host_us"))
+        for dtype, names in provs.items():
+            rows = {r["provider"]: r for r in rec["rows"] if (r["r"], r["k"]) == case and r["dtype"] == dtype}
+            assert set(rows) == names
+            assert all(r[m] > 0 for r in rows.values()
+                       for m in ("forward_host_us", "full_host_us", "no_grad_forward_host_us"))
+            # the launches the stubs counted per fwd + bwd: the Hopper path really took the TMA kernel
+            assert rows["public_bound"]["triton_launches_per_full"]["_ds_db_kernel"] == 1
+            if dtype == "bfloat16":
+                assert rows["tma_fused_da_bound"]["triton_launches_per_full"] == {"_gemm_tma_kernel": 2}
+            else:
+                assert rows["torch_stacked"]["triton_launches_per_full"] == {}
     assert "lora_group_linear" in rec["public_full_cprofile"]
 
 
