@@ -1,6 +1,7 @@
 """One full RID training step on full-size random-weight SD1.5 / SDXL, next to the memory planner.
 
     python benchmarks/bench_step.py --config configs/sdxl.json [--set k=v ...] [--out step.json] [--iters 3]
+                                    [--backends auto,torch] [--device cuda|cpu]
 
 On a GPU: the configured models are built from their arch configs (``ril_fast.memory``, random
 weights: memory and time do not depend on the values), the reward is the configured one with a
@@ -8,7 +9,14 @@ random-weight tower (model-free rewards as themselves), and ``--iters`` steps ru
 trainer's ``compute_loss`` / ``Engine`` / ``ema_update``. Reported: median step seconds,
 ``torch.cuda.max_memory_allocated`` and the planner's peak for the same config. Text encoders
 are not built (the trainer caches embeddings then moves them off the device). On CPU only the
-planner runs and the JSON says ``"device": "cpu"``.
+planner runs and the JSON says ``"device": "cpu"``, unless ``--device cpu`` asks for the step there
+too (the tests run it on ``configs/tiny.json``).
+
+``--backends auto,torch`` steps once per ``RIL_FAST_KERNELS`` value in turn, every iteration (the
+first round warms each up, JIT compiles included), and reports each backend's median step, peak
+memory and what its fused ops ran on, with the ratio to the first: the fused LoRA op against torch's
+stacked path in a whole training step, side by side in one process. The top-level figures are the
+first backend's.
 """
 
 from __future__ import annotations
@@ -44,12 +52,18 @@ def _to_device(module, device):
     return module
 
 
-def gpu_step(cfg, task: int, iters: int) -> dict:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, backends=("auto",)) -> dict:
     from ril_fast import engine as eng
     from ril_fast import lora
     from ril_fast.methods.objective import Batch, compute_loss, latent_shape, unconditional
 
-    device = torch.device("cuda")
+    device = device or torch.device("cuda")
+    cuda = device.type == "cuda"
     idle_parts = []  # other tasks' reward towers held on the device (memory.idle_rewards = device)
     arch = memory.resolve_arch(cfg.model.path)
     dtype = memory.DTYPES[cfg.model.dtype]
@@ -88,25 +102,49 @@ def gpu_step(cfg, task: int, iters: int) -> dict:
     params = lora.trainable_parameters(layers)
     cfg.deepspeed.enabled = "off"  # no DeepSpeed on the bench machine; offload is planned, not run
     engine = eng.Engine(models.unet, params, cfg, lr=cfg.train.lr)
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        z_T = torch.randn(latent_shape(models, cfg, len(prompts)), device=device)
-        batch = Batch(prompts, cache.get(prompts), unconditional(cfg, cache, len(prompts)), z_T,
-                      cfg.sampling.grad_window, i)
-        out = compute_loss(models, layers, reward, batch, cfg, use_distill)
-        engine.backward(out.loss)
-        del out
-        engine.step()
-        if cfg.method.distill:
-            lora.ema_update(layers, cfg.method.ema_decay)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"step_seconds": statistics.median(times[1:] or times), "step_seconds_all": times,
-            "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-            "max_memory_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    times = {b: [] for b in backends}
+    peaks = {b: [0, 0] for b in backends}  # allocated, reserved
+    kernels = {}
+    saved = os.environ.get("RIL_FAST_KERNELS")
+    try:
+        for i in range(iters):
+            for backend in backends:  # interleaved: drift and warm-up spread over every backend
+                os.environ["RIL_FAST_KERNELS"] = backend
+                kernels.setdefault(backend, kernel_dispatch(device))
+                _sync(device)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                z_T = torch.randn(latent_shape(models, cfg, len(prompts)), device=device)
+                batch = Batch(prompts, cache.get(prompts), unconditional(cfg, cache, len(prompts)), z_T,
+                              cfg.sampling.grad_window, i)
+                out = compute_loss(models, layers, reward, batch, cfg, use_distill)
+                engine.backward(out.loss)
+                del out
+                engine.step()
+                if cfg.method.distill:
+                    lora.ema_update(layers, cfg.method.ema_decay)
+                _sync(device)
+                times[backend].append(time.perf_counter() - t0)
+                if cuda:
+                    peaks[backend] = [max(peaks[backend][0], torch.cuda.max_memory_allocated(device) / GIB),
+                                      max(peaks[backend][1], torch.cuda.max_memory_reserved(device) / GIB)]
+    finally:
+        if saved is None:
+            os.environ.pop("RIL_FAST_KERNELS", None)
+        else:
+            os.environ["RIL_FAST_KERNELS"] = saved
+    by = {b: {"step_seconds": statistics.median(ts[1:] or ts), "step_seconds_all": ts,
+              "max_memory_allocated_gib": peaks[b][0] if cuda else None,
+              "max_memory_reserved_gib": peaks[b][1] if cuda else None, "kernels": kernels[b]}
+          for b, ts in times.items()}
+    first = by[backends[0]]
+    out = {key: first[key] for key in ("step_seconds", "step_seconds_all", "max_memory_allocated_gib",
+                                       "max_memory_reserved_gib", "kernels")}
+    if len(backends) > 1:
+        out["by_backend"] = by
+        out["step_over_first_backend"] = {b: by[b]["step_seconds"] / first["step_seconds"] for b in backends}
+    return out
 
 
 def kernel_dispatch(device: torch.device) -> dict:
@@ -115,10 +153,21 @@ def kernel_dispatch(device: torch.device) -> dict:
     because the CUDA library built earlier on that machine ran the LoRA layers; unrecorded then)."""
     from ril_fast.kernels import dispatch, lora_tuning
 
-    table = lora_tuning.table_path(lora_tuning.gpu_slug(torch.cuda.get_device_name(device)))
+    table = (lora_tuning.table_path(lora_tuning.gpu_slug(torch.cuda.get_device_name(device)))
+             if device.type == "cuda" else None)
     return {"RIL_FAST_KERNELS": os.environ.get("RIL_FAST_KERNELS", "auto"),
             **{op: dispatch.select_backend(op, device) for op in ("lora_group_linear", "distill_mse")},
             "cuda_lib": dispatch.cuda_lib_available(device)[1], "lora_tuning_table": str(table) if table else None}
+
+
+def _backends(text: str) -> tuple:
+    from ril_fast.kernels import dispatch
+
+    names = tuple(b.strip().lower() for b in text.split(",") if b.strip())
+    bad = [b for b in names if b not in dispatch.BACKENDS]
+    if not names or bad or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--backends takes distinct values of {dispatch.BACKENDS}, got {text!r}")
+    return names
 
 
 def main(argv=None) -> int:
@@ -129,6 +178,10 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--no-plan", action="store_true", help="skip the planner (GPU figures only)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--backends", type=_backends, default=("auto",),
+                    help="RIL_FAST_KERNELS values to step in turn, e.g. auto,torch (ratios to the first)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                    help="where the step runs (default: cuda when present, else only the planner runs)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     cfg = load_config(args.config, args.set)
@@ -141,11 +194,13 @@ def main(argv=None) -> int:
         p = memory.plan(cfg, [task], include_eval=False)
         result.update(planned_peak_gib=round(p.peak_gib, 3), planned_breakdown=p.to_dict()["breakdown"],
                       plan_seconds=round(time.perf_counter() - t0, 1))
-    if torch.cuda.is_available():
-        result["device"] = torch.cuda.get_device_name()
-        result["kernels"] = kernel_dispatch(torch.device("cuda"))
-        result.update(gpu_step(cfg, task, args.iters))
-        if "planned_peak_gib" in result:
+    where = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if where:
+        device = torch.device(where)
+        result["device"] = torch.cuda.get_device_name() if where == "cuda" else "cpu"
+        result["backends"] = list(args.backends)
+        result.update(gpu_step(cfg, task, args.iters, device, args.backends))
+        if "planned_peak_gib" in result and result["max_memory_allocated_gib"]:
             result["measured_over_planned"] = round(result["max_memory_allocated_gib"] / result["planned_peak_gib"], 3)
     else:
         result["device"] = "cpu"

@@ -14,7 +14,8 @@
 #      the CTAs per SM each TMA variant's persistent grid ran with;
 #   4. profile_lora_host: host cost per LoRA call (TMA descriptors are built per call);
 #   5. bench_distill, only if the call has time left (checks the fresh-leaf fix of its capture).
-#   step: bench_step SD1.5 / SDXL with the backends in force.
+#   step: bench_step SD1.5 / SDXL with the backends in force; SD1.5 also steps torch's stacked LoRA
+#   path in turn with the fused op (step_over_first_backend: the whole-step ratio).
 # At most 8 files come back from the device: logs are tarred, results copied flat to $OUT.
 set -x
 PART="${1:-kernels}"
@@ -29,7 +30,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHON=python3 PY=python3 TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 if [ "$PART" = step ]; then
   OUT="$WORK/step" timeout 260 bash benchmarks/gpu_step.sh > "$WORK/step/log" 2>&1
-  for f in "$WORK"/step/*.json; do python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: d.get(k) for k in ('step_seconds','max_memory_allocated_gib','planned_peak_gib','measured_over_planned')})" "$f"; done
+  for f in "$WORK"/step/*.json; do python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], {k: d.get(k) for k in ('step_seconds','max_memory_allocated_gib','planned_peak_gib','measured_over_planned','step_over_first_backend')})" "$f"; done
   cp "$WORK"/step/*.json "$FINAL"/ 2>/dev/null
   tar -czf "$FINAL/step_logs.tar.gz" -C "$WORK" step
   exit 0

@@ -9,8 +9,10 @@ mkdir -p "$OUT"
 PY=${PY:-python}
 export HF_HUB_OFFLINE=0 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-# SD1.5 512 px, batch 2, CFG, K=1, aesthetic (ViT-L/14 random weights), planner included
-timeout 90 $PY benchmarks/bench_step.py --config configs/sd15.json --task 1 --iters 3 \
+# SD1.5 512 px, batch 2, CFG, K=1, aesthetic (ViT-L/14 random weights), planner included; each
+# iteration steps the fused LoRA op (auto) and torch's stacked path in turn (no distillation in task 1:
+# only the LoRA op differs), so the record has the whole-step ratio side by side
+timeout 100 $PY benchmarks/bench_step.py --config configs/sd15.json --task 1 --iters 3 --backends auto,torch \
   --out "$OUT/step_sd15_aesthetic.json"
 # SDXL 1024 px, batch 1, CFG, K=1, aesthetic; the distilling task (2: hpsv2 ViT-H/14) without the planner
 timeout 110 $PY benchmarks/bench_step.py --config configs/sdxl.json --task 1 --iters 3 \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -238,3 +239,28 @@ def test_shipped_configs_validate(name, monkeypatch):
     assert all(t.reward in rewards.names() for t in cfg.tasks)
     assert cfg.method.name == "rid" and cfg.model.dtype == "bfloat16"
     assert memory.memory_arch(cfg.model.path) == ("sdxl" if name == "sdxl" else "sd15")
+
+
+def test_bench_step_steps_each_backend_in_turn(tiny_path, monkeypatch):
+    """benchmarks/bench_step.py's step on CPU (``--device cpu``), with ``--backends``: every iteration
+    steps each RIL_FAST_KERNELS value in turn and the record says what each op ran on. Under the
+    interpreter "triton" runs the fused LoRA kernels in a whole trainer step (adapters, sampler, reward,
+    optimizer), and the environment is restored after."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_step
+
+    monkeypatch.setenv("RIL_FAST_KERNELS", "auto")
+    # one iteration, no CFG: the interpreter's step takes ~6 s, torch's 0.3 s
+    cfg = tiny_cfg(tiny_path, **{"train.batch_size": 1, "sampling.guidance_scale": 1.0})
+    got = bench_step.gpu_step(cfg, 0, 1, torch.device("cpu"), ("torch", "triton"))
+    assert os.environ["RIL_FAST_KERNELS"] == "auto"
+    by = got["by_backend"]
+    assert list(by) == ["torch", "triton"] and all(len(b["step_seconds_all"]) == 1 for b in by.values())
+    assert [by[b]["kernels"]["lora_group_linear"] for b in by] == ["torch", "triton"]
+    assert got["kernels"] == by["torch"]["kernels"] and got["step_seconds"] == by["torch"]["step_seconds"]
+    assert got["step_over_first_backend"]["torch"] == 1.0 and got["step_over_first_backend"]["triton"] > 0
+    with pytest.raises(SystemExit):  # a bad list is refused before anything is built
+        bench_step.main(["--config", "configs/tiny.json", "--backends", "auto,bogus"])
