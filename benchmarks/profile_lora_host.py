@@ -31,6 +31,7 @@ import gc
 import io
 import os
 import pstats
+import random
 import statistics
 import sys
 import time
@@ -100,15 +101,21 @@ def host_us(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def interleaved_us(fns: dict, calls: int, rounds: int, cuda: bool) -> dict:
+def interleaved_us(fns: dict, calls: int, rounds: int, cuda: bool, envs: dict | None = None) -> dict:
     """Median over ``rounds`` of :func:`host_us` per callable, the callables taking turns in every
-    round (a shared CPU drifts; interleaving spreads the drift over all of them), GC paused."""
+    round (a shared CPU drifts; interleaving spreads the drift over all of them), in a new seeded
+    order each round: what ran just before warms or cools the caches by 10-20 µs a call here (the
+    same code measured 69-81 µs right after itself and 89-97 µs after torch's providers). GC paused.
+    ``envs``: environment set around each callable's batch of calls (not per call: setting three
+    variables and restoring them costs ~10 µs, as much as a fifth of a call)."""
     times = {name: [] for name in fns}
+    order, rng = list(fns.items()), random.Random(0)
     gc.disable()
     try:
         for _ in range(rounds):
-            for name, fn in fns.items():
-                times[name].append(host_us(fn, calls))
+            rng.shuffle(order)
+            for name, fn in order:
+                times[name].append(_with_env(lambda fn=fn: host_us(fn, calls), **(envs or {}).get(name, {}))())
                 if cuda:
                     torch.cuda.synchronize()  # drain between timings, outside them
     finally:
@@ -154,16 +161,21 @@ def main(argv=None) -> int:
     for (name, r, k), dtype in groups:
         providers, grads = build_case(*shapes[name], r, k, dtype, ns.device, ours=True)
         providers = {p: fn for p, fn in providers.items() if p not in FORWARD_ONLY}
+        # providers that are another's with switches set: the same callable, its environment set
+        # around each timed batch (bench_lora's per-call wrapper would be timed too)
+        envs = {"triton_untuned": {"RIL_FAST_LORA_FWD": "triton", "RIL_FAST_LORA_BWD": "triton"}}
+        providers["triton_untuned"] = providers["fused"]
         if not cuda and dtype == torch.float32:  # (on sm_90+ build_case adds triton_tma)
-            providers["fused_cublas_bwd"] = _with_env(providers["fused"], RIL_FAST_LORA_BWD="cublas")
+            providers["fused_cublas_bwd"] = providers["fused"]
+            envs["fused_cublas_bwd"] = {"RIL_FAST_LORA_BWD": "cublas"}
             providers["public_bound"] = providers["public"]  # (bound below, backward included)
         elif not cuda:
             # as an H100/H200 whose table names the TMA kernel, the fused forward and the one-kernel
             # backward: two launches per fwd + bwd, not four (the TMA kernel builds its descriptors per call)
-            hopper = _with_env(providers["public"], RIL_FAST_LORA_FWD="fused", RIL_FAST_LORA_BWD="fused_da",
-                               RIL_FAST_LORA_GEMM="tma")
+            hopper = {"RIL_FAST_LORA_FWD": "fused", "RIL_FAST_LORA_BWD": "fused_da", "RIL_FAST_LORA_GEMM": "tma"}
             providers = {"public": providers["public"], "public_bound": providers["public"],
-                         "tma_fused_da": hopper, "tma_fused_da_bound": hopper}
+                         "tma_fused_da": providers["public"], "tma_fused_da_bound": providers["public"]}
+            envs = {"tma_fused_da": hopper, "tma_fused_da_bound": hopper}
         gy = torch.randn(shapes[name][0], shapes[name][2], device=ns.device, dtype=dtype)
         fns = {}
         for prov, fn in providers.items():
@@ -173,7 +185,7 @@ def main(argv=None) -> int:
                 fn().backward(gy)
 
             for _ in range(5):  # compile, cache plans and stacks
-                full()
+                _with_env(full, **envs.get(prov, {}))()
             def sample(fn=fn):
                 with torch.no_grad():
                     fn()
@@ -184,9 +196,9 @@ def main(argv=None) -> int:
         launches = {}
         for prov in providers:  # kernel launches per fwd + bwd (CPU: counted by the stubs)
             _StubLaunch.counts = {}
-            fns[(prov, "full")]()
+            _with_env(fns[(prov, "full")], **envs.get(prov, {}))()
             launches[prov] = dict(_StubLaunch.counts)
-        got = interleaved_us(fns, ns.calls, rounds, cuda)
+        got = interleaved_us(fns, ns.calls, rounds, cuda, {key: envs[key[0]] for key in fns if key[0] in envs})
         for prov in providers:
             row = {"shape": name, "m_din_dout": shapes[name], "r": r, "k": k, "dtype": str(dtype)[6:], "provider": prov,
                    "forward_host_us": got[(prov, "forward")], "full_host_us": got[(prov, "full")],

@@ -348,9 +348,8 @@ def _programs(device: torch.device) -> int:
 
 def tma_ok(t: torch.Tensor) -> bool:
     """TMA can address ``t``: 2-D, row-contiguous, 16-byte aligned base and row stride."""
-    if t.dim() != 2 or t.stride(1) != 1:
-        return False
-    return (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    st = t.stride()  # one call, not dim() + two stride(i): this runs for 4-6 tensors per GEMM call
+    return len(st) == 2 and st[1] == 1 and (st[0] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
 _CAPABLE: dict = {}
@@ -381,8 +380,12 @@ def available(device: torch.device) -> bool:
 def usable(a, b, c, g=None) -> bool:
     """Every TMA operand fits (dtype, layout, not empty: a descriptor needs positive sizes), on a
     device that has TMA."""
-    ts = (a, b, c) + ((g,) if g is not None else ())
-    return a.dtype in TMA_DTYPES and available(a.device) and all(t.numel() > 0 and tma_ok(t) for t in ts)
+    if a.dtype not in TMA_DTYPES or not available(a.device):
+        return False
+    for t in (a, b, c) if g is None else (a, b, c, g):  # (a loop: all() over a generator costs µs here)
+        if not (t.numel() and tma_ok(t)):
+            return False
+    return True
 
 
 def gemm(a, b, c, *, b_nk: bool, M, N, K, cfg, variant, upcast, bias=None, g=None, e=None, f=None,
