@@ -242,14 +242,13 @@ def test_shipped_configs_validate(name, monkeypatch):
 
 
 def test_bench_step_steps_each_backend_in_turn(tiny_path, monkeypatch):
-    """benchmarks/bench_step.py's step on CPU (``--device cpu``), with ``--backends``: every iteration
-    steps each RIL_FAST_KERNELS value in turn and the record says what each op ran on. Under the
-    interpreter "triton" runs the fused LoRA kernels in a whole trainer step (adapters, sampler, reward,
-    optimizer), and the environment is restored after."""
-    import sys
+    """benchmarks/bench_step.py's step as ``--device cpu --backends torch,triton`` runs it: every
+    iteration steps each RIL_FAST_KERNELS value in turn and the record says what each op ran on. Under
+    the interpreter "triton" runs the fused LoRA kernels in a whole trainer step (adapters, sampler,
+    reward, optimizer), and the environment is restored after."""
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_step
 
     monkeypatch.setenv("RIL_FAST_KERNELS", "auto")

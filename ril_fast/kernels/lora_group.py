@@ -465,7 +465,7 @@ def ds_db_launch(dy, b_cat, s, rscale, lo, hi, deterministic, db=None, split_n=N
         split = _cdiv(N, n_per)
         if split == 1:
             out, mode = ds, 0
-        elif deterministic:  # fp32 partial per N-range, summed in order below
+        elif deterministic:  # an fp32 (fp64) partial per N-range, summed in order below
             out, mode = torch.empty(split, M, R, device=dy.device, dtype=_acc_dtype(dy.dtype)), 2
         else:
             out, mode = torch.zeros(M, R, device=dy.device, dtype=_acc_dtype(dy.dtype)), 1
@@ -799,7 +799,7 @@ def _backward_triton(ctx, dy, x2, weight, a_cat, b_cat, s, rscale, lo, hi, need_
         gx = gx.reshape(ctx.x_shape)
     elif ops:
         ds, db = lora_bwd_ds_db(dy, b_cat, s, rscale, lo, hi if need_b else lo, det)
-    else:  # one zeroed fp32 buffer for dB and dA: one memset, and one cast at the end
+    else:  # one zeroed fp32 (fp64) buffer for dB and dA: one memset, and one cast at the end
         acc = torch.zeros(n_out * rt * has_b + rt * n_in * need_a, device=dy.device,
                           dtype=_acc_dtype(dy.dtype)) if train or fused else None
         db_buf = acc[:n_out * rt].view(n_out, rt) if has_b else None
