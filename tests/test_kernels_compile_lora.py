@@ -1,6 +1,7 @@
 """AOT compile gate: every LoRA kernel configuration the GPU path may launch compiles to a cubin
-for sm_90 (a representative subset also for sm_80) on this CPU-only machine (the interpreter accepts shapes the GPU rejects,
-e.g. ``tl.dot`` with K < 16, and never checks shared memory).
+for sm_90 (a representative subset also for sm_80, one GEMM for sm_75) on this CPU-only machine (the
+interpreter accepts shapes the GPU rejects, e.g. ``tl.dot`` with K < 16, and never checks shared
+memory).
 
 Compilation needs real JIT functions, which ``TRITON_INTERPRET=1`` (set by conftest) replaces,
 so one worker subprocess without the interpreter compiles every case and reports per case. The
@@ -22,7 +23,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aot_gate import print_report, run_worker, signature  # noqa: E402
 
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
+SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
 # Register spill stores (bytes per thread, ptxas -v) allowed in a TMA kernel case. The gate compiles
 # without the launch-time specialisation (unit strides, 16-divisible sizes), which costs registers:
 # its cases spill up to ~0.5 KB here (triton 3.7) and ~1.2 KB (EPI 3, triton 3.6), while the rank
@@ -48,6 +49,8 @@ def _ccs(case):
     """sm_90 for every variant; sm_80 for a representative subset (keeps the cold gate < 90 s); the
     TMA kernel only for sm_90 (the op never selects it below)."""
     fn, _, cx = case[2][0], case[2][1], case[2][2]
+    if case[0] == "bf16-0":  # also sm_75 (T4): why auto keeps the GEMM op off Triton below sm_80
+        return (75, 90)
     if fn.__name__ == "_gemm_tma_kernel":
         return (90,)
     if fn.__name__ == "_ds_db_kernel" and cx["DY_TWICE"]:  # the dS/dB variant sm_8x runs
@@ -104,6 +107,7 @@ def _compile_one(job):
         return f"{name}-{cc}", {"cubin": len(ck.asm["cubin"]), "shared": ck.metadata.shared,
                                  "smem_reads_in_branch": smem_reads_in_branch(ck.asm["ttgir"]),
                                  "tma_loads": ptx.count("cp.async.bulk.tensor"), "wgmma": ptx.count("wgmma.mma_async"),
+                                 "mma": ptx.count("mma.sync"), "fma": ptx.count("fma.rn"),
                                  "flattened": ck.asm["ttgir"].count("tt.flatten"),
                                  "spill_stores": max(spills) if spills else None}
     except Exception as exc:  # reported per case by the test
@@ -181,6 +185,18 @@ def test_branch_scan_flags_the_old_ds_db_pattern():
     staged = bad.replace("      %p2 = ttg.local_load %t", "      %s = ttg.local_alloc %r : (tensor<64x64xf32>) -> "
                          "!ttg.memdesc<64x64xf32>\n      %p2 = ttg.local_load %s")
     assert smem_reads_in_branch(staged) == []
+
+
+def test_no_tensor_cores_below_sm80(report):
+    """Why ``auto`` keeps the LoRA op off Triton below sm_80 (``dispatch.MIN_TENSOR_CORE_CC``): Triton
+    compiles the GEMM for sm_75 as FMA loops, no mma.sync; for sm_80 with mma.sync. If a Triton
+    release gives sm_7x tensor cores, this fails and the rule can go."""
+    from ril_fast.kernels import dispatch
+
+    assert report["bf16-0-75"]["mma"] == 0 and report["bf16-0-75"]["fma"] > 1000, report["bf16-0-75"]
+    sm80 = {k: v for k, v in report.items() if k.endswith("-80") and k.startswith("bf16")}
+    assert sm80 and all(v["mma"] > 0 for v in sm80.values()), sm80
+    assert dispatch.MIN_TENSOR_CORE_CC == (8, 0) and "lora_group_linear" in dispatch.GEMM_OPS
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)

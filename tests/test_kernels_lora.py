@@ -624,6 +624,27 @@ def test_auto_prefers_triton_then_the_cuda_library(monkeypatch, triton_ok, cuda_
         assert dispatch.select_backend("lora_group_linear", torch.device("cuda")) == "cuda"
 
 
+@pytest.mark.parametrize("cc,lora_want", [((7, 5), "torch"), ((7, 0), "torch"), ((8, 0), "triton"),
+                                           ((8, 6), "triton"), ((9, 0), "triton")])
+def test_auto_keeps_the_gemm_op_off_triton_below_sm80(monkeypatch, cc, lora_want):
+    """Below sm_80 Triton compiles the GEMMs without tensor cores (the AOT gate's sm_75 case): auto
+    runs the LoRA op on torch's path there (the CUDA library is sm_80+ too); the distillation loss,
+    elementwise, stays on Triton; a named backend is still honoured."""
+    from ril_fast.kernels import dispatch
+
+    monkeypatch.setenv("RIL_FAST_KERNELS", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    monkeypatch.setattr(dispatch, "cuda_lib_available", lambda dev: (cc >= (8, 0), "stub"))
+    monkeypatch.setattr(dispatch, "_decided", {})
+    gpu = torch.device("cuda", 0)
+    assert dispatch.select_backend("lora_group_linear", gpu) == lora_want
+    assert dispatch.select_backend("distill_mse", gpu) == "triton"
+    assert dispatch.triton_tensor_cores(gpu)[0] == (lora_want == "triton")
+    monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    assert dispatch.select_backend("lora_group_linear", gpu) == "triton"
+
+
 @pytest.mark.parametrize("ranks", [(8,), (4, 12, 8)], ids=["k1", "k3"])
 def test_fp32_adapters_on_a_half_precision_model(device, ranks):
     """The trainer's default: fp32 adapters (and their grads) on a bf16 model. The op computes in

@@ -1,6 +1,7 @@
 """Backend selection for the fused ops: Triton > CUDA library > torch reference on CUDA tensors.
 
-``RIL_FAST_KERNELS=auto|cuda|triton|torch`` overrides the choice. A backend the user named
+Below sm_80 ``auto`` runs the LoRA op on torch's path (:data:`GEMM_OPS`: Triton has no tensor-core
+GEMM there). ``RIL_FAST_KERNELS=auto|cuda|triton|torch`` overrides the choice. A backend the user named
 explicitly that cannot run raises; ``auto`` falls back and logs the reason once.
 
 ``auto`` puts Triton before the CUDA C++ library because that is what an H200 measured
@@ -20,6 +21,12 @@ import torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 AUTO_ORDER = ("triton", "cuda")  # measured order, see the module docstring
+# Below sm_80 (T4, V100, Turing/Volta consumer cards) Triton 3.7 compiles the LoRA op's GEMMs as FMA
+# loops, without tensor cores (the AOT gate's sm_75 case: no mma.sync, ~6,000 fma; sm_80: mma.sync),
+# where cuBLAS uses them. So auto does not pick Triton for the GEMM op there; the CUDA library is
+# built for sm_80+ too, which leaves torch's path. The distillation loss is elementwise: any GPU.
+GEMM_OPS = ("lora_group_linear",)
+MIN_TENSOR_CORE_CC = (8, 0)
 _log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
@@ -42,6 +49,17 @@ def triton_available(device: torch.device) -> tuple[bool, str]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, "TRITON_INTERPRET=1 on CPU tensors"
     return False, f"tensors on {device.type} and TRITON_INTERPRET is not 1"
+
+
+def triton_tensor_cores(device: torch.device) -> tuple[bool, str]:
+    """Triton's GEMMs use tensor cores on ``device`` (sm_80+; see :data:`MIN_TENSOR_CORE_CC`)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True, "no CUDA device to check"
+    cc = tuple(torch.cuda.get_device_capability(device))
+    if cc >= MIN_TENSOR_CORE_CC:
+        return True, f"sm_{cc[0]}{cc[1]}"
+    return False, (f"sm_{cc[0]}{cc[1]}: Triton compiles its GEMMs without tensor cores below sm_80 "
+                   "(cuBLAS uses them); RIL_FAST_KERNELS=triton still forces it")
 
 
 def cuda_lib_available(device: torch.device) -> tuple[bool, str]:
@@ -87,6 +105,8 @@ def _select(op: str, device: torch.device) -> str:
     for name in AUTO_ORDER:
         # auto never picks the interpreter: it is a test vehicle, far slower than torch on CPU.
         ok, why = checks[name](device) if device.type == "cuda" else (False, f"tensors on {device.type}")
+        if ok and name == "triton" and op in GEMM_OPS:
+            ok, why = triton_tensor_cores(device)
         if ok:
             return name
         key = f"{op}:{name}:{device.type}"
