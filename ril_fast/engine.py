@@ -101,11 +101,20 @@ def mean_over_ranks(value: torch.Tensor) -> float:
 
 
 def pick_device(cfg) -> torch.device:
+    """The run's device; a GPU is also made the current device (``model.device: cuda:1`` included):
+    Triton launches on the current device, whatever its arguments' (the fused ops also switch when
+    called on another GPU, at a small host cost per call that this avoids)."""
     if cfg.model.device != "auto":
-        return torch.device(cfg.model.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+        device = torch.device(cfg.model.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], name: str, lr: float, weight_decay: float):

@@ -75,3 +75,27 @@ def test_adamw8bit_steps(tiny_model_dirs):
     norm, stepped = engine.step()
     assert stepped and not torch.equal(before, p.detach())
     assert type(engine.optimizer).__name__ == "AdamW8bit"
+
+
+@pytest.mark.parametrize("setting,cuda,want,current", [
+    ("cuda:1", True, "cuda:1", "cuda:1"),  # a second GPU named: made current, Triton launches there
+    ("cuda", True, "cuda:0", "cuda:0"),
+    ("auto", True, "cuda:0", "cuda:0"),
+    ("auto", False, "cpu", None),
+    ("cpu", True, "cpu", None),
+])
+def test_pick_device_makes_the_gpu_current(monkeypatch, setting, cuda, want, current):
+    """Triton launches on the current device whatever its arguments' device: the run's GPU becomes the
+    current one, so ``model.device: cuda:1`` does not launch the fused kernels on GPU 0."""
+    from types import SimpleNamespace
+
+    from ril_fast import engine
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(str(torch.device(d))))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = SimpleNamespace(model=SimpleNamespace(device=setting))  # pick_device reads only this
+    assert str(engine.pick_device(cfg)) == want
+    assert calls == ([current] if current else [])

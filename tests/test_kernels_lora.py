@@ -645,6 +645,37 @@ def test_auto_keeps_the_gemm_op_off_triton_below_sm80(monkeypatch, cc, lora_want
     assert dispatch.select_backend("lora_group_linear", gpu) == "triton"
 
 
+def test_calls_on_another_gpu_switch_to_it(monkeypatch):
+    """Triton launches on the current device, whatever its arguments' device: the public ops switch
+    to the tensors' GPU when it is not the current one (the GPU test below runs it on two GPUs)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert kernels._foreign_gpu(SimpleNamespace(is_cuda=True, get_device=lambda: 1))
+    assert not kernels._foreign_gpu(SimpleNamespace(is_cuda=True, get_device=lambda: 0))
+    assert not kernels._foreign_gpu(torch.zeros(1))
+
+
+@pytest.mark.gpu
+def test_op_on_a_second_gpu_while_the_first_is_current(monkeypatch):
+    """With GPU 0 current, the op on cuda:1 tensors (``model.device: cuda:1`` without the trainer's
+    set_device) matches the reference: the kernels ran on GPU 1, not on GPU 0 with GPU 1's pointers."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    with torch.cuda.device(0):
+        x, w, b, a, bb, scales = _make("cuda:1", torch.bfloat16, (256,), 320, 320, (4, 16), 1)
+        gy = torch.randn(256, 320, device="cuda:1").to(torch.bfloat16)
+        got = _run(kernels.lora_group_linear, x, w, b, a, bb, scales, gy)
+        for t in (x, a[1], bb[1]):
+            t.grad = None
+        ref = _run(reference.lora_group_linear, x, w, b, a, bb, scales, gy)
+        assert torch.cuda.current_device() == 0
+    for k, v in ref.items():
+        assert got[k].device == torch.device("cuda", 1)
+        torch.testing.assert_close(got[k], v, rtol=1.6e-2, atol=1e-2 * v.abs().max().item(), msg=k)
+
+
 @pytest.mark.parametrize("ranks", [(8,), (4, 12, 8)], ids=["k1", "k3"])
 def test_fp32_adapters_on_a_half_precision_model(device, ranks):
     """The trainer's default: fp32 adapters (and their grads) on a bf16 model. The op computes in

@@ -34,7 +34,17 @@ def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
         return reference.lora_group_linear_stacked(x, weight, bias, lora_a, lora_b, scales)
     from ril_fast.kernels import lora_group
 
+    if backend == "triton" and _foreign_gpu(x):
+        with torch.cuda.device(x.device):
+            return lora_group.lora_group_linear(x, weight, bias, lora_a, lora_b, scales, backend=backend)
     return lora_group.lora_group_linear(x, weight, bias, lora_a, lora_b, scales, backend=backend)
+
+
+def _foreign_gpu(t: torch.Tensor) -> bool:
+    """``t`` is on a GPU other than the current one. Triton launches on the current device, not on
+    its arguments' (the backward is safe: autograd runs it with the gradients' device current), so
+    the forward switches first. The CUDA library guards itself."""
+    return t.is_cuda and t.get_device() != torch.cuda.current_device()
 
 
 def _backend(op: str, dtype, device) -> str:
@@ -53,6 +63,10 @@ def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weigh
         return reference.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight)
     from ril_fast.kernels import distill as _distill
 
+    if backend == "triton" and _foreign_gpu(student_out):
+        with torch.cuda.device(student_out.device):
+            return _distill.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight,
+                                        backend=backend)
     return _distill.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight, backend=backend)
 
 
