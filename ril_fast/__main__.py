@@ -21,7 +21,7 @@ def main() -> None:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     print(f"RIL_FAST_KERNELS={dispatch.requested_backend()}")
-    for check in (dispatch.cuda_lib_available, dispatch.triton_available):
+    for check in (dispatch.cuda_lib_available, dispatch.triton_available, dispatch.triton_tensor_cores):
         ok, why = check(device)
         print(f"  {check.__name__:20s} {'yes' if ok else 'no'}: {why}")
     for op in ("lora_group_linear", "distill_mse"):
