@@ -645,6 +645,27 @@ def test_auto_keeps_the_gemm_op_off_triton_below_sm80(monkeypatch, cc, lora_want
     assert dispatch.select_backend("lora_group_linear", gpu) == "triton"
 
 
+def test_auto_keeps_rocm_off_triton(monkeypatch):
+    """ROCm reports device type "cuda" (and MI300 compute capability 9.x): auto runs both ops on
+    torch's path there, the TMA kernel is never available, and a named backend is honoured."""
+    from ril_fast.kernels import dispatch, lora_tma
+
+    monkeypatch.setenv("RIL_FAST_KERNELS", "auto")
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))
+    monkeypatch.setattr(dispatch, "cuda_lib_available", lambda dev: (False, "stub"))
+    monkeypatch.setattr(dispatch, "_decided", {})
+    gpu = torch.device("cuda", 0)
+    assert dispatch.select_backend("lora_group_linear", gpu) == dispatch.select_backend("distill_mse", gpu) == "torch"
+    assert "ROCm" in dispatch.triton_auto_ok("distill_mse", gpu)[1]
+    monkeypatch.setattr(lora_tma, "INTERPRET", False)
+    monkeypatch.setattr(lora_tma, "_CAPABLE", {})
+    assert not lora_tma.available(gpu)
+    monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    assert dispatch.select_backend("lora_group_linear", gpu) == "triton"
+
+
 def test_calls_on_another_gpu_switch_to_it(monkeypatch):
     """Triton launches on the current device, whatever its arguments' device: the public ops switch
     to the tensors' GPU when it is not the current one (the GPU test below runs it on two GPUs)."""

@@ -1,7 +1,8 @@
 """Backend selection for the fused ops: Triton > CUDA library > torch reference on CUDA tensors.
 
 Below sm_80 ``auto`` runs the LoRA op on torch's path (:data:`GEMM_OPS`: Triton has no tensor-core
-GEMM there). ``RIL_FAST_KERNELS=auto|cuda|triton|torch`` overrides the choice. A backend the user named
+GEMM there), and on ROCm both ops (the kernels were never run on an AMD GPU).
+``RIL_FAST_KERNELS=auto|cuda|triton|torch`` overrides the choice. A backend the user named
 explicitly that cannot run raises; ``auto`` falls back and logs the reason once.
 
 ``auto`` puts Triton before the CUDA C++ library because that is what an H200 measured
@@ -62,6 +63,16 @@ def triton_tensor_cores(device: torch.device) -> tuple[bool, str]:
                    "(cuBLAS uses them); RIL_FAST_KERNELS=triton still forces it")
 
 
+def triton_auto_ok(op: str, device: torch.device) -> tuple[bool, str]:
+    """What ``auto`` asks of a GPU beyond :func:`triton_available`: an NVIDIA one (on ROCm the kernels
+    compile, MI300's GEMM with MFMA, but no session has run them on AMD hardware, where bugs of the
+    pipeliner class this project met on NVIDIA would go unseen), and for :data:`GEMM_OPS` tensor
+    cores (:func:`triton_tensor_cores`). A named ``RIL_FAST_KERNELS=triton`` skips these."""
+    if device.type == "cuda" and torch.version.hip is not None:
+        return False, "ROCm: the Triton kernels were never run on an AMD GPU; RIL_FAST_KERNELS=triton forces them"
+    return triton_tensor_cores(device) if op in GEMM_OPS else (True, "")
+
+
 def cuda_lib_available(device: torch.device) -> tuple[bool, str]:
     if device.type != "cuda":
         return False, f"tensors on {device.type}, the CUDA library needs cuda tensors"
@@ -105,8 +116,8 @@ def _select(op: str, device: torch.device) -> str:
     for name in AUTO_ORDER:
         # auto never picks the interpreter: it is a test vehicle, far slower than torch on CPU.
         ok, why = checks[name](device) if device.type == "cuda" else (False, f"tensors on {device.type}")
-        if ok and name == "triton" and op in GEMM_OPS:
-            ok, why = triton_tensor_cores(device)
+        if ok and name == "triton":
+            ok, why = triton_auto_ok(op, device)
         if ok:
             return name
         key = f"{op}:{name}:{device.type}"

@@ -367,7 +367,7 @@ def available(device: torch.device) -> bool:
     shared memory its tiles are sized for (:data:`MIN_BLOCK_SMEM`)."""
     if INTERPRET:
         return True
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.version.hip is not None:  # (MI300 reports major 9 too)
         return False
     ok = _CAPABLE.get(device.index)
     if ok is None:
