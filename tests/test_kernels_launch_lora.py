@@ -11,8 +11,8 @@ pipeliner could not prefetch, so every K-step waits a global-memory round trip. 
 speed defect the interpreter tests cannot see (it is how a rank-minor ``B_cat`` load at R = 4 or
 20 was found: 2-byte loads under a rank mask, never copied asynchronously).
 
-It also builds the untuned pointer-kernel launches for sm_86 and checks that they fit the 99 KB of
-shared memory a consumer GPU (RTX 3090 / 4090) gives a block, with pipelined K-loops, and for
+It also builds the untuned pointer-kernel launches for sm_86 and sm_120 and checks that they fit the
+99 KB of shared memory a consumer GPU (RTX 3090 / 4090 / 5090) gives a block, with pipelined K-loops, and for
 sm_100 (B200) that they compile.
 """
 
@@ -116,13 +116,15 @@ def _record():
 
 # d_in = d_out of the consumer-GPU check: one per fixed tile size of lora_group.main_config
 CONSUMER_DIMS = (640, 1280)
+CONSUMER_CCS = (86, 120)  # RTX 30xx (sm_86; the 40xx's sm_89 taken to behave alike) and RTX 50xx
 
 
 @contextlib.contextmanager
-def _sm8x_host(lg):
-    """The host side as on an sm_8x GPU (``lora_group._dy_twice``)."""
+def _host_for(lg, cc: int):
+    """The host side as on an sm_<cc> GPU: the product's own rule for it (``lora_group.needs_dy_twice``),
+    so a rule that picked the wrong dS/dB variant for a GPU fails its pipelining check here."""
     saved = lg._dy_twice
-    lg._dy_twice = lambda device: True
+    lg._dy_twice = lambda device: lg.needs_dy_twice(cc // 10)
     try:
         yield
     finally:
@@ -132,16 +134,17 @@ def _sm8x_host(lg):
 def _record_consumer(cc: int = 86):
     """The untuned pointer-kernel launches (:func:`_roles` without TMA tiles, atomics mode), keyed
     "sm<cc>|..." so that :func:`_compile_one` builds them for ``sm_<cc>``: ({"sm<cc>-d<d>-R<R>":
-    [key, ...]}, {key: launch}). sm_86: at R 64 (the largest rank tile of the fused forward) and R 4
-    (rank-minor operands narrower than a 16-byte vector), as the host makes them for an sm_8x GPU.
-    sm_100 (B200, which runs the pointer kernel too: ``lora_tma.available``): at R 64."""
+    [key, ...]}, {key: launch}), as the host makes them for that GPU. sm_86 and sm_120 (RTX 30xx/40xx
+    and 50xx): at R 64 (the largest rank tile of the fused forward) and R 4 (rank-minor operands
+    narrower than a 16-byte vector). sm_100 (B200, which runs the pointer kernel too:
+    ``lora_tma.available``): at R 64."""
     from launch_capture import launch_key, recording
 
     from ril_fast.kernels import lora_group as lg
 
     roles, launches = {}, {}
-    for d, R in ((d, R) for d in CONSUMER_DIMS for R in ((4, 64) if cc == 86 else (64,))):
-        with recording() as rec, (_sm8x_host(lg) if cc < 90 else contextlib.nullcontext()):
+    for d, R in ((d, R) for d in CONSUMER_DIMS for R in ((64,) if cc == 100 else (4, 64))):
+        with recording() as rec, _host_for(lg, cc):
             for role, thunk in _roles(4096, d, d, R, tma_tags=()):
                 if not role.endswith("det1"):
                     thunk()
@@ -163,7 +166,7 @@ def _compile_one(key):
         return key, {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     if key.startswith("sm100|"):  # (its accumulators live in tensor memory: no K-loop reading here)
         return key, {"kernel": fn.__name__, "shared": ck.metadata.shared}
-    if key.startswith("sm86|"):
+    if key.startswith(("sm86|", "sm120|")):
         return key, {"kernel": fn.__name__, "shared": ck.metadata.shared,
                      "k_loop": k_loop(ck.asm["ttgir"], [source_line(fn, t) for t in K_LOOPS[fn.__name__]],
                                       wgmma=False)}
@@ -191,7 +194,7 @@ def _worker():
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ril_fast_launch_gate_")
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     roles, launches = _record()
-    for cc in (86, 100):
+    for cc in CONSUMER_CCS + (100,):
         more_roles, more_launches = _record_consumer(cc)
         roles.update(more_roles)
         launches.update(more_launches)
@@ -263,20 +266,22 @@ def test_known_misses_name_real_roles():
     assert set(KNOWN) <= set(_role_ids())
 
 
-# Opt-in shared memory per block of sm_86 / sm_89 (RTX 3090 / 4090, A10, L4, L40): the 24 GB cards
-# the product targets. (sm_80: 163 KB; sm_90: 227 KB.)
+# Opt-in shared memory per block of sm_86 / sm_89 / sm_120 (RTX 3090 / 4090 / 5090, A10, L4, L40):
+# the 24-32 GB cards the product targets. (sm_80: 163 KB; sm_90: 227 KB.)
 CONSUMER_SMEM = 101376
 
 
 @pytest.mark.parametrize("R", [4, 64])
 @pytest.mark.parametrize("d", CONSUMER_DIMS)
-def test_untuned_launches_fit_a_consumer_gpu(report, d, R):
+@pytest.mark.parametrize("cc", CONSUMER_CCS)
+def test_untuned_launches_fit_a_consumer_gpu(report, cc, d, R):
     """Where no tuning table exists (any GPU but the ones we tuned), the op runs the pointer kernels
     with fixed tiles. Each of their launches (at R 64, the largest rank tile of the fused forward,
-    and R 4) must fit the 99 KB of shared memory an sm_86 / sm_89 block gets, or the op would raise
-    OutOfResources on those cards, and keep its K-loop pipelined with no synchronous load
-    (launch-faithful compiles for sm_86; the dS/dB kernel loads dY twice there for that)."""
-    launches = report[f"sm86-d{d}-R{R}"]
+    and R 4) must fit the 99 KB of shared memory an sm_86 / sm_89 / sm_120 block gets, or the op
+    would raise OutOfResources on those cards, and keep its K-loop pipelined with no synchronous load
+    (launch-faithful compiles; the dS/dB kernel loads dY twice there for that: on sm_120 the single
+    load left one synchronous load per K-step until the rule named sm_12x)."""
+    launches = report[f"sm{cc}-d{d}-R{R}"]
     assert len(launches) == 6 and {g["kernel"] for g in launches} == {"_gemm_kernel", "_ds_db_kernel"}
     for got in launches:
         assert "error" not in got, got.get("error")

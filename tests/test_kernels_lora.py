@@ -172,6 +172,9 @@ def test_ds_db_kernel_with_the_second_dy_load(device, monkeypatch):
     _compare(device, torch.float16, (150,), 48, 200, (4, 13), 1)
     assert seen, "the dS/dB kernel with dB did not run"
     assert real(torch.device("cpu")) is False
+    # which GPUs run it: those whose dots take register operands (mma.sync); the launch gate checks
+    # each rule's variant keeps its K-loop pipelined on sm_86 and sm_120
+    assert [lora_group.needs_dy_twice(m) for m in (7, 8, 9, 10, 12)] == [True, True, False, False, True]
 
 
 def test_occupancy_against_hand_counts():

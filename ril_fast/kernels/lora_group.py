@@ -192,10 +192,10 @@ def _ds_db_kernel(
     before the branch read ``trans(dy)`` from it, so dB summed the wrong (often zero) tiles on
     GPU while the interpreter, which does not pipeline, was right.
 
-    DY_TWICE (sm_8x, :func:`_dy_twice`): dB's dot reads its own, transposed, load of the dY tile.
-    There the two dots want dY in two register layouts and the pipeliner left the single load
-    synchronous in every K-step (launch gate, sm_86); the second load hits L1/L2. On sm_90 one
-    shared-memory copy feeds both wgmmas."""
+    DY_TWICE (sm_8x and sm_12x, :func:`needs_dy_twice`): dB's dot reads its own, transposed, load of
+    the dY tile. There (``mma.sync``, register operands) the two dots want dY in two register
+    layouts and the pipeliner left the single load synchronous in every K-step (launch gate, sm_86
+    and sm_120); the second load hits L1/L2. On sm_90 one shared-memory copy feeds both wgmmas."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_lo = pid_n * N_PER
@@ -390,16 +390,23 @@ def _gemm(a, b, c, *, M, N, K, bias=None, g=None, e=None, f=None, escale=None, s
 REDUCE_BLOCKS = (64, 64, 64, 4)
 
 
-_PRE_SM90: dict = {}  # device index -> compute capability below 9
+_DY_TWICE: dict = {}  # device index -> needs_dy_twice of its compute capability
+
+
+def needs_dy_twice(major: int) -> bool:
+    """The dS/dB kernel loads dY a second time for dB's dot on GPUs whose dots take register
+    operands (``mma.sync``): sm_8x and the sm_12x consumer Blackwells (RTX 50xx). Hopper (wgmma)
+    and sm_10x (tcgen05) read one shared-memory copy."""
+    return major < 9 or major == 12
 
 
 def _dy_twice(device: torch.device) -> bool:
-    """The dS/dB kernel loads dY a second time for dB's dot: on GPUs before sm_90 (see the kernel)."""
+    """:func:`needs_dy_twice` for ``device`` (cached per device: once per dS/dB launch)."""
     if device.type != "cuda":
         return False
-    if device.index not in _PRE_SM90:
-        _PRE_SM90[device.index] = torch.cuda.get_device_capability(device)[0] < 9
-    return _PRE_SM90[device.index]
+    if device.index not in _DY_TWICE:
+        _DY_TWICE[device.index] = needs_dy_twice(torch.cuda.get_device_capability(device)[0])
+    return _DY_TWICE[device.index]
 
 
 def _dsdb_split(m_tiles: int, n_chunks: int) -> int:
@@ -975,7 +982,7 @@ def gpu_launch_cases(dtype: str = "bf16") -> list:
                                 (False, True, "fp32"), (False, False, "fp32")):
         for r_pad in (16, 32, 64, 128):
             ptrs = {"rscale_ptr": "fp32", "db_ptr": "fp32", **({"ds_ptr": ds} if ds else {})}
-            for twice in (False, True) if need_db else (False,):  # True: what sm_8x runs (_dy_twice)
+            for twice in (False, True) if need_db else (False,):  # True: what sm_8x/12x run (_dy_twice)
                 m = dict(R_PAD=r_pad, NEED_DB=need_db, DS_ATOMIC=atomic, DY_TWICE=twice, BM=bm, BN=bn, **base)
                 cases.append((_ds_db_kernel, ptrs, m, warps, stages))
     return cases
