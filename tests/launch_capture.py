@@ -152,6 +152,16 @@ def _prefetches(body: list) -> bool:
     return copy is not None and wait is not None and wait < copy
 
 
+def k_loop_tmem(ttgir: str, lines) -> dict:
+    """:func:`k_loop` for sm_100 (tcgen05): the accumulator lives in tensor memory, so no copy of the
+    loop carries an MMA register tile to pick it by; every copy of the K-loop's source ``lines`` is
+    read (the pointer kernels are not persistent: one copy each)."""
+    found = [body for where, _, body in loops(ttgir) if where in lines]
+    sync = [t[:160] for b in found for t in b if re.search(r"= tt\.load ", t)]
+    return {"loops": len(found), "pipelined": bool(found) and all(_prefetches(b) for b in found),
+            "sync_loads": sync, "tcgen05_mma": sum("tc_gen5_mma" in t for b in found for t in b)}
+
+
 def k_loop(ttgir: str, lines, wgmma: bool = True) -> dict:
     """The loop compiled from source ``lines`` (sm_90): how many loops it became, whether its K-loop
     is pipelined, and the synchronous global loads left at the top level of the K-loop's body.

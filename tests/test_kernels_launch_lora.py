@@ -155,7 +155,7 @@ def _record_consumer(cc: int = 86):
 
 
 def _compile_one(key):
-    from launch_capture import compile_launch, k_loop, source_line
+    from launch_capture import compile_launch, k_loop, k_loop_tmem, source_line
 
     from ril_fast.kernels import lora_tma
 
@@ -164,8 +164,9 @@ def _compile_one(key):
         ck, log = compile_launch(fn, args, kwargs, cc=int(key.split("|")[0][2:]) if key.startswith("sm") else 90)
     except Exception as exc:  # reported per role by the test
         return key, {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-    if key.startswith("sm100|"):  # (its accumulators live in tensor memory: no K-loop reading here)
-        return key, {"kernel": fn.__name__, "shared": ck.metadata.shared}
+    if key.startswith("sm100|"):  # (its accumulators live in tensor memory: k_loop_tmem)
+        return key, {"kernel": fn.__name__, "shared": ck.metadata.shared,
+                     "k_loop": k_loop_tmem(ck.asm["ttgir"], [source_line(fn, t) for t in K_LOOPS[fn.__name__]])}
     if key.startswith(("sm86|", "sm120|")):
         return key, {"kernel": fn.__name__, "shared": ck.metadata.shared,
                      "k_loop": k_loop(ck.asm["ttgir"], [source_line(fn, t) for t in K_LOOPS[fn.__name__]],
@@ -293,12 +294,16 @@ def test_untuned_launches_fit_a_consumer_gpu(report, cc, d, R):
 @pytest.mark.parametrize("d", CONSUMER_DIMS)
 def test_untuned_launches_compile_for_blackwell(report, d):
     """A B200 (sm_100) runs the pointer kernels too (Triton 3.7.1 cannot compile the TMA kernel for
-    it: ``lora_tma.available``): each untuned launch at R 64 compiles for sm_100 within 227 KB."""
+    it: ``lora_tma.available``): each untuned launch at R 64 compiles for sm_100 within 227 KB, its
+    K-loop pipelined around tcgen05 MMAs with no synchronous load (the dS/dB kernel with one dY
+    load, as ``lora_group.needs_dy_twice`` gives sm_10x)."""
     launches = report[f"sm100-d{d}-R64"]
     assert len(launches) == 6 and {g["kernel"] for g in launches} == {"_gemm_kernel", "_ds_db_kernel"}
     for got in launches:
         assert "error" not in got, got.get("error")
         assert got["shared"] <= SMEM_LIMIT, got
+        loop = got["k_loop"]
+        assert loop["loops"] and loop["pipelined"] and not loop["sync_loads"] and loop["tcgen05_mma"], loop
 
 
 @pytest.mark.parametrize("role_id", _params())
