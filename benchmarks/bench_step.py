@@ -110,7 +110,8 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
         for i in range(iters):
             for backend in backends:  # interleaved: drift and warm-up spread over every backend
                 os.environ["RIL_FAST_KERNELS"] = backend
-                kernels.setdefault(backend, kernel_dispatch(device))
+                if backend not in kernels:  # (what each op runs on: once per backend)
+                    kernels[backend] = kernel_dispatch(device)
                 _sync(device)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)

@@ -823,11 +823,12 @@ def test_fp64_goes_to_torch_on_a_gpu_under_auto(monkeypatch):
     dispatch.clear_cache()
     cuda = torch.device("cuda", 0)  # deciding needs no GPU: Triton counts as available for cuda tensors
     for op in ("lora_group_linear", "distill_mse"):
-        assert kernels._backend(op, torch.float64, cuda) == "torch"
-        assert kernels._backend(op, torch.float32, cuda) == kernels._backend(op, torch.bfloat16, cuda) == "triton"
-        assert kernels._backend(op, torch.float64, torch.device("cpu")) == "torch"
+        assert dispatch.select_backend(op, cuda, torch.float64) == "torch"
+        assert (dispatch.select_backend(op, cuda, torch.float32) == dispatch.select_backend(op, cuda, torch.bfloat16)
+                == "triton")
+        assert dispatch.select_backend(op, torch.device("cpu"), torch.float64) == "torch"
     monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
-    assert kernels._backend("lora_group_linear", torch.float64, cuda) == "triton"  # named: the kernels refuse it
+    assert dispatch.select_backend("lora_group_linear", cuda, torch.float64) == "triton"  # named: kernels refuse it
     dispatch.clear_cache()
     monkeypatch.setattr(lora_group, "INTERPRET", False)
     monkeypatch.setattr(lora_group, "_FLAGS", {})

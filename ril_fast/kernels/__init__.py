@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ril_fast.kernels import reference
-from ril_fast.kernels.dispatch import requested_backend, select_backend
+from ril_fast.kernels.dispatch import select_backend
 
 
 def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
@@ -29,15 +29,13 @@ def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
     for the shape (:mod:`ril_fast.kernels.lora_tuning`; ``RIL_FAST_LORA_FWD`` / ``RIL_FAST_LORA_BWD``
     force one).
     """
-    backend = _backend("lora_group_linear", x.dtype, x.device)
+    backend = select_backend("lora_group_linear", x.device, x.dtype)
     if backend == "torch":
         return reference.lora_group_linear_stacked(x, weight, bias, lora_a, lora_b, scales)
     from ril_fast.kernels import lora_group
 
-    if backend == "triton" and _foreign_gpu(x):
-        with torch.cuda.device(x.device):
-            return lora_group.lora_group_linear(x, weight, bias, lora_a, lora_b, scales, backend=backend)
-    return lora_group.lora_group_linear(x, weight, bias, lora_a, lora_b, scales, backend=backend)
+    return _on_its_gpu(backend, x, lora_group.lora_group_linear, x, weight, bias, lora_a, lora_b, scales,
+                       backend=backend)
 
 
 def _foreign_gpu(t: torch.Tensor) -> bool:
@@ -47,27 +45,24 @@ def _foreign_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda and t.get_device() != torch.cuda.current_device()
 
 
-def _backend(op: str, dtype, device) -> str:
-    """:func:`select_backend`'s choice, except fp64 on a GPU under ``auto``: torch's exact path (the
-    GPU kernels are built and compile-gated for 16-bit and fp32 I/O; fp64 is for checks, not training)."""
-    backend = select_backend(op, device)
-    if dtype == torch.float64 and device.type == "cuda" and backend != "torch" and requested_backend() == "auto":
-        return "torch"
-    return backend
+def _on_its_gpu(chosen: str, t: torch.Tensor, fn, /, *args, **kwargs):
+    """``fn(*args, **kwargs)``, on ``t``'s GPU where Triton (the ``chosen`` backend) would otherwise
+    launch on another (:func:`_foreign_gpu`); no context entered on the usual path."""
+    if chosen == "triton" and _foreign_gpu(t):
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight=None):
     """Fused last-step distillation loss; see :func:`ril_fast.kernels.reference.distill_mse`."""
-    backend = _backend("distill_mse", student_out.dtype, student_out.device)
+    backend = select_backend("distill_mse", student_out.device, student_out.dtype)
     if backend == "torch":
         return reference.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight)
     from ril_fast.kernels import distill as _distill
 
-    if backend == "triton" and _foreign_gpu(student_out):
-        with torch.cuda.device(student_out.device):
-            return _distill.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight,
-                                        backend=backend)
-    return _distill.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight, backend=backend)
+    return _on_its_gpu(backend, student_out, _distill.distill_mse, student_out, teacher_out, x_t, alpha_bar,
+                       prediction_type, weight, backend=backend)
 
 
 __all__ = ["lora_group_linear", "distill_mse", "select_backend", "reference"]

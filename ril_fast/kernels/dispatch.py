@@ -1,7 +1,8 @@
 """Backend selection for the fused ops: Triton > CUDA library > torch reference on CUDA tensors.
 
 Below sm_80 ``auto`` runs the LoRA op on torch's path (:data:`GEMM_OPS`: Triton has no tensor-core
-GEMM there), and on ROCm both ops (the kernels were never run on an AMD GPU).
+GEMM there), on ROCm both ops (the kernels were never run on an AMD GPU), and fp64 on torch's path
+(the GPU kernels are built and compile-gated for 16-bit and fp32 I/O; fp64 is for checks).
 ``RIL_FAST_KERNELS=auto|cuda|triton|torch`` overrides the choice. A backend the user named
 explicitly that cannot run raises; ``auto`` falls back and logs the reason once.
 
@@ -93,16 +94,18 @@ def clear_cache() -> None:
     _decided.clear()
 
 
-def select_backend(op: str, device: torch.device) -> str:
-    """Return the backend that runs ``op`` on tensors of ``device``: 'cuda', 'triton' or 'torch'."""
-    key = (op, os.environ.get("RIL_FAST_KERNELS"), os.environ.get("TRITON_INTERPRET"), device.type, device.index)
+def select_backend(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return the backend that runs ``op`` on tensors of ``device`` (and ``dtype``, when given):
+    'cuda', 'triton' or 'torch'."""
+    key = (op, os.environ.get("RIL_FAST_KERNELS"), os.environ.get("TRITON_INTERPRET"), device.type, device.index,
+           dtype)
     choice = _decided.get(key)
     if choice is None:
-        choice = _decided[key] = _select(op, device)
+        choice = _decided[key] = _select(op, device, dtype)
     return choice
 
 
-def _select(op: str, device: torch.device) -> str:
+def _select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     want = requested_backend()
     if want == "torch":
         return "torch"
@@ -116,11 +119,13 @@ def _select(op: str, device: torch.device) -> str:
     for name in AUTO_ORDER:
         # auto never picks the interpreter: it is a test vehicle, far slower than torch on CPU.
         ok, why = checks[name](device) if device.type == "cuda" else (False, f"tensors on {device.type}")
+        if ok and dtype == torch.float64:
+            ok, why = False, "fp64: the GPU kernels are built and compile-gated for 16-bit and fp32 I/O"
         if ok and name == "triton":
             ok, why = triton_auto_ok(op, device)
         if ok:
             return name
-        key = f"{op}:{name}:{device.type}"
+        key = f"{op}:{name}:{device.type}:{why}"  # each reason once (dtype rules differ per call)
         if key not in _logged:
             _logged.add(key)
             _log.info("%s: %s backend unavailable (%s)", op, name, why)
