@@ -24,12 +24,31 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
+    # the compile gates last: their workers compile in the background meanwhile (pytest_collection_finish)
+    items.sort(key=lambda item: "compile_gate" in item.keywords)  # stable: file order otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """Start the worker of every compile gate a selected test reads (its ``report`` fixture)."""
+    from aot_gate import start_worker
+
+    if session.config.option.collectonly:
+        return
+    for path in sorted({str(item.path) for item in session.items
+                        if "compile_gate" in item.keywords and "report" in getattr(item, "fixturenames", ())}):
+        start_worker(path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from aot_gate import stop_workers
+
+    stop_workers()
 
 
 @pytest.fixture(autouse=True)

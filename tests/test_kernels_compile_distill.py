@@ -17,6 +17,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aot_gate import print_report, run_worker, signature  # noqa: E402
 
+pytestmark = pytest.mark.compile_gate  # run last, compiled in the background meanwhile (conftest)
+
 CCS = (80, 90)
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 

@@ -16,12 +16,13 @@ import io
 import os
 import re
 import sys
-import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aot_gate import print_report, run_worker, signature  # noqa: E402
+from aot_gate import fresh_triton_cache, print_report, run_worker, signature  # noqa: E402
+
+pytestmark = pytest.mark.compile_gate  # run last, compiled in the background meanwhile (conftest)
 
 SMEM_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block
 # Register spill stores (bytes per thread, ptxas -v) allowed in a TMA kernel case. The gate compiles
@@ -115,11 +116,10 @@ def _compile_one(job):
 
 
 def _worker():
-    # a fresh Triton cache, so every case runs ptxas and reports its register spills
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ril_fast_gate_")
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     jobs = [(i, cc) for i, c in enumerate(_cases()) for cc in _ccs(c)]
-    print_report(_compile_one, jobs)
+    with fresh_triton_cache("ril_fast_gate_"):
+        print_report(_compile_one, jobs)
 
 
 @pytest.fixture(scope="module")
