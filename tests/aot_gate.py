@@ -75,10 +75,8 @@ def stop_workers() -> None:
 
 
 def _kill(proc) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # the group is already gone
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait()
 
 
