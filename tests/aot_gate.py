@@ -41,6 +41,7 @@ def start_worker(test_file: str) -> None:
     # a session: with autogroup scheduling (Linux's default) a new session is a new scheduling group
     # that takes its equal share of the CPU whatever its niceness (measured: the foreground tests ran
     # up to 2x slower beside three such workers).
+    # (Python 3.10 has no process_group: a session there, killable as a group, at the scheduling cost above.)
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
     proc = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICE), sys.executable, path, "--worker"], env=env,
                             stdout=out, stderr=err, **group)
