@@ -266,6 +266,9 @@ def structure_similarity(a: torch.Tensor, b: torch.Tensor, data_range: float = 1
     moments), averaged over positions. A global gain/offset ``g·b + o`` (g > 0) changes s only through
     C3 (the same s with C3 / g), and ``s(a, g·a + o) = 1`` exactly, so a kept contrast or brightness edit
     reads as no drift, while shuffled, shifted or blurred structure lowers it. Values lie in [−1, 1].
+    The gain invariance is close only where the local std is well above √C3 ≈ 0.02 · data_range, and a
+    flat window scores 1 (nothing to compare), so a collapse to a flat image is invisible here: report
+    this next to :func:`ssim`, not instead of it.
 
     Args:
         a: images (B, C, H, W) with C = 3 (RGB) or 1 (luma), values in [0, data_range]; H, W ≥ 11.

@@ -96,6 +96,9 @@ def test_forgetting_starts_after_the_task_was_learned():
     # A dip after learning does count: peak 5 at row 2, then 2 at the end.
     R[2][0], R[3][0] = 5.0, 2.0
     assert ril_metrics(R, NAMES, [1.0, 1.0, 1.0])["forgetting"]["per_task"] == [3.0, 0.0]
+    # Ending above every row since it was learned is negative forgetting (the final row is not in the max).
+    R[3][0] = 6.0
+    assert ril_metrics(R, NAMES, [1.0, 1.0, 1.0])["forgetting"]["per_task"] == [5.0 - 6.0, 0.0]
 
 
 # Learns every task (and forgets a little of task 1) against one frozen after task 1.
