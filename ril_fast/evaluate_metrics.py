@@ -106,7 +106,8 @@ def ril_metrics(R, task_names, reward_scales) -> dict:
       so "fraction kept" is undefined); its mean is over the defined entries. Scale-free already;
     - ``bwt = mean_{j<n} (R[n][j] − R[j][j])`` (None when n = 1); ``average_final_reward`` = mean of R[n].
 
-    ``normalized`` repeats them on ``R[:, c] / reward_scales[c]``, which keeps every column.
+    ``normalized`` repeats them on ``(R[:, c] − R[0][c]) / reward_scales[c]``, the gain over the base model in
+    scale units, which keeps every column (its average final reward is the mean normalised gain).
 
     Args:
         R: reward matrix (n+1, n), list of lists or array; row 0 = base model.
@@ -125,7 +126,7 @@ def ril_metrics(R, task_names, reward_scales) -> dict:
     n = M.shape[1]
     names, scales = _check_labels(task_names, reward_scales, n)
     with np.errstate(over="ignore"):
-        Mn = M / scales
+        Mn = (M - M[0]) / scales
     if not np.isfinite(Mn).all():
         raise ValueError(f"reward matrix / reward_scales overflowed float64; a scale is too small: {scales.tolist()}")
     raw, norm = _plain_metrics(M), _plain_metrics(Mn)
@@ -160,7 +161,7 @@ def ril_metrics(R, task_names, reward_scales) -> dict:
 def pareto_point(metrics: dict) -> dict:
     """One method's point on the retention-vs-plasticity Pareto benchmark, from :func:`ril_metrics`.
 
-    With normalised rewards ``N = R / scale`` (``metrics["normalized"]["reward_matrix"]``):
+    With normalised rewards ``N = (R − R[0]) / scale`` (``metrics["normalized"]["reward_matrix"]``):
 
     - ``retained_gain = mean_{j<n} (N[n][j] − N[j−1][j])``: how far above its pre-training level each
       earlier task ends, in reward-scale units. Defined for every task, even when ``P_j ≤ 0``.

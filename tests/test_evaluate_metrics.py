@@ -45,8 +45,8 @@ def _assert_same(got, want, path="metrics"):
 def test_ril_metrics_hand_computed():
     m = ril_metrics(R_BASE_MAX, NAMES, SCALES_BASE_MAX)
     old = NAMES[:-1]
-    # Normalised matrix: columns / (4, 0.5, 0.25).
-    N = [[1.25, 2.0, 0.0], [0.75, 8.0, 0.0], [0.5, 12.0, 4.0], [0.25, 10.0, 32.0]]
+    # Normalised matrix: (R − base row) / (4, 0.5, 0.25), the gain over the base model in scale units.
+    N = [[0.0, 0.0, 0.0], [-0.5, 6.0, 0.0], [-0.75, 10.0, 4.0], [-1.0, 8.0, 32.0]]
     want = {
         "tasks": NAMES,
         "reward_scales": {"tasks": NAMES, "values": [4.0, 0.5, 0.25]},
@@ -69,8 +69,8 @@ def test_ril_metrics_hand_computed():
             "reward_matrix": N,
             "plasticity": {"tasks": NAMES, "per_task": [-0.5, 4.0, 28.0], "mean": 31.5 / 3},
             "forgetting": {"tasks": old, "per_task": [0.5, 2.0], "mean": 1.25},
-            "bwt": ((0.25 - 0.75) + (10 - 12)) / 2,
-            "average_final_reward": (0.25 + 10 + 32) / 3,
+            "bwt": ((-1.0 - -0.5) + (8 - 10)) / 2,
+            "average_final_reward": (-1.0 + 8 + 32) / 3,
         },
     }
     _assert_same(m, want)
@@ -142,11 +142,11 @@ def test_single_task():
             "bwt": None,
             "average_final_reward": 3.0,
             "normalized": {
-                "reward_matrix": [[0.5], [1.5]],
+                "reward_matrix": [[0.0], [1.0]],
                 "plasticity": {"tasks": ["only"], "per_task": [1.0], "mean": 1.0},
                 "forgetting": want_empty,
                 "bwt": None,
-                "average_final_reward": 1.5,
+                "average_final_reward": 1.0,
             },
         },
     )
@@ -202,8 +202,8 @@ def _oracle(R, scales):
     """The DESIGN.md §3 formulas transcribed with 1-based tasks, as plain loops over lists."""
     n = len(R[0])
 
-    def r(i, j, norm=False):  # R[i][j], task j 1-based
-        return R[i][j - 1] / (scales[j - 1] if norm else 1.0)
+    def r(i, j, norm=False):  # R[i][j], task j 1-based; normalised: the gain over the base row in scale units
+        return (R[i][j - 1] - R[0][j - 1]) / scales[j - 1] if norm else R[i][j - 1]
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else None
