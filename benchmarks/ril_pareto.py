@@ -46,8 +46,10 @@ def _later_lr(value: float, n_tasks: int) -> list[str]:
 
 
 def knobs(method: str, n_tasks: int) -> tuple[str, list[tuple[float, list[str]]]]:
-    if method in ("baseline", "group", "joint"):
+    if method in ("baseline", "group"):
         return "lr of tasks 2..n", [(v, _later_lr(v, n_tasks)) for v in LATER_LR]
+    if method == "joint":  # the multi-task upper bound: one point, every task at the shared learning rate
+        return "lr of tasks 2..n", [(LATER_LR[0], _later_lr(LATER_LR[0], n_tasks))]
     if method in ("distill", "rid", "lwf", "kl_base"):
         return "distill_weight λ", [(v, [f"method.distill_weight={v}"]) for v in LAMBDA]
     if method == "l2":

@@ -56,6 +56,9 @@ class MethodConfig:
     distill_weight: float = 1.0
     distill_mode: Literal["last", "full"] = "last"  # last denoising step only, or the teacher's own full chain
     distill_target: Literal["x0", "eps", "image"] = "x0"  # x0 and eps are the same loss; image: decoded pixels
+    # last mode: distil on the student's own last-step input z_1, or on its final latent re-noised to a
+    # timestep of the schedule drawn per batch (one more UNet call with grad; covers every noise level)
+    distill_on: Literal["z1", "renoised"] = "z1"
     distill_first_task: bool = False  # on task 1 the teacher is the base model; distilling there slows learning
     l2_weight: float = 1.0  # μ of method l2: penalty on the trained adapter's change ||s·(BA − B₀A₀)||² per layer
 

@@ -236,3 +236,32 @@ def test_running_normaliser_state_round_trips():
     torch.testing.assert_close(b(x.clone()), a(x.clone()))
     mean, std = a.running.stats()
     assert std > 0.5 and abs(mean) < 5
+
+
+def test_renoised_distillation_matches_its_definition(setup, tiny_model_dirs):
+    """Re-noised variant: zero for an identical teacher; otherwise the ε MSE at the drawn timestep, rebuilt
+    here from the scheduler's add_noise and the merged-weight oracle of the teacher."""
+    kind, models, layers, cache, plain = setup
+    _perturb(layers)
+    lora.reset_ema(layers)
+    cfg = make_cfg(tiny_model_dirs[kind])
+    batch = make_batch(models, cfg, cache, PROMPTS, 1, 4, "cpu")
+    sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, window=1)
+    kw = dict(teacher="ema", seed=11, use_checkpoint=True)
+    assert float(D.renoised_loss(models, layers, sample, batch.cond, batch.uncond, 2.0, **kw)) == 0.0
+    _perturb(layers)
+    loss = D.renoised_loss(models, layers, sample, batch.cond, batch.uncond, 2.0, **kw)
+    gen = torch.Generator().manual_seed(11)
+    timesteps = models.scheduler.timesteps
+    t = timesteps[int(torch.randint(len(timesteps), (1,), generator=gen))]
+    noise = torch.randn(sample.latents.shape, generator=gen)
+    z = models.scheduler.add_noise(sample.latents.detach(), noise, t.view(1))
+    with torch.no_grad():
+        student = guided_output(models, z, int(t), batch.cond, batch.uncond, 2.0)
+        teacher = _oracle_out(models, _merged_unet(plain, layers, lambda layer: layer.ema_pair()), z, int(t),
+                              batch.cond, batch.uncond)
+    want = F.mse_loss(student, teacher)  # epsilon-prediction models: the outputs are ε
+    assert float(loss) == pytest.approx(float(want), rel=1e-3)
+    assert float(loss) > 0
+    grads = torch.autograd.grad(loss, lora.trainable_parameters(layers), allow_unused=True)
+    assert any(g is not None and float(g.abs().max()) > 0 for g in grads)

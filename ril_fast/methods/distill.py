@@ -87,6 +87,27 @@ def last_step_loss(models, layers, sample: SampleResult, cond, uncond, guidance_
     return F.mse_loss(student_images.float(), teacher_images.float())
 
 
+def renoised_loss(models, layers, sample: SampleResult, cond, uncond, guidance_scale: float, *, teacher: str,
+                  seed: int, use_checkpoint: bool) -> torch.Tensor:
+    """Distillation on a re-noised copy of the student's own final latent: x0 (detached) noised to one
+    timestep t of the sampling schedule (drawn once per batch from ``seed``); student (with grad) and teacher
+    match their ε there. One extra student UNet call with grad, and it constrains the model at every noise
+    level the chain visits instead of only at the last one."""
+    gen = torch.Generator().manual_seed(int(seed))
+    timesteps = models.scheduler.timesteps  # the schedule ddim_sample just set
+    t = int(timesteps[int(torch.randint(len(timesteps), (1,), generator=gen))])
+    x0 = sample.latents.detach().float()
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    ab = models.scheduler.alphas_cumprod[t].float().to(x0.device)
+    z = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    student_out = guided_output(models, z, t, cond, uncond, guidance_scale, use_checkpoint)
+    with torch.no_grad(), teacher_mode(layers, teacher):
+        teacher_out = guided_output(models, z, t, cond, uncond, guidance_scale)
+    abv = ab.expand(x0.shape[0])
+    ptype = models.prediction_type
+    return F.mse_loss(_eps(student_out, z, abv, ptype), _eps(teacher_out, z, abv, ptype))
+
+
 def full_chain_loss(models, layers, sample: SampleResult, z_T: torch.Tensor, cond, uncond, *, steps: int,
                     guidance_scale: float, eta: float, generator_seed: int | None, teacher: str = "ema") -> torch.Tensor:
     """Full-step distillation: the teacher's own chain from z_T, aligned on x0 at every window step, in ε

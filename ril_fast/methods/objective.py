@@ -99,6 +99,9 @@ def compute_loss(models, layers, reward_fn, batch: Batch, cfg, use_distill: bool
                 models, layers, sample, batch.z_T, batch.cond, batch.uncond, steps=s.steps,
                 guidance_scale=s.guidance_scale, eta=s.eta, generator_seed=batch.seed if s.eta > 0 else None,
                 teacher=teacher)
+        elif m.distill_on == "renoised":
+            distill = distill_losses.renoised_loss(models, layers, sample, batch.cond, batch.uncond, s.guidance_scale,
+                                                   teacher=teacher, seed=batch.seed, use_checkpoint=s.checkpoint_unet)
         else:
             distill = distill_losses.last_step_loss(models, layers, sample, batch.cond, batch.uncond,
                                                     s.guidance_scale, m.distill_target, teacher=teacher,
