@@ -71,6 +71,15 @@ def finished(run_dir: Path) -> dict | None:
     return None
 
 
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``name=method:key=value,key=value`` -> (name, method, ["key=value", ...])."""
+    name, _, rest = text.partition("=")
+    method, _, sets = rest.partition(":")
+    if not name or method not in METHODS:
+        raise SystemExit(f"--variant {text!r}: expected NAME=METHOD:KEY=VALUE[,KEY=VALUE] with METHOD in {METHODS}")
+    return name, method, [s for s in sets.split(",") if s]
+
+
 def run_one(config: str, method: str, knob: float, sets: list[str], seed: int, out: Path, extra: list[str],
             aggregate_only: bool = False) -> dict | None:
     run_dir = out / f"{method}_{knob:g}_seed{seed}"
@@ -78,7 +87,7 @@ def run_one(config: str, method: str, knob: float, sets: list[str], seed: int, o
     res = finished(run_dir)
     if res is not None or aggregate_only:
         return res
-    cmd = [sys.executable, "-m", "ril_fast.train", "--config", config, "--set", f"method.name={method}",
+    cmd = [sys.executable, "-m", "ril_fast.train", "--config", config,
            "--set", f"seed={seed}", "--set", f"output_dir={run_dir}", "--set", "overwrite=true"]
     for item in sets + extra:
         cmd += ["--set", item]
@@ -200,6 +209,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sequences", nargs="+", default=list(SEQUENCES), choices=list(SEQUENCES))
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:KEY=VALUE[,KEY=VALUE]",
+                        help="also sweep METHOD's knob with these --set values, under NAME (e.g. "
+                             "rid_frozen=rid:method.ema_decay=1.0)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="runs/pareto")
@@ -214,11 +226,11 @@ def main() -> int:
     for seq in args.sequences:
         config = SEQUENCES[seq]
         n_tasks = len(json.loads((ROOT / config).read_text())["tasks"])
-        for method in args.methods:
-            knob_name, values = knobs(method, n_tasks)
+        for method, base, extra in [(m, m, []) for m in args.methods] + [parse_variant(v) for v in args.variant]:
+            knob_name, values = knobs(base, n_tasks)
             for knob, sets in values:
                 for seed in args.seeds:
-                    jobs.append((seq, config, method, knob_name, knob, sets, seed))
+                    jobs.append((seq, config, method, knob_name, knob, [f"method.name={base}", *extra, *sets], seed))
 
     t0 = time.time()
     done = 0
