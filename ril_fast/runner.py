@@ -93,10 +93,22 @@ def preflight(cfg: Config) -> None:
         if changed and not cfg.overwrite:
             raise ConfigError([f"output_dir: {cfg.output_dir!r} holds a run of a different config (changed: "
                                f"{', '.join(changed[:5])}); use another output_dir or --set overwrite=true"])
-        if changed:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            for name in ("metrics.jsonl", "results.json"):
-                (out / name).unlink(missing_ok=True)
+        if changed and eng.rank() == 0:  # overwrite=true: nothing of the old run may leak into the new one
+            remove_run_outputs(out)
+
+
+# Everything a run writes under output_dir; overwrite removes exactly these (other files stay).
+RUN_OUTPUTS = ("checkpoints", "adapters", "grids", "plots", "tensorboard", "eval", "metrics.jsonl", "results.json",
+               "config.json")
+
+
+def remove_run_outputs(out: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 @dataclass
