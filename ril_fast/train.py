@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 
 if __package__ in (None, ""):  # `deepspeed ril_fast/train.py` runs this file as a script
@@ -38,6 +39,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt as exc:  # one line, never a traceback; RunStopped says where and how to resume
+        message = getattr(exc, "message", "") or "interrupted before training started; nothing to resume"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ril_fast: {message}", file=sys.stderr, flush=True)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def _main(args) -> int:
     try:
         cfg = load_config(args.config, args.set)
         from ril_fast.runner import preflight

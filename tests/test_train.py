@@ -57,9 +57,9 @@ def test_metrics_and_artefacts(finished_run):
     run, _ = finished_run
     metrics = read_metrics(run)
     train = [m for m in metrics if m["kind"] == "train"]
-    assert [(m["task"], m["step"]) for m in train] == [(0, 1), (0, 2), (1, 1), (1, 2)]
-    assert all("distill" not in m for m in train if m["task"] == 0)  # no teacher on task 1 by default
-    assert all("distill" in m for m in train if m["task"] == 1)
+    assert [(m["task"], m["step"]) for m in train] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all("distill" not in m for m in train if m["task"] == 1)  # no teacher on task 1 by default
+    assert all("distill" in m for m in train if m["task"] == 2)
     assert [m["row"] for m in metrics if m["kind"] == "eval"] == [0, 1, 2]
     for name in ("base", "after_task_01", "after_task_02"):
         Image.open(run / "grids" / f"{name}.png").verify()
