@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -441,14 +442,34 @@ def evaluate_row(run: Run, row: int) -> None:
     if result.adherence is not None:
         res.setdefault("prompt_adherence", []).append(result.adherence)
     if run.is_main:
-        label = "base" if row == 0 else f"after_task_{row:02d}"
-        images = torch.cat(list(result.images.values()))
-        captions = [p for ps in result.prompts.values() for p in ps]
-        report.save_image_grid(images, run.out / "grids" / f"{label}.png", nrow=len(cfg.eval.seeds) * 2,
-                               captions=captions)
+        if cfg.eval.grid:
+            save_eval_grid(run, row, result)
         run.log.write({"kind": "eval", "row": row, **{f"reward/{t.name}": r for t, r in zip(cfg.tasks, result.rewards)},
                        "structure_drift": res["structure_drift"][-1]}, tb_step=global_step(cfg, row - 1))
     ckpt.fault_point("eval")
+
+
+def grid_title(cfg: Config, row: int) -> str:
+    model = "base model" if row == 0 else f"after task {row} ({cfg.tasks[row - 1].name})"
+    return (f"{model}: method {cfg.method.name}, {cfg.eval.steps or cfg.sampling.steps} DDIM steps, "
+            f"CFG {cfg.sampling.guidance_scale}")
+
+
+def save_eval_grid(run: Run, row: int, result) -> None:
+    """``grids/base.png`` / ``grids/after_task_NN.png`` and TensorBoard's ``eval/images`` at the row's
+    global step: each distinct (prompt, seed) once (tasks may share eval prompts), prompts down, seeds across."""
+    cfg, seeds = run.cfg, run.cfg.eval.seeds
+    pairs: dict[tuple[str, int], torch.Tensor] = {}
+    for name, images in result.images.items():  # images in (prompt, seed) order, seeds fastest
+        for k, (image, prompt) in enumerate(zip(images, result.prompts[name])):
+            pairs.setdefault((prompt, seeds[k % len(seeds)]), image)
+    prompts = list(dict.fromkeys(p for p, _ in pairs))
+    shown = prompts[: report.GRID_MAX_ROWS]
+    title = grid_title(cfg, row) + (f"; {len(shown)} of {len(prompts)} prompts" if shown != prompts else "")
+    grid = report.image_grid(torch.stack([pairs[(p, s)] for p in shown for s in seeds]), len(seeds),
+                             row_labels=shown, col_labels=[f"seed {s}" for s in seeds], title=title)
+    report.save_png(grid, run.out / "grids" / f"{'base' if row == 0 else f'after_task_{row:02d}'}.png")
+    run.log.image("eval/images", np.asarray(grid), global_step(cfg, row - 1))
 
 
 def extend_results(run: Run) -> None:
@@ -654,13 +675,19 @@ def outputs_summary(run: Run) -> str:
 
 def plot_curves(run: Run, task: int) -> None:
     """This task's reward curve, and all tasks so far with boundaries marked (skipped if nothing was logged)."""
+    cfg = run.cfg
     train = [m for m in read_metrics(run.out) if m.get("kind") == "train" and "reward" in m]
     this = [m for m in train if m["task"] == task + 1]
+    names = {i + 1: f"{i + 1}. {t.name}" for i, t in enumerate(cfg.tasks)}
     if this:
         report.plot_reward_curves(this, run.out / "plots" / f"reward_curve_task_{task + 1:02d}.png",
-                                  keys=["reward", "distill"])
+                                  keys=["reward", "distill"], task_names=names,
+                                  title=f"task {task + 1} ({cfg.tasks[task].name}): training reward")
     if train:
-        report.plot_reward_curves(train, run.out / "plots" / "reward_curves.png", keys=["reward", "distill"])
+        report.plot_reward_curves(train, run.out / "plots" / "reward_curves.png", keys=["reward", "distill"],
+                                  step_key="global_step", task_names=names,
+                                  boundaries=[global_step(cfg, t) + 0.5 for t in range(task)],
+                                  title="training reward over the task sequence (dashed: task boundaries)")
 
 
 def table_view(res: dict) -> dict:

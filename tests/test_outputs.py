@@ -94,7 +94,10 @@ def test_resume_message_is_info_and_one_based(tiny_model_dirs, tmp_path, caplog)
 def finished(tiny_model_dirs, tmp_path_factory):
     """A 2-task run made under umask 027 (group may read, others nothing)."""
     root = tmp_path_factory.mktemp("outputs")
-    conf = write(config(tiny_model_dirs["sd"], root / "run", 2), root / "c.json")
+    cfg = config(tiny_model_dirs["sd"], root / "run", 2)
+    for task in cfg["tasks"]:
+        task["steps"] = 2
+    conf = write(cfg, root / "c.json")
     old = os.umask(0o027)
     try:
         assert main(["--config", conf]) == 0
@@ -173,3 +176,51 @@ def test_sigterm_checkpoints_then_exits_with_one_line(tiny_model_dirs, tmp_path)
     meta, _, optim, _ = ckpt.load_latest(tmp_path / "run")
     assert meta["seq"] == int(match.group(2)) and (meta["task"], meta["phase"]) == (0, "train")
     assert meta["step"] == int(match.group(1)) >= 2 and optim is not None  # the interrupted step's own checkpoint
+
+
+def test_reward_curves_use_the_global_step_and_task_names(tiny_model_dirs, tmp_path, monkeypatch):
+    """reward_curves.png: each task on its own stretch of the global step, one dashed line per real task
+    boundary, legend by task name (it used to overlay every task on 1..steps with a line at every step)."""
+    from types import SimpleNamespace
+
+    from ril_fast import report, runner
+    from ril_fast.config import config_from_dict
+
+    cfg = config_from_dict(config(tiny_model_dirs["sd"], tmp_path, 3))
+    for task, steps in zip(cfg.tasks, (3, 2, 4)):
+        task.steps = steps
+    lines = [{"kind": "train", "task": t, "step": s, "global_step": g, "reward": 0.1 * g}
+             for t, s, g in [(1, 1, 1), (1, 2, 2), (1, 3, 3), (2, 1, 4), (2, 2, 5)]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    figures = {}
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        return Path(path)
+
+    monkeypatch.setattr(report, "_save_figure", keep)
+    runner.plot_curves(SimpleNamespace(cfg=cfg, out=tmp_path), 1)  # after task 2 of 3
+    ax = figures["reward_curves.png"].axes[0]
+    curves = {line.get_label(): list(line.get_xdata()) for line in ax.lines if not line.get_label().startswith("_")}
+    assert curves == {"1. bright": [1, 2, 3], "2. smooth": [4, 5]}
+    boundaries = [line.get_xdata()[0] for line in ax.lines if line.get_label().startswith("_")]
+    assert boundaries == [3.5]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["1. bright", "2. smooth"]
+    one = figures["reward_curve_task_02.png"].axes[0]
+    assert [list(line.get_xdata()) for line in one.lines] == [[1, 2]]  # the task's own steps, no boundary
+
+
+def test_tensorboard_holds_what_a_person_watches(finished):
+    """Eval scalars and one image grid per reward-matrix row at the global step; no bookkeeping scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = finished
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) == {"train/reward", "train/distill", "train/grad_norm", "train/step_seconds",
+                                    "eval/reward/bright", "eval/reward/smooth", "eval/structure_drift"}
+    assert tags["images"] == ["eval/images"]
+    assert [e.step for e in events.Images("eval/images")] == [0, 2, 4]  # base, after task 1 (2 steps), after 2
+    assert [e.step for e in events.Scalars("eval/reward/bright")] == [0, 2, 4]
+    assert [e.step for e in events.Scalars("train/reward")] == [1, 2, 3, 4]

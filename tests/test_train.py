@@ -61,8 +61,16 @@ def test_metrics_and_artefacts(finished_run):
     assert all("distill" not in m for m in train if m["task"] == 1)  # no teacher on task 1 by default
     assert all("distill" in m for m in train if m["task"] == 2)
     assert [m["row"] for m in metrics if m["kind"] == "eval"] == [0, 1, 2]
-    for name in ("base", "after_task_01", "after_task_02"):
-        Image.open(run / "grids" / f"{name}.png").verify()
+    from ril_fast.config import load_config
+    from ril_fast.report import grid_layout
+    from ril_fast.runner import grid_title
+
+    # both tasks evaluate "a blue square" at seed 5: the grid shows that one image once, enlarged and labelled
+    cfg = load_config(run / "config.json")
+    for row, name in enumerate(("base", "after_task_01", "after_task_02")):
+        want = grid_layout(1, 16, 16, 1, ["a blue square"], ["seed 5"], grid_title(cfg, row))
+        with Image.open(run / "grids" / f"{name}.png") as grid:
+            assert grid.size == (want.width, want.height) and want.tile_h == 128
     for name in ("reward_curves", "reward_matrix", "reward_curve_task_01", "reward_curve_task_02"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
     for task in (1, 2):
@@ -102,9 +110,16 @@ def test_load_pipeline_reproduces_trainer_images(finished_run):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     z = eval_noise(lambda n: (n, 4, 16, 16), 5)
     image = pipe(["a blue square"], num_inference_steps=2, guidance_scale=2.0, latents=z, output_type="pt").images
+    from ril_fast.config import load_config
+    from ril_fast.report import grid_layout, tile_scale
+    from ril_fast.runner import grid_title
+
     grid = np.asarray(Image.open(run / "grids" / "after_task_02.png").convert("RGB")).astype(np.float32) / 255
     h, w = image.shape[-2:]
-    tile = torch.from_numpy(grid[2 : 2 + h, 2 : 2 + w]).permute(2, 0, 1)
+    k = int(tile_scale(h, w))  # the grid enlarges by whole pixels: every k-th pixel is the image's own
+    title = grid_title(load_config(run / "config.json"), 2)
+    x, y = grid_layout(1, h, w, 1, ["a blue square"], ["seed 5"], title).tile_box(0, 0)
+    tile = torch.from_numpy(grid[y : y + k * h : k, x : x + k * w : k]).permute(2, 0, 1)
     assert (image[0] - tile).abs().max() <= 2 / 255
 
 
