@@ -363,6 +363,38 @@ def plot_reward_heatmap(R, task_names: Sequence[str], path: str | os.PathLike) -
     return _save_figure(fig, path)
 
 
+def interference_notes(R, task_names: Sequence[str], limit: int = 3) -> list[str]:
+    """Sentences for the terminal when training one task clearly lowered another task's reward.
+
+    A newcomer reads a column that falls as a broken trainer; it is the conflict between rewards that
+    reward-incremental learning is about. A drop counts when it is at least half the column's range
+    over all rows and 5 % of its largest magnitude (so noise in a flat column says nothing). Largest
+    drops first, at most ``limit``.
+    """
+    M = np.asarray(R, dtype=np.float64)
+    names = [str(t) for t in task_names]
+    found = []
+    for i in range(M.shape[0] - 1):  # row i + 1: the model after training task i (0-based)
+        for j in range(M.shape[1]):
+            col = M[:, j]
+            drop = col[i] - col[i + 1]
+            if j == i or not np.isfinite(drop) or drop <= 0.5 * (np.nanmax(col) - np.nanmin(col)):
+                continue
+            if drop <= 0.05 * np.nanmax(np.abs(col)):
+                continue
+            what = (f"training {names[i]} (task {i + 1}) lowered the {names[j]} reward from {_fmt(col[i])} to "
+                    f"{_fmt(col[i + 1])}")
+            if j > i:
+                why = (f"before task {j + 1} was trained: these rewards pull the images in different directions, "
+                       f"so {names[j]} starts from a worse model. That conflict is what reward-incremental "
+                       "learning is about, not a broken trainer.")
+            else:
+                why = ("after that task had been learnt: forgetting. method.distill_weight (λ) trades how much of "
+                       "an earlier reward is kept against how much later tasks can learn.")
+            found.append((drop / max(np.nanmax(np.abs(col)), 1e-12), f"Note: {what} {why}"))
+    return [text for _, text in sorted(found, key=lambda f: -f[0])[:limit]]
+
+
 def _md_row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 

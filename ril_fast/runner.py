@@ -598,6 +598,9 @@ def _run_all(cfg: Config, stop: StopState) -> dict:
     if run.is_main:
         report.plot_reward_heatmap(res["reward_matrix"], res["tasks"], run.out / "plots" / "reward_matrix.png")
         print(report.results_table_markdown(table_view(res)))
+        for note in report.interference_notes(res["reward_matrix"], res["tasks"]):
+            print(note)
+        print()
         print(outputs_summary(run), flush=True)
     run.log.close()
     return res

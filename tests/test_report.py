@@ -180,3 +180,22 @@ def test_write_json_atomic(tmp_path):
         write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text())["x"] == 0.5
     assert os.listdir(path.parent) == ["results.json"]
+
+
+def test_interference_notes_name_the_conflict():
+    """The tiny demo's matrix (README, RID): contrast training drags adherence down before it is trained."""
+    from ril_fast.report import interference_notes
+
+    R = [[0.124, -0.091, -1.040], [0.164, -1.030, -1.105], [0.154, -0.659, -1.092], [0.153, -0.657, -1.088]]
+    notes = interference_notes(R, ["contrast", "adherence", "compressibility"])
+    # adherence first (it lost 91 % of its magnitude), then compressibility (6 %); the contrast column's
+    # 0.164 -> 0.154 is a quarter of its range: not flagged
+    assert len(notes) == 2 and "lowered the compressibility reward from -1.04 to -1.105" in notes[1], notes
+    assert "training contrast (task 1) lowered the adherence reward from -0.091 to -1.03" in notes[0]
+    assert "before task 2 was trained" in notes[0] and "not a broken trainer" in notes[0]
+    # the baseline forgets contrast: an earlier task's reward falls after a later task
+    forgot = interference_notes([[0.124, -0.09], [0.164, -1.03], [0.13, -0.02]], ["contrast", "adherence"])
+    assert any("training adherence (task 2) lowered the contrast reward from 0.164 to 0.13" in n and "forgetting" in n
+               for n in forgot)
+    # noise in a flat column says nothing
+    assert interference_notes([[0.1240, 1.0], [0.1247, 2.0], [0.1238, 3.0]], ["a", "b"]) == []
