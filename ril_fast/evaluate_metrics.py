@@ -1,6 +1,6 @@
 """Metric math for Reward Incremental Learning: forgetting, transfer, normalisation and SSIM drift.
 
-Pure functions, no I/O. The reward matrix follows DESIGN.md §3:
+Pure functions, no I/O. The reward matrix follows docs/design.md §3:
 
     R has n + 1 rows and n columns. Row 0 is the base model; row i (1 ≤ i ≤ n) is the model after
     training the i-th task. Column j (0-based) is the (j+1)-th task, so the row right after that
@@ -100,7 +100,7 @@ def normalize_matrix(R, method: str = "gain") -> np.ndarray:
 
 
 def forgetting(R) -> dict:
-    """Forgetting, average reward and transfer of a reward-incremental run (DESIGN.md §3).
+    """Forgetting, average reward and transfer of a reward-incremental run (docs/design.md §3).
 
     Definitions, with n tasks, column j (0-based) trained in row j+1, and the final row n:
 

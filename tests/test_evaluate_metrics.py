@@ -77,7 +77,7 @@ def test_forgetting_single_task():
 
 
 def _forgetting_loops(R):
-    """Independent oracle: the DESIGN.md §3 formulas written as plain loops over a list of lists."""
+    """Independent oracle: the docs/design.md §3 formulas written as plain loops over a list of lists."""
     n = len(R[0])
     per, norm = [], []
     for j in range(n - 1):

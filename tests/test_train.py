@@ -46,7 +46,7 @@ def test_results_json(finished_run):
     R = np.array(res["reward_matrix"])
     assert R.shape == (3, 2) and np.isfinite(R).all()
     f = res["forgetting"]
-    # Independent recomputation of DESIGN.md §3's F_j for the one earlier task.
+    # Independent recomputation of docs/design.md §3's F_j for the one earlier task.
     assert f["per_task"][0] == pytest.approx(R[:2, 0].max() - R[2, 0])
     assert "mean" in f and "mean_normalized" in f
     assert len(res["structure_drift"]) == 3 and res["structure_drift"][0] == pytest.approx(1.0)
