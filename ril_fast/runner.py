@@ -483,6 +483,7 @@ def extend_results(run: Run) -> None:
     from dataclasses import replace
 
     sub = replace(cfg, tasks=cfg.tasks[have:])
+    run.stop.where = "while evaluating the earlier models on the appended tasks"
     _log.info("config appends %d task(s) to this run: evaluating the %d models so far on them", len(sub.tasks), rows)
     n_images = sum(len(p) for p in run.eval_prompts[have:]) * len(cfg.eval.seeds) * rows
     with tqdm(total=n_images, desc="eval new tasks", disable=not run.is_main) as bar:
@@ -711,6 +712,7 @@ def print_header(run: Run) -> None:
     lines = [
         "***** ril_fast *****",
         f"  model: {cfg.model.path} ({run.models.kind}, base {cfg.model.dtype}) on {run.device}",
+        f"  output: {cfg.output_dir}/ (rerun the same command to resume)",
         f"  method: {cfg.method.name} (adapter per task: {cfg.method.adapter_per_task}, distill: {cfg.method.distill}"
         f" {cfg.method.distill_mode}/{cfg.method.distill_target}, ema {cfg.method.ema_decay})",
         f"  tasks: {' -> '.join(f'{t.name}[{t.reward}]x{t.steps}' for t in cfg.tasks)}",
