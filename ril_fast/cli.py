@@ -132,7 +132,7 @@ def sample(args) -> int:
     images = []
     for prompt in args.prompt:
         for seed in seeds:
-            latents = eval_noise(lambda n: (n, *shape[1:]), seed).to(device, pipe.unet.dtype)
+            latents = eval_noise(lambda n: (n, *shape[1:]), seed, prompt).to(device, pipe.unet.dtype)
             out = pipe([prompt], negative_prompt=[cfg["sampling"]["negative_prompt"]], num_inference_steps=steps,
                        guidance_scale=guidance, latents=latents, output_type="pt", height=height, width=width)
             images.append(out.images[0].float().cpu())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -33,7 +34,7 @@ def test_every_key_has_its_default_and_a_reason():
         if m:
             rows[m.group(1)] = (m.group(3).replace("\\|", "|"), m.group(4))
     want = {k: v for k, v in _flatten(Config().to_dict()).items() if k != "tasks"}
-    want.update({f"tasks.N.{k}": v for k, v in _flatten(TaskConfig().__dict__).items()})
+    want.update({f"tasks.N.{k}": v for k, v in _flatten(dataclasses.asdict(TaskConfig())).items()})
     assert set(rows) == set(want)
     for key, value in want.items():
         assert json.loads(rows[key][0]) == value, key
