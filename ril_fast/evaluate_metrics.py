@@ -1,6 +1,6 @@
 """Metric maths for Reward Incremental Learning: continual-learning metrics and image-structure drift.
 
-Pure functions, no I/O. The reward matrix follows DESIGN.md §3 (tasks are 1-based in the text):
+Pure functions, no I/O. The reward matrix follows docs/design.md §3 (tasks are 1-based in the text):
 
     R has n + 1 rows and n columns. Row 0 is the base model; row i (1 ≤ i ≤ n) is the model after
     training task i. Column j − 1 (0-based) holds task j, so task j's column is ``c = j − 1`` and
@@ -95,7 +95,7 @@ def _plain_metrics(M: np.ndarray) -> dict:
 
 
 def ril_metrics(R, task_names, reward_scales) -> dict:
-    """Continual-learning metrics of a reward-incremental run (DESIGN.md §3), raw and normalised.
+    """Continual-learning metrics of a reward-incremental run (docs/design.md §3), raw and normalised.
 
     With n tasks, 1-based task j (column ``c = j − 1``) and the final row n:
 

@@ -9,16 +9,23 @@ stored as task -1 / ``done``. All randomness of a training step comes from
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import os
+import platform
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ril_fast import checkpoint as ckpt
 from ril_fast import engine as eng
@@ -94,10 +101,31 @@ def preflight(cfg: Config) -> None:
         if changed and not cfg.overwrite:
             raise ConfigError([f"output_dir: {cfg.output_dir!r} holds a run of a different config (changed: "
                                f"{', '.join(changed[:5])}); use another output_dir or --set overwrite=true"])
-        if changed:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            for name in ("metrics.jsonl", "results.json"):
-                (out / name).unlink(missing_ok=True)
+        if changed and eng.rank() == 0:  # overwrite=true: nothing of the old run may leak into the new one
+            remove_run_outputs(out)
+
+
+# Everything a run writes under output_dir; overwrite removes exactly these (other files stay).
+RUN_OUTPUTS = ("checkpoints", "adapters", "grids", "plots", "tensorboard", "eval", "metrics.jsonl", "results.json",
+               "config.json")
+
+
+def remove_run_outputs(out: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@dataclass
+class StopState:
+    """What SIGINT/SIGTERM handling needs: where the run is, and whether a stop was asked for mid-step."""
+
+    where: str = "while starting"  # "at task 2 step 11", "while evaluating after task 2", ...
+    training: bool = False  # inside the step loop: finish the step, checkpoint, then stop
+    signal: int | None = None  # the signal that asked for a stop at the next step boundary
 
 
 @dataclass
@@ -117,6 +145,10 @@ class Run:
     previous_images: tuple = (-1, {})  # (row, images) of the last evaluated row (structure kept)
     normalizers: dict = field(default_factory=dict)  # task index -> Normalizer with running statistics
     seq: int = 0  # checkpoint sequence number
+    wall_before: float = 0.0  # seconds of work in earlier sessions, up to the checkpoint resumed from
+    t_start: float = field(default_factory=time.time)  # this session's start
+    stamp: dict = field(default_factory=dict)  # when and where the results were last changed (run_metadata)
+    stop: StopState = field(default_factory=StopState)
     bad_in_a_row: int = 0  # non-finite steps in a row, carried across a resume
     adherence_fn: object = None
 
@@ -246,8 +278,8 @@ def task_objective(run: Run, task: int):
 def save(run: Run, task: int, phase: str, step: int, engine=None) -> None:
     run.seq += 1
     meta = {"task": task, "phase": phase, "step": step, "results": run.results, "config": run.cfg.to_dict(),
-            "metrics_lines": run.log.lines(), "bad_in_a_row": run.bad_in_a_row,
-            "reward_norm_state": {str(i): n.state() for i, n in run.normalizers.items()}}
+            "metrics_lines": run.log.lines(), "bad_in_a_row": run.bad_in_a_row, "wall_seconds": wall_total(run),
+            "stamp": run.stamp, "reward_norm_state": {str(i): n.state() for i, n in run.normalizers.items()}}
     if not run.is_main and eng.dist_ready():  # every rank's RNG state goes into the checkpoint
         ckpt.stage_rank_rng(run.out, run.seq, eng.rank())
     eng.barrier_all()
@@ -279,9 +311,13 @@ def resume(run: Run):
     if rng is not None:
         ckpt.restore_rng(rng)
     run.results = meta["results"]
+    # older checkpoints kept the wall clock inside the results
+    run.wall_before = meta.get("wall_seconds", run.results.pop("wall_seconds_so_far", 0.0))
+    run.stamp = meta.get("stamp") or {}
     run.seq = meta["seq"]
     run.bad_in_a_row = meta.get("bad_in_a_row", 0)
     run.log.truncate(meta["metrics_lines"])
+    run.log.resume_at(global_step(run.cfg, task, meta["step"] if phase == "train" else None))
     for i, state in meta.get("reward_norm_state", {}).items():
         if run.cfg.tasks[int(i)].reward_norm.mode == "running":
             reward_normalizer(run, int(i)).load_state(state)
@@ -290,8 +326,34 @@ def resume(run: Run):
     base = run.out / "eval" / "base_images.safetensors"
     if base.is_file():
         run.base_images = load_file(base)
-    _log.warning("resuming from checkpoint %d: task %d, phase %s, step %d", run.seq, task, phase, meta["step"])
+    _log.info("resuming from checkpoint %d: %s", run.seq, describe_position(run.cfg, task, phase, meta["step"]))
     return task, phase, meta["step"], optim
+
+
+def wall_total(run: Run) -> float:
+    """Seconds of work so far, over every session (time before a crash's last checkpoint included)."""
+    return run.wall_before + time.time() - run.t_start
+
+
+def global_step(cfg: Config, task: int, step: int | None = None) -> int:
+    """Optimizer steps of the whole sequence done at ``step`` of ``task`` (0-based); None = the task's end."""
+    done = sum(t.steps for t in cfg.tasks[: max(task, 0)])
+    return done + (step if step is not None else cfg.tasks[task].steps if task >= 0 else 0)
+
+
+def model_label(cfg: Config, row: int) -> str:
+    """Row ``row`` of the reward matrix in words: the base model, or the model after task ``row``."""
+    return "the base model" if row == 0 else f"after task {row} ({cfg.tasks[row - 1].name})"
+
+
+def describe_position(cfg: Config, task: int, phase: str, step: int) -> str:
+    """Where a checkpoint stands, for people: tasks 1-based and named (``task`` is the 0-based state)."""
+    if task < 0:
+        return "base model evaluated"
+    name = f"task {task + 1} ({cfg.tasks[task].name})" if task < len(cfg.tasks) else f"task {task + 1}"
+    if phase == "train":
+        return f"{name} at step {step} of {cfg.tasks[task].steps}"
+    return f"{name} trained, not yet evaluated" if phase == "trained" else f"{name} done"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +389,9 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
     bad = run.bad_in_a_row if start_step > 0 else 0  # a streak of skipped steps survives a resume
     bar = tqdm(range(start_step, tcfg.steps), desc=f"task {task + 1}/{len(cfg.tasks)} {tcfg.name}",
                disable=not run.is_main, initial=start_step, total=tcfg.steps)
+    run.stop.training = True  # from here a SIGINT/SIGTERM finishes the step and checkpoints first
     for step in bar:
+        run.stop.where = f"at task {task + 1} step {step}"
         t0 = time.perf_counter()
         rewards_, distills, finite = [], [], True
         for micro in range(cfg.train.grad_accum):
@@ -351,11 +415,12 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
                 lora.ema_update(run.layers, cfg.method.decay(tcfg.steps))
         else:
             bad += 1
-            _log.warning("task %d step %d: non-finite loss or gradient, step skipped (%d in a row)", task, step, bad)
+            _log.warning("task %d step %d: non-finite loss or gradient, step skipped (%d in a row)", task + 1, step + 1,
+                         bad)
         run.bad_in_a_row = bad
-        record = {"kind": "train", "task": task, "step": step + 1, "skipped": not (stepped and finite),
+        record = {"kind": "train", "task": task + 1, "step": step + 1, "skipped": not (stepped and finite),
                   "bad_in_a_row": bad, "step_seconds": time.perf_counter() - t0,
-                  "global_step": sum(t.steps for t in cfg.tasks[:task]) + step + 1}
+                  "global_step": global_step(cfg, task, step + 1)}
         if rewards_:  # host sync at the log point only; the mean over every rank's batch
             record["reward"] = eng.mean_over_ranks(torch.stack(rewards_).mean())
         if distills:
@@ -374,16 +439,29 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
         if bad >= cfg.train.max_bad_steps:
             raise FatalRunError(f"{bad} non-finite steps in a row in task {task + 1} ({tcfg.name}) at step {step + 1};"
                                 " stopping. The last good checkpoint is intact; lower train.lr or check the reward")
-        if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < tcfg.steps:
+        last = step + 1 == tcfg.steps  # the "trained" checkpoint follows the loop
+        periodic = cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0
+        if periodic and not last:
             save(run, task, "train", step + 1, engine)
+        run.stop.where = f"at task {task + 1} step {step + 1}"
+        if not last and stop_requested(run):
+            if not periodic:
+                save(run, task, "train", step + 1, engine)
+            bar.close()
+            raise RunStopped(run.stop.signal)
     bar.close()
     save(run, task, "trained", tcfg.steps)
+    if stop_requested(run):
+        raise RunStopped(run.stop.signal)
+    run.stop.training = False
 
 
 def evaluate_row(run: Run, row: int) -> None:
     """Evaluate every task with the current model; row 0 is the base model."""
     cfg = run.cfg
-    with tqdm(total=eval_image_count(cfg, run.eval_prompts), desc=f"eval row {row}", disable=not run.is_main) as bar:
+    run.stop.where = f"while evaluating {model_label(cfg, row)}"
+    with tqdm(total=eval_image_count(cfg, run.eval_prompts), desc=f"eval {model_label(cfg, row)}",
+              disable=not run.is_main) as bar:
         result = evaluate_all_tasks(run.models, cfg, run.prompt_cache, run.eval_prompts, run.rewards, run.device,
                                     run.shape, adherence_fn=run.adherence_fn, progress=bar,
                                     idle_device=idle_reward_device(cfg, run.device))
@@ -407,15 +485,34 @@ def evaluate_row(run: Run, row: int) -> None:
     if result.adherence is not None:
         res.setdefault("prompt_adherence", []).append(result.adherence)
     if run.is_main:
-        label = "base" if row == 0 else f"after_task_{row:02d}"
-        sets = result.image_sets()
-        images = torch.cat([i for i, _ in sets])
-        captions = [p for _, ps in sets for p in ps]
-        report.save_image_grid(images, run.out / "grids" / f"{label}.png", nrow=len(cfg.eval.seeds) * 2,
-                               captions=captions)
+        if cfg.eval.grid:
+            save_eval_grid(run, row, result)
         run.log.write({"kind": "eval", "row": row, **{f"reward/{t.name}": r for t, r in zip(cfg.tasks, result.rewards)},
-                       "structure_drift": res["structure_drift"][-1]}, tb_step=row)
+                       "structure_drift": res["structure_drift"][-1]}, tb_step=global_step(cfg, row - 1))
     ckpt.fault_point("eval")
+
+
+def grid_title(cfg: Config, row: int) -> str:
+    model = "base model" if row == 0 else f"after task {row} ({cfg.tasks[row - 1].name})"
+    return (f"{model}: method {cfg.method.name}, {cfg.eval.steps or cfg.sampling.steps} DDIM steps, "
+            f"CFG {cfg.sampling.guidance_scale}")
+
+
+def save_eval_grid(run: Run, row: int, result) -> None:
+    """``grids/base.png`` / ``grids/after_task_NN.png`` and TensorBoard's ``eval/images`` at the row's
+    global step: each distinct (prompt, seed) once (tasks may share eval prompts), prompts down, seeds across."""
+    cfg, seeds = run.cfg, run.cfg.eval.seeds
+    pairs: dict[tuple[str, int], torch.Tensor] = {}
+    for images, prompts in result.image_sets():  # images in (prompt, seed) order, seeds fastest
+        for k, (image, prompt) in enumerate(zip(images, prompts)):
+            pairs.setdefault((prompt, seeds[k % len(seeds)]), image)
+    prompts = list(dict.fromkeys(p for p, _ in pairs))
+    shown = prompts[: report.GRID_MAX_ROWS]
+    title = grid_title(cfg, row) + (f"; {len(shown)} of {len(prompts)} prompts" if shown != prompts else "")
+    grid = report.image_grid(torch.stack([pairs[(p, s)] for p in shown for s in seeds]), len(seeds),
+                             row_labels=shown, col_labels=[f"seed {s}" for s in seeds], title=title)
+    report.save_png(grid, run.out / "grids" / f"{'base' if row == 0 else f'after_task_{row:02d}'}.png")
+    run.log.image("eval/images", np.asarray(grid), global_step(cfg, row - 1))
 
 
 def _row_images_path(run: Run, row: int) -> Path:
@@ -459,7 +556,8 @@ def extend_results(run: Run) -> None:
     from dataclasses import replace
 
     sub = replace(cfg, tasks=cfg.tasks[have:])
-    _log.warning("config appends %d task(s) to this run: evaluating rows 0..%d on them", len(sub.tasks), rows - 1)
+    run.stop.where = "while evaluating the earlier models on the appended tasks"
+    _log.info("config appends %d task(s) to this run: evaluating the %d models so far on them", len(sub.tasks), rows)
     n_images = sum(len(p) for p in run.eval_prompts[have:]) * len(cfg.eval.seeds) * rows
     with tqdm(total=n_images, desc="eval new tasks", disable=not run.is_main) as bar:
         for row in range(rows):
@@ -490,6 +588,7 @@ def write_results(run: Run, wall: float) -> dict:
                               res["reward_base_stats"]["std"][:trained])
         res.update({k: v for k, v in metrics.items() if k != "tasks"})
     res["wall_seconds"] = wall
+    res.update(run_metadata_fields(run, res))
     res["method"] = run.cfg.method.name
     res["config"] = run.cfg.to_dict()
     if run.is_main:
@@ -497,15 +596,55 @@ def write_results(run: Run, wall: float) -> dict:
     return res
 
 
+def run_metadata(run: Run) -> dict:
+    """When and where the results were made: total wall time of the work so far, a UTC timestamp,
+    library versions and the device. Taken when a task's results are complete and kept in the
+    checkpoint, so a rerun with nothing left to do writes the same results.json."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("ril_fast", "torch", "diffusers", "transformers", "peft", "deepspeed", "triton"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    device = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else run.device.type
+    return {"wall_seconds": round(wall_total(run), 3),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions, "device": f"{eng.world_size()} x {device}" if eng.world_size() > 1 else device}
+
+
+def run_metadata_fields(run: Run, res: dict) -> dict:
+    """Labels that make results.json readable without the code, and the run's stamp (run_metadata)."""
+    rows = len(res["reward_matrix"])
+    return {"rows": ["base"] + [f"after {name}" for name in res["tasks"][: rows - 1]], "columns": list(res["tasks"]),
+            **{k: v for k, v in run.stamp.items() if k != "wall_seconds"}}
+
+
 def run_all(cfg: Config) -> dict:
+    """Train and evaluate every task of ``cfg``, resuming from the newest checkpoint under ``output_dir``.
+
+    Raises:
+        RunStopped: SIGINT/SIGTERM (its message says where, and which checkpoint a rerun resumes from).
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    stop = StopState(where="while loading the model")
+    with logging_redirect_tqdm(), stop_on_signals(stop):  # log lines print above the progress bars
+        try:
+            return _run_all(cfg, stop)
+        except KeyboardInterrupt as exc:  # RunStopped, or a second Ctrl-C
+            signum = getattr(exc, "signum", signal.SIGINT)
+            raise RunStopped(signum, stop_message(Path(cfg.output_dir), stop, signum)) from None
+
+
+def _run_all(cfg: Config, stop: StopState) -> dict:
     t_start = time.time()
     run = build_run(cfg)
+    run.stop, run.t_start = stop, t_start
     if run.is_main:
         report.write_json_atomic(run.out / "config.json", cfg.to_dict())
     resumed = resume(run)
     print_header(run)
-    wall_before = run.results.get("wall_seconds_so_far", 0.0)
     if resumed is None:
         evaluate_row(run, 0)
         save(run, -1, "done", 0)
@@ -525,32 +664,114 @@ def run_all(cfg: Config) -> dict:
         if phase in ("start", "train"):
             train_task(run, task, step, optim)
         evaluate_row(run, task + 1)
+        run.stamp = run_metadata(run)  # results change here, and only here
         if run.is_main:
+            stop.where = f"while exporting task {task + 1}"
             lora.export_task_adapter(run.models.unet, run.layers, adapters_for_task(cfg, task) if cfg.method.adapter_per_task
                                      else 1, run.out / "adapters" / f"task_{task + 1:02d}")
-            write_results(run, wall_before + time.time() - t_start)
+            write_results(run, run.stamp["wall_seconds"])
             plot_curves(run, task)
-        run.results["wall_seconds_so_far"] = wall_before + time.time() - t_start
         save(run, task, "done", cfg.tasks[task].steps)
         ckpt.fault_point("task_boundary")
         task, phase, step, optim = task + 1, "start", 0, None
-    res = write_results(run, wall_before + time.time() - t_start)
+    # a rerun with nothing left to do writes the same bytes: the stamp comes from the checkpoint
+    res = write_results(run, run.stamp.get("wall_seconds", wall_total(run)))
     if run.is_main:
         report.plot_reward_heatmap(res["reward_matrix"], res["tasks"], run.out / "plots" / "reward_matrix.png")
         print(report.results_table_markdown(table_view(res)))
+        for note in report.interference_notes(res["reward_matrix"], res["tasks"]):
+            print(note)
+        print()
+        print(outputs_summary(run), flush=True)
     run.log.close()
     return res
 
 
+# ---------------------------------------------------------------------------------------------
+# Stopping on signals
+
+
+class RunStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; ``message`` says where and how to resume."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
+@contextlib.contextmanager
+def stop_on_signals(state: StopState):
+    """SIGINT / SIGTERM (Ctrl-C, a cluster preempting the job): inside the step loop the step
+    finishes and a checkpoint is written before the run stops; elsewhere it stops at once and the
+    last checkpoint stands. A second Ctrl-C stops at once; a second SIGTERM is ignored (a
+    scheduler escalates with SIGKILL, and the DeepSpeed launcher forwards a Ctrl-C as SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
+        yield
+        return
+
+    def handler(signum, frame):
+        if state.signal is None and state.training:
+            state.signal = signum
+            os.write(2, f"\nril_fast: {signal.Signals(signum).name}: finishing this step, writing a checkpoint, "
+                        "then stopping (Ctrl-C again stops at once)\n".encode())
+            return
+        if signum == signal.SIGTERM and state.signal is not None:
+            return
+        raise RunStopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stop_requested(run: Run) -> bool:
+    """A stop was asked for on any rank (all ranks must stop at the same step: save() has barriers)."""
+    asked = run.stop is not None and run.stop.signal is not None
+    if eng.dist_ready():
+        asked = eng.mean_over_ranks(torch.tensor(float(asked))) > 0
+        if asked and run.stop.signal is None:
+            run.stop.signal = signal.SIGTERM
+    return asked
+
+
+def stop_message(out: Path, state: StopState, signum: int) -> str:
+    verb = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    newest = ckpt.list_checkpoints(out)
+    then = f"resume from checkpoint {int(newest[0].name.split('-')[1])}" if newest else "start again"
+    return f"{verb} {state.where}; rerun the same command to {then}"
+
+
+def outputs_summary(run: Run) -> str:
+    out, n = run.out, len(run.cfg.tasks)
+    return "\n".join([
+        f"outputs in {out}/",
+        "  results.json       reward matrix (rows: base, after each task; columns: tasks), forgetting, drift",
+        "  grids/             evaluation images of each model (base, after each task)",
+        "  plots/             reward curves over the whole sequence, reward-matrix heatmap",
+        f"  adapters/          one diffusers LoRA per task: ril_fast.load_pipeline({str(out)!r}, task={n})",
+        f"  tensorboard/       tensorboard --logdir {out / 'tensorboard'}",
+        "  metrics.jsonl      one line per logged step and evaluation",
+    ])
+
+
 def plot_curves(run: Run, task: int) -> None:
     """This task's reward curve, and all tasks so far with boundaries marked (skipped if nothing was logged)."""
+    cfg = run.cfg
     train = [m for m in read_metrics(run.out) if m.get("kind") == "train" and "reward" in m]
-    this = [m for m in train if m["task"] == task]
+    this = [m for m in train if m["task"] == task + 1]
+    names = {i + 1: f"{i + 1}. {t.name}" for i, t in enumerate(cfg.tasks)}
     if this:
         report.plot_reward_curves(this, run.out / "plots" / f"reward_curve_task_{task + 1:02d}.png",
-                                  keys=["reward", "distill"])
+                                  keys=["reward", "distill"], task_names=names,
+                                  title=f"task {task + 1} ({cfg.tasks[task].name}): training reward")
     if train:
-        report.plot_reward_curves(train, run.out / "plots" / "reward_curves.png", keys=["reward", "distill"])
+        report.plot_reward_curves(train, run.out / "plots" / "reward_curves.png", keys=["reward", "distill"],
+                                  step_key="global_step", task_names=names,
+                                  boundaries=[global_step(cfg, t) + 0.5 for t in range(task)],
+                                  title="training reward over the task sequence (dashed: task boundaries)")
 
 
 def table_view(res: dict) -> dict:
@@ -573,6 +794,7 @@ def print_header(run: Run) -> None:
     lines = [
         "***** ril_fast *****",
         f"  model: {cfg.model.path} ({run.models.kind}, base {cfg.model.dtype}) on {run.device}",
+        f"  output: {cfg.output_dir}/ (rerun the same command to resume)",
         f"  method: {cfg.method.name} (adapter per task: {cfg.method.adapter_per_task}, distill: {cfg.method.distill}"
         f" {cfg.method.distill_mode}/{cfg.method.distill_target}, teacher {cfg.method.teacher},"
         f" ema decay {'1 − 1/steps' if cfg.method.ema_decay is None else cfg.method.ema_decay})",

@@ -199,7 +199,7 @@ def test_ril_metrics_rejects_bad_inputs(R, names, scales, match):
 
 
 def _oracle(R, scales):
-    """The DESIGN.md §3 formulas transcribed with 1-based tasks, as plain loops over lists."""
+    """The docs/design.md §3 formulas transcribed with 1-based tasks, as plain loops over lists."""
     n = len(R[0])
 
     def r(i, j, norm=False):  # R[i][j], task j 1-based; normalised: the gain over the base row in scale units

@@ -1,4 +1,4 @@
-"""LoRAGroupLinear: a frozen ``nn.Linear`` plus a growing group of LoRA adapters (DESIGN.md §2).
+"""LoRAGroupLinear: a frozen ``nn.Linear`` plus a growing group of LoRA adapters (docs/design.md §2).
 
 ``y = x W^T + b + Σ_{i≤t} s_i (x A_i^T) B_i^T``. Task t adds the pair (A_t, B_t = 0) and freezes the
 earlier pairs, so only the newest pair trains. The EMA teacher is a copy of that pair only, held in

@@ -1,6 +1,6 @@
 """One training batch: the only place the loss ``L = −α·mean(r_t) + λ·L_distill + μ·L_l2`` is built.
 
-Data flow (DESIGN.md §4): prompts -> cached text embeddings -> noise -> sampler (no-grad
+Data flow (docs/design.md §4): prompts -> cached text embeddings -> noise -> sampler (no-grad
 prefix, K-step grad window) -> [last step: student + teacher] -> x0 -> VAE decode -> reward ->
 loss. Backward, the optimizer step and the EMA update follow in ``ril_fast.engine`` / ``train.py``.
 """
