@@ -2,6 +2,7 @@
 each against an oracle that does not go through the code under test."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from diffusers import DDIMScheduler
 
 from ril_fast import kernels, lora
 from ril_fast.config import config_from_dict
-from ril_fast.lora.group import LoRAGroupLinear
+from ril_fast.lora.group import LoRAGroupLinear, init_lora_a
 from ril_fast.methods import distill as D
 from ril_fast.methods.objective import compute_loss, make_batch
 from ril_fast.models import load_models
@@ -49,11 +50,18 @@ def setup(request, tiny_model_dirs):
     return request.param, models, layers, PromptCache(models), plain
 
 
+_DRAWS = itertools.count(100)
+
+
 def _perturb(layers, std=0.2):
+    """Set the trainable pair to a fresh state: A at a PEFT-style init plus noise, B noise (a new draw on every
+    call, so two calls never give equal values, and the weights never accumulate across the module's tests)."""
+    gen = torch.Generator().manual_seed(next(_DRAWS))
     with torch.no_grad():
         for layer in layers:
-            for p in layer.trainable_pair():
-                p.add_(torch.randn_like(p) * std)
+            a, b = layer.trainable_pair()
+            a.copy_(init_lora_a(a.shape[0], a.shape[1], gen, "kaiming") + torch.randn(a.shape, generator=gen) * std)
+            b.copy_(torch.randn(b.shape, generator=gen) * std)
 
 
 def _merged_unet(plain, layers, newest):
