@@ -42,8 +42,7 @@ def tiny_cfg(path, **overrides):
 
 
 def real_setup(cfg):
-    """The trainer's own objects on real CPU tensors (load_models, adapters, PromptCache, the reward)
-    and a tracker that already counts what exists before the measured work."""
+    """The trainer's own objects on real CPU tensors (load_models, adapters, PromptCache, the reward)."""
     from ril_fast import lora, rewards
     from ril_fast.models import PromptCache, free_text_encoders, load_models
 
@@ -56,31 +55,58 @@ def real_setup(cfg):
     cache.warm(memory.all_prompts(cfg))
     free_text_encoders(models, "free")
     reward = rewards.build(cfg.tasks[0].reward)
+    return models, layers, cache, reward
+
+
+def real_static(models, cache) -> list[torch.Tensor]:
+    """What exists on the device before the measured work: UNet (with adapters and EMA copies), VAE, prompt cache."""
     tensors = [*models.unet.parameters(), *models.unet.buffers(), *models.vae.parameters(), *models.vae.buffers()]
-    tensors += [x for c in cache._cache.values() for x in (c.prompt_embeds, c.pooled, c.time_ids)]
-    tracker = memory.MemoryTracker()
-    tracker.adopt(tensors, "static")  # what exists before; views of it are not new memory
-    return models, layers, cache, reward, tracker
+    return tensors + [x for c in cache._cache.values() for x in (c.prompt_embeds, c.pooled, c.time_ids) if x is not None]
 
 
-def real_trainer_step(cfg) -> int:
-    """Peak bytes of one step run by the trainer's own objects on real CPU tensors (no planner code
-    but the tracker): make_batch, compute_loss, Engine, ema_update."""
+def allocator_peak(fn) -> int:
+    """Peak bytes the CPU allocator itself served while ``fn`` ran, above what was live before: torch's
+    profiler records every allocation and free c10's CPU allocator makes (temporaries inside ops
+    included). An oracle independent of MemoryTracker, which sees only op outputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:  # nbytes: + on allocation, - on free
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``, summed by hand (no tracker)."""
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def real_trainer_step(cfg) -> tuple[int, int]:
+    """(bytes that exist before the step, allocator peak above them) of one step run by the trainer's own
+    objects on real CPU tensors: make_batch, compute_loss, Engine, ema_update. No planner code."""
     from ril_fast import engine as eng
     from ril_fast import lora
     from ril_fast.methods.objective import compute_loss, make_batch
 
-    models, layers, cache, reward, tracker = real_setup(cfg)
+    models, layers, cache, reward = real_setup(cfg)
     params = lora.trainable_parameters(layers)
     engine = eng.Engine(models.unet, params, cfg, lr=cfg.train.lr)
-    with tracker:
+
+    def step():
         batch = make_batch(models, cfg, cache, cfg.tasks[0].train_prompts, 0, 0, torch.device("cpu"))
         out = compute_loss(models, layers, reward, batch, cfg, use_distill=True)
         engine.backward(out.loss)
         del out
         engine.step()
         lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
-    return tracker.peak
+
+    return storage_bytes(real_static(models, cache)), allocator_peak(step)
 
 
 @pytest.fixture(scope="module")
@@ -90,33 +116,39 @@ def base_plan(tiny_path):
 
 def test_fake_plan_matches_the_real_trainer_step(tiny_path, base_plan):
     cfg = tiny_cfg(tiny_path)
-    planned = base_plan
-    real = real_trainer_step(cfg)
-    # a few KiB differ (scalar timestep tensors, the RNG index, one CPU attention buffer): < 0.1 %
-    assert abs(planned.peak_bytes - real) <= 1e-3 * real, (planned.peak_bytes, real)
+    static, dynamic = real_trainer_step(cfg)
+    real = static + dynamic
+    # The allocator also serves temporaries inside ops (the planner models op outputs only: docs/memory.md,
+    # "Not modelled"); measured here: the real peak 10.9 KB (0.08 %) above the plan. The bound is 2.5x that.
+    assert 0 <= real - base_plan.peak_bytes <= 2e-3 * real, (base_plan.peak_bytes, static, dynamic)
     # the prefix cut (traced_config) changes nothing: no-grad steps are identical
     longer = tiny_cfg(tiny_path, **{"sampling.steps": 5})
     assert memory.traced_config(longer).sampling.steps == 2
 
 
-def real_evaluation(cfg) -> int:
-    """Peak bytes of the trainer's own evaluate_all_tasks on real CPU tensors (the tracker only)."""
+def real_evaluation(cfg) -> tuple[int, int]:
+    """(bytes before, allocator peak above them) of the trainer's own evaluate_all_tasks on real CPU tensors."""
     from ril_fast.evaluate import evaluate_all_tasks
     from ril_fast.methods.objective import latent_shape
 
-    models, _, cache, reward, tracker = real_setup(cfg)
-    with tracker:
+    models, _, cache, reward = real_setup(cfg)
+
+    def run():
         evaluate_all_tasks(models, cfg, cache, [cfg.tasks[0].eval_prompts], [reward], torch.device("cpu"),
                            lambda n: latent_shape(models, cfg, n))
-    return tracker.peak
+
+    return storage_bytes(real_static(models, cache)), allocator_peak(run)
 
 
 def test_eval_plan_matches_the_real_evaluation(tiny_path):
-    """One batch of eval images (5 DDIM steps, traced as 2) + scoring: fake plan vs real CPU run."""
+    """One batch of eval images (5 DDIM steps, traced as 2) + scoring: fake plan vs the allocator's peak."""
     cfg = tiny_cfg(tiny_path, **{"eval.batch_size": 4, "eval.seeds": [0, 1], "eval.steps": 5})
     planned = memory.plan_eval(cfg)
-    real = real_evaluation(cfg)
-    assert abs(planned.peak_bytes - real) <= 1e-3 * real, (planned.peak_bytes, real)
+    static, dynamic = real_evaluation(cfg)
+    real = static + dynamic
+    # measured: the real peak 143 KB (6.9 %) above the plan, all of it the workspace of one mkldnn convolution
+    # in the VAE decoder (a library workspace, not modelled; on the GPU cuDNN's). The bound is 1.5x that.
+    assert 0 <= real - planned.peak_bytes <= 0.1 * real, (planned.peak_bytes, static, dynamic)
     assert planned.breakdown["activations_unet"] > 0
     # a bigger eval batch (4 pairs at once, not 2) costs more; the budget check names the eval batch when only eval overflows
     big = memory.plan_eval(tiny_cfg(tiny_path, **{"eval.batch_size": 8, "eval.seeds": [0, 1, 2, 3]}))
@@ -127,6 +159,31 @@ def test_eval_plan_matches_the_real_evaluation(tiny_path):
     assert msg and "evaluation peak" in msg and "eval.batch_size=2" in msg
 
 
+def test_tracker_counts_a_hand_built_allocation_sequence():
+    """MemoryTracker against sizes known by hand: new storages count, views and in-place ops do not, frees
+    uncount, the peak is the high-water mark; tensors adopted before are not new when viewed."""
+    tracker = memory.MemoryTracker()
+    old = torch.zeros(100)  # 400 B, exists before
+    tracker.adopt([old], "static")
+    assert tracker.live == 400
+    with tracker:
+        a = torch.empty(1000)  # 4000 B
+        b = torch.empty(500, dtype=torch.float64)  # 4000 B
+        assert tracker.live == 400 + 8000
+        v = a.view(10, 100)
+        a.add_(1.0)
+        old[:10].mul_(2.0)
+        assert tracker.live == 400 + 8000  # a view, an in-place op, a view of an adopted tensor: nothing new
+        del a, v  # the storage dies with its last reference
+        assert tracker.live == 400 + 4000
+        c = torch.ones(3000, dtype=torch.uint8) + 1  # ones (3000 B) and the sum (3000 B): peak 4000 + 6000
+        assert tracker.live == 400 + 4000 + 3000  # ones died at once
+        x = torch.ones(250, requires_grad=True)  # 1000 B
+        y = (x * 3.0).exp().sum()  # x*3 (1000 B) dies after exp; exp's result (1000 B) is saved for backward
+        assert tracker.live == 400 + 4000 + 3000 + 1000 + 1000 + 4
+        del b, c, y  # the graph goes with y, and exp's saved result with it
+    assert tracker.live == 400 + 1000
+    assert tracker.peak == 400 + 10_000
 def test_switches_move_the_plan(tiny_path, base_plan):
     no_unet_ckpt = memory.plan_step(tiny_cfg(tiny_path, **{"sampling.checkpoint_unet": False}), 0).peak_bytes
     assert no_unet_ckpt > base_plan.peak_bytes
