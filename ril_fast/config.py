@@ -373,6 +373,18 @@ def _positive(errors, where, value, allow_zero=False):
         errors.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _check_precision(cfg: Config, errors: list[str]) -> None:
+    """Under DeepSpeed, ``deepspeed.precision`` names the frozen base's dtype and must agree with
+    ``model.dtype`` (adapters, their optimizer state and the EMA are fp32 either way; engine.py)."""
+    from ril_fast.engine import PRECISION_DTYPE, use_deepspeed
+
+    want = PRECISION_DTYPE[cfg.deepspeed.precision]
+    if use_deepspeed(cfg) and want != cfg.model.dtype:
+        errors.append(f"deepspeed.precision: {cfg.deepspeed.precision!r} means a {want} frozen base but model.dtype "
+                      f"is {cfg.model.dtype!r}; set both the same (e.g. model.dtype=bfloat16 with "
+                      "deepspeed.precision=bf16); the adapters train in fp32 either way")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that need no heavy imports. Raises ConfigError with every problem."""
     from ril_fast import rewards
@@ -445,6 +457,7 @@ def validate(cfg: Config) -> None:
                       "checkpointed sampler's backward); use 2 with deepspeed.offload_optimizer=true")
     elif cfg.deepspeed.zero_stage not in (0, 1, 2):
         errors.append(f"deepspeed.zero_stage: must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}")
+    _check_precision(cfg, errors)
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         errors.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
     if cfg.train.optimizer == "adamw8bit" and cfg.deepspeed.offload_optimizer:
