@@ -366,6 +366,26 @@ def _check_reward_target(name: str, options: dict) -> None:
             raise ValueError(f"reward {name!r} does not take the options {sorted(options)} ({exc})") from None
 
 
+def check_available(cfg: Config) -> None:
+    """What the run loads is on this machine: the model (a complete local folder, a complete cached hub
+    snapshot, or a hub id the hub serves) and every reward's weights. Seconds (lookups, at most one hub
+    request), so ``train`` runs it before planning, building or creating the run folder; a missing
+    model used to cost minutes of hub retries first. Raises ConfigError, one line per missing item."""
+    from ril_fast import rewards
+    from ril_fast.models import check_model_available
+
+    problem = check_model_available(cfg.model.path)
+    problems = [problem] if problem else []
+    seen = set()
+    for i, task in enumerate(cfg.tasks):
+        for line in rewards.missing_weights(task.reward, task.reward_options):
+            if line not in seen:  # tasks sharing a reward share its weights
+                seen.add(line)
+                problems.append(f"tasks.{i}.reward_options: {line}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _positive(errors, where, value, allow_zero=False):
     if value is None:
         return

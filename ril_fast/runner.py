@@ -137,9 +137,11 @@ def _adherence_fn(cfg, models):
 
 
 def build_run(cfg: Config) -> Run:
+    from ril_fast.config import check_available
     from ril_fast.models import load_models
     from ril_fast.models.text import PromptCache, free_text_encoders
 
+    check_available(cfg)  # the model and reward weights are here: seconds, before minutes of planning
     if cfg.memory.budget_gib is not None:
         from ril_fast import memory
 

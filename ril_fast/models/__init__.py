@@ -1,6 +1,6 @@
 """Model loading (SD1.5 / SDXL / the embedded tiny model), text conditioning, and tiny test models."""
 
-from ril_fast.models.sd import Models, check_model_path, load_models
+from ril_fast.models.sd import Models, check_model_available, check_model_path, load_models
 from ril_fast.models.text import (
     KEEP_TEXT_ENCODERS,
     Conditioning,
@@ -19,6 +19,7 @@ __all__ = [
     "PromptCache",
     "build_tiny_pipeline",
     "cat_conditionings",
+    "check_model_available",
     "check_model_path",
     "encode_prompts",
     "free_text_encoders",

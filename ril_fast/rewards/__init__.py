@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -88,3 +89,25 @@ def build(name: str, **kwargs) -> Reward:
         return factory(**kwargs)
     except TypeError as exc:
         raise ValueError(f"reward {name!r} rejected its options {sorted(kwargs)}: {exc}") from None
+
+
+def missing_weights(name: str, options: dict) -> list[str]:
+    """One line per weight file or folder the reward ``name`` would load with ``options`` that is neither
+    a local path nor in the local HF cache (lookups only, nothing loads; empty for model-free rewards)."""
+    if is_user_reward(name) or name not in _REGISTRY:
+        return []
+    module, attr = _REGISTRY[name]
+    factory = getattr(importlib.import_module(module), attr)
+    if not hasattr(factory, "weight_specs"):
+        return []
+    from ril_fast.rewards import weights
+
+    bound = inspect.signature(factory).bind(**options)
+    bound.apply_defaults()
+    problems = []
+    for option, spec, kind in factory.weight_specs(bound.arguments):
+        try:
+            (weights.resolve_file if kind == "file" else weights.resolve_dir)(spec, option)
+        except ValueError as exc:
+            problems.append(f"reward {name!r}: {exc}")
+    return problems
