@@ -59,6 +59,26 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_ranks() -> int:
+    """Ranks of this run on this machine (torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return max(1, int(os.environ[key]))
+    return 1
+
+
+def cpu_threads(cfg) -> int | None:
+    """torch CPU threads for this rank: ``train.cpu_threads`` if set; else, when several ranks of a run
+    that computes on the CPU share this machine and OMP_NUM_THREADS is unset, its cores split between
+    them (each rank taking every core made a tiny run 10x slower); else None (torch's default)."""
+    if cfg.train.cpu_threads is not None:
+        return cfg.train.cpu_threads
+    on_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
+    if not on_cpu or local_ranks() == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks())
+
+
 def dist_ready() -> bool:
     """True once a process group spans more than one rank (DeepSpeed initialises it with the first Engine)."""
     return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -142,14 +142,15 @@ def build_run(cfg: Config) -> Run:
     from ril_fast.models.text import PromptCache, free_text_encoders
 
     check_available(cfg)  # the model and reward weights are here: seconds, before minutes of planning
+    threads = eng.cpu_threads(cfg)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if cfg.memory.budget_gib is not None:
         from ril_fast import memory
 
         message = memory.check_budget(cfg)  # planned on fake tensors, before any weight loads
         if message:
             raise ConfigError([message])
-    if cfg.train.cpu_threads is not None:
-        torch.set_num_threads(cfg.train.cpu_threads)
     torch.manual_seed(cfg.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
