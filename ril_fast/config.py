@@ -297,7 +297,12 @@ def _step_into(node, part, prefix, assignment, create):
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_dir: str | None = None) -> Config:
-    """Load, override and validate a config. Raises ConfigError listing every problem."""
+    """Load, override and validate a config. Raises ConfigError listing every problem.
+
+    Relative paths in it (``model.path`` when it is a local folder, prompt files) are read from the
+    config file's folder (or ``base_dir``), else from the working directory, so a config and its
+    prompt files can move together; ``--set`` values follow the same rule.
+    """
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -311,7 +316,35 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_
             raise ConfigError([f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}"])
     for assignment in overrides:
         apply_override(data, assignment)
+    folder = base_dir if base_dir is not None else (Path(path).parent if path is not None else None)
+    if folder is not None:
+        resolve_relative_paths(data, Path(folder))
     return config_from_dict(data)
+
+
+def _next_to(spec, folder: Path):
+    """``spec`` as the config file's folder resolves it, when it names something there; the text as
+    written when the working directory reaches the same thing (a rerun's config stays the same) or
+    when it names nothing there (a hub id, or a path of the working directory)."""
+    if not isinstance(spec, str) or not spec or Path(spec).expanduser().is_absolute() or spec.startswith("~"):
+        return spec
+    there = folder / spec
+    if not there.exists():
+        return spec
+    here = Path(spec)
+    return spec if here.exists() and here.resolve() == there.resolve() else str(there.resolve())
+
+
+def resolve_relative_paths(data: dict, folder: Path) -> None:
+    """Rewrite, in the raw config ``data``, the relative paths that resolve next to the config file."""
+    model = data.get("model")
+    if isinstance(model, dict) and "path" in model:
+        model["path"] = _next_to(model["path"], folder)
+    for task in data.get("tasks") or []:
+        if isinstance(task, dict):
+            for key in ("train_prompts", "eval_prompts"):
+                if key in task:
+                    task[key] = _next_to(task[key], folder)
 
 
 def config_from_dict(data: dict) -> Config:
@@ -331,7 +364,9 @@ def read_prompts(spec: list[str] | str, where: str) -> list[str]:
         try:
             text = Path(spec).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError([f"{where}: prompts file {spec!r} not found"]) from None
+            looked = "" if Path(spec).is_absolute() else " (relative paths are read from the config file's folder, " \
+                "then the working directory)"
+            raise ConfigError([f"{where}: prompts file {spec!r} not found{looked}"]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"{where}: prompts file {spec!r} is not UTF-8 text"]) from None
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
@@ -393,6 +428,11 @@ def _positive(errors, where, value, allow_zero=False):
         errors.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _adherence_metric(cfg: Config) -> bool:
+    """The evaluation scores prompt adherence: the model folder ships the shapes classifier (runner)."""
+    return cfg.eval.adherence and (Path(cfg.model.path).expanduser() / "classifier").is_dir()
+
+
 def _check_precision(cfg: Config, errors: list[str]) -> None:
     """Under DeepSpeed, ``deepspeed.precision`` names the frozen base's dtype and must agree with
     ``model.dtype`` (adapters, their optimizer state and the EMA are fp32 either way; engine.py)."""
@@ -434,9 +474,18 @@ def validate(cfg: Config) -> None:
                 errors.append(f"{where}.reward: {exc}")
         for key in ("train_prompts", "eval_prompts"):
             try:
-                read_prompts(getattr(task, key), f"{where}.{key}")
+                prompts = read_prompts(getattr(task, key), f"{where}.{key}")
             except ConfigError as exc:
                 errors.extend(exc.problems)
+                continue
+            problem = rewards.check_prompts(task.reward, prompts)  # rewards that read their prompts
+            if problem:
+                errors.append(f"{where}.{key}: reward {task.reward!r} cannot read them: {problem}")
+            elif key == "eval_prompts" and _adherence_metric(cfg):
+                problem = rewards.check_prompts("prompt_adherence", prompts)
+                if problem:
+                    errors.append(f"{where}.eval_prompts: the prompt-adherence metric (eval.adherence, on for this "
+                                  f"model) cannot read them: {problem}; or set eval.adherence=false")
         _positive(errors, f"{where}.steps", task.steps, allow_zero=True)
         _positive(errors, f"{where}.lr", task.lr)
     s = cfg.sampling

@@ -1,5 +1,5 @@
 """Byte accounting for the memory planner: a dispatch mode that follows every storage's lifetime,
-and the step that turns meta modules into fake (or real) tensors it can count.
+and the step that turns meta modules into tensors it counts (fresh meta tensors, or real ones).
 
 Used by :mod:`ril_fast.memory`; kept apart so the planner module holds the planning logic only.
 """
@@ -19,14 +19,15 @@ from torch.utils._pytree import tree_flatten
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Live bytes of every tensor storage created inside the mode (fake or real), with a peak.
+    """Live bytes of every tensor storage created inside the mode (meta or real), with a peak.
 
     Each new output storage is counted once under the current tag and uncounted by a weakref
     finalizer when the storage dies. ``peak_by_tag`` is the per-tag split at the moment of the peak.
     """
 
-    def __init__(self):
+    def __init__(self, count_meta: bool = False):
         super().__init__()
+        self.count_meta = count_meta  # a trace on meta tensors counts them; else they are weights not yet materialised
         self.live = 0
         self.peak = 0
         self.by_tag: dict[str, int] = defaultdict(int)
@@ -56,7 +57,7 @@ class MemoryTracker(TorchDispatchMode):
         return out
 
     def _track(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta":
+        if t.device.type == "meta" and not self.count_meta:
             return
         storage = t.untyped_storage()
         key = storage._cdata
@@ -91,8 +92,8 @@ def tag_module(module: nn.Module, tracker: MemoryTracker, tag: str) -> None:
 def materialize(module: nn.Module, tracker: MemoryTracker, tag_of) -> None:
     """Replace every meta parameter/buffer of ``module`` by a fresh tensor of the same shape/dtype.
 
-    ``tag_of(module, name, is_param)`` names the tracker tag. Called inside FakeTensorMode the new
-    tensors are fake: no memory is touched, but the tracker still counts their bytes.
+    ``tag_of(module, name, is_param)`` names the tracker tag. Called with meta as the default device
+    the new tensors are meta: no memory is touched, but a ``count_meta`` tracker counts their bytes.
     """
     memo: dict[int, torch.Tensor] = {}
     for mod in module.modules():

@@ -148,7 +148,7 @@ def build_run(cfg: Config) -> Run:
     if cfg.memory.budget_gib is not None:
         from ril_fast import memory
 
-        message = memory.check_budget(cfg)  # planned on fake tensors, before any weight loads
+        message = memory.check_budget(cfg, progress=eng.rank() == 0)  # planned on meta tensors, before any load
         if message:
             raise ConfigError([message])
     torch.manual_seed(cfg.seed)

@@ -107,8 +107,8 @@ def check_model_path(path: str) -> str | None:
     """Checks, without loading anything, that ``path`` names a loadable model.
 
     A folder must hold ``model_index.json`` and the unet, vae and scheduler subfolders. A string that is
-    not an existing folder is accepted as a hub id only if it looks like one and, when the hub is offline
-    (``HF_HUB_OFFLINE=1``), is already in the local cache.
+    not an existing folder is accepted as a hub id if it looks like one: whether it can be loaded now is
+    :func:`check_model_available`'s question (the memory planner needs only the architecture).
 
     Returns:
         str | None: a one-line error message, or None when the path looks loadable.
@@ -133,9 +133,6 @@ def check_model_path(path: str) -> str | None:
         return _not_found(path, "it is a file, not a folder")
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         return _not_found(path, "no such folder")
-    if hub_offline() and cached_snapshot(path) is None:
-        return f"model.path {path!r}: no such folder, and HF_HUB_OFFLINE=1 but the id is not in the local HF cache; " \
-            + _hub_hint(path)
     return None
 
 
@@ -156,6 +153,9 @@ def check_model_available(path: str, timeout: float = 10.0) -> str | None:
     if snapshot is not None:
         problem = check_model_path(str(snapshot))
         return None if problem is None else f"model.path {path!r}: the cached copy is incomplete; " + _hub_hint(path)
+    if hub_offline():
+        return f"model.path {path!r}: no such folder, and HF_HUB_OFFLINE=1 but the id is not in the local HF cache; " \
+            + _hub_hint(path)
     from huggingface_hub import HfApi
 
     try:
