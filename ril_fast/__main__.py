@@ -1,11 +1,22 @@
-"""`python -m ril_fast`: versions, devices, and which kernel backend each op would use, and why."""
+"""`python -m ril_fast`: versions, devices, and which kernel backend each op would use, and why
+(``ril-fast info``). With arguments it is the ``ril-fast`` command: ``python -m ril_fast train ...``."""
 
 from __future__ import annotations
 
 import platform
+import sys
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    if argv:
+        from ril_fast.cli import main as cli
+
+        return cli(argv)
+    info()
+    return 0
+
+
+def info() -> None:
     import torch
 
     from ril_fast import __version__
@@ -42,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

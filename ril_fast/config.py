@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-METHODS = ("baseline", "group", "distill", "rid")
+METHODS = ("baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint", "independent")
+
+# What each method switches on (docs/design.md §2). teacher: whose outputs the student is distilled
+# toward at the last step: "ema" (momentum teacher), "previous" (frozen at the model before the task,
+# LwF), "base" (the base model, DRaFT+-style), or None.
+_ADAPTER_PER_TASK = ("group", "rid")
+_TEACHER = {"distill": "ema", "rid": "ema", "lwf": "previous", "kl_base": "base"}
 
 
 class ConfigError(ValueError):
@@ -32,6 +38,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The frozen base model."""
+
     path: str = "ril_fast/assets/embedded"  # local diffusers folder (model_index.json) or a hub id when online
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen base weights
     device: str = "auto"  # auto = cuda:<local_rank> when available, else cpu
@@ -39,55 +47,103 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["baseline", "group", "distill", "rid"] = "rid"
-    ema_decay: float = 0.95  # momentum teacher: θ_ema ← m·θ_ema + (1−m)·θ after every optimizer step
-    reward_weight: float = 1.0  # α in L = −α·reward + λ·distill
-    distill_weight: float = 1.0  # λ
+    """How the task sequence is learnt: adapters, teacher, distillation (docs/design.md §2)."""
+
+    # baseline: one LoRA trained task after task; group: a new adapter per task, older ones frozen;
+    # distill: one LoRA + EMA-teacher distillation; rid: both (the method); lwf (teacher frozen at the
+    # previous model), l2 (penalty toward it), kl_base (distil toward the base model), joint (all rewards
+    # at once, an upper bound), independent (one adapter per task from the base, a per-task oracle)
+    name: Literal["baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint", "independent"] = "rid"
+    # momentum teacher: θ_ema ← m·θ_ema + (1−m)·θ after every optimizer step. None: m = 1 − 1/steps of the
+    # task, a time constant of one task, so the teacher still holds the previous model for most of it;
+    # 1.0 freezes the teacher at the previous model (rid with 1.0 = adapter group + LwF).
+    ema_decay: Optional[float] = None
+    reward_weight: float = 1.0  # α in L = −α·reward + λ·distill + μ·l2 (the reward normalised per task.reward_norm)
+    # λ, in ε units: the last-step loss is the MSE of the two predicted noises, whatever the scheduler or
+    # prediction type (x0 targets are weighted by ᾱ/(1−ᾱ)), so one λ means the same on every model
+    distill_weight: float = 1.0
     distill_mode: Literal["last", "full"] = "last"  # last denoising step only, or the teacher's own full chain
-    distill_target: Literal["x0", "eps", "image"] = "x0"
+    distill_target: Literal["x0", "eps", "image"] = "x0"  # x0 and eps are the same loss; image: decoded pixels
+    # last mode: distil on the student's own last-step input z_1, or on its final latent re-noised to a
+    # timestep of the schedule drawn per batch (one more UNet call with grad; covers every noise level)
+    distill_on: Literal["z1", "renoised"] = "z1"
     distill_first_task: bool = False  # on task 1 the teacher is the base model; distilling there slows learning
+    l2_weight: float = 1.0  # μ of method l2: penalty on the trained adapter's change ||s·(BA − B₀A₀)||² per layer
 
     @property
     def adapter_per_task(self) -> bool:
-        return self.name in ("group", "rid")
+        """A new adapter pair per task, earlier ones frozen (the adapter group)."""
+        return self.name in _ADAPTER_PER_TASK
+
+    @property
+    def teacher(self) -> Optional[str]:
+        """Distillation teacher: "ema", "previous", "base", or None."""
+        return _TEACHER.get(self.name)
 
     @property
     def distill(self) -> bool:
-        return self.name in ("distill", "rid")
+        return self.teacher is not None
+
+    def regularizes_on_task(self, task: int) -> bool:
+        """Whether task ``task`` (0-based) has the method's pull toward the previous model (distillation or the
+        L2 penalty): on task 1 the previous model is the base model, so only with ``distill_first_task``;
+        kl_base pulls toward the base model on every task."""
+        return task > 0 or self.distill_first_task or self.teacher == "base"
+
+    def distills_on_task(self, task: int) -> bool:
+        return self.distill and self.regularizes_on_task(task)
+
+    def penalizes_on_task(self, task: int) -> bool:
+        return self.name == "l2" and self.regularizes_on_task(task)
+
+    def decay(self, task_steps: int) -> float:
+        """The EMA decay for a task of ``task_steps`` optimizer steps (``ema_decay`` or its default)."""
+        if self.ema_decay is not None:
+            return self.ema_decay
+        return 1.0 - 1.0 / max(task_steps, 1)
 
 
 @dataclass
 class LoRAConfig:
-    rank: int = 4
+    """The adapter each task trains."""
+
+    rank: int = 4  # r of every adapter pair; memory and step time grow with it
     alpha: float = 4.0  # scale s = alpha / rank
     targets: Union[Literal["attn", "attn_ff"], list[str]] = "attn"  # presets or Linear name suffixes
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # of A (B starts at 0): PEFT's kaiming-uniform, or std 1/r
 
 
 @dataclass
 class SamplingConfig:
+    """The differentiable sampler of a training step."""
+
     steps: int = 10  # DDIM steps per training sample
     guidance_scale: float = 5.0  # classifier-free guidance; 1.0 disables the unconditional branch
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM stochasticity; 0 = deterministic given the starting noise
     grad_window: int = 1  # K: gradients flow through the last K denoising steps (DRaFT-K)
     grad_window_max: Optional[int] = None  # if set, K ~ U[grad_window, grad_window_max], drawn once per batch
     height: Optional[int] = None  # pixels; None = the model's default sample size
-    width: Optional[int] = None
+    width: Optional[int] = None  # pixels; None = the model's default sample size
     checkpoint_unet: bool = True  # gradient checkpointing of every UNet call in the window
-    negative_prompt: str = ""
+    negative_prompt: str = ""  # the unconditional branch of classifier-free guidance (training and evaluation)
 
 
 @dataclass
 class TrainConfig:
+    """Optimizer, logging, checkpoints."""
+
     batch_size: int = 2  # prompts per optimizer step per rank
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # LoRA learning rate (tasks.N.lr overrides it per task)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay of the adapters
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit (bitsandbytes) keeps the moments in 8 bits
     grad_clip: float = 1.0  # 0 disables clipping
-    log_every: int = 1
-    checkpoint_every: int = 0  # optimizer steps; 0 = only at task boundaries
-    keep_checkpoints: int = 2
+    log_every: int = 1  # optimizer steps between metrics.jsonl / TensorBoard lines (skipped steps always logged)
+    # optimizer steps between mid-task checkpoints (0 = only at task ends). A hard crash loses at most
+    # this many steps (about 2 min of SDXL at 5 s a step); a LoRA checkpoint writes in well under a second.
+    # SIGINT/SIGTERM checkpoint the step in flight whatever this is.
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2  # newest checkpoints kept; more than one survives a corrupt newest
     max_bad_steps: int = 5  # consecutive non-finite losses/grads before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms; bitwise resume on CPU
     # torch CPU threads (None = torch's default). Tiny models are latency-bound: with 2 threads on a
@@ -96,27 +152,48 @@ class TrainConfig:
 
 
 @dataclass
+class RewardNormConfig:
+    """How a task's reward is normalised in the loss: ``(r − offset) / scale``, so one λ serves rewards whose
+    scales differ 100× (aesthetic ≈ 5.5, HPS ≈ 0.27, JPEG ≈ 60 kB)."""
+
+    # base_std: offset/scale = mean/std of the reward over the base model's eval images (row 0, stored in
+    # results.json as reward_scales); fixed: offset and scale below; running: EMA statistics of the
+    # training batches; none: the raw reward
+    mode: Literal["base_std", "fixed", "running", "none"] = "base_std"
+    offset: Optional[float] = None  # fixed mode
+    scale: Optional[float] = None  # fixed mode
+    momentum: float = 0.99  # running mode
+
+
+@dataclass
 class TaskConfig:
-    name: str = ""
+    """One task of the sequence (``tasks`` is a list of them, trained in order)."""
+
+    name: str = ""  # unique; labels results, grids, plots and logs
     reward: str = ""  # a registered reward name or module:function
-    reward_options: dict = field(default_factory=dict)
+    reward_options: dict = field(default_factory=dict)  # keyword arguments of the reward's factory
+    reward_norm: RewardNormConfig = field(default_factory=RewardNormConfig)  # how the loss scales the reward
     train_prompts: Union[list[str], str] = field(default_factory=list)  # list, or a UTF-8 file with one per line
-    eval_prompts: Union[list[str], str] = field(default_factory=list)
+    eval_prompts: Union[list[str], str] = field(default_factory=list)  # held out; a list or a file, as above
     steps: int = 10  # optimizer steps
     lr: Optional[float] = None  # overrides train.lr for this task
 
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation of every task after every task (the reward matrix)."""
+
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # fixed seeds per eval prompt
     steps: Optional[int] = None  # DDIM steps; None = sampling.steps
-    batch_size: int = 8
-    grid: bool = True
+    batch_size: int = 8  # images sampled at once (with several ranks, per rank)
+    grid: bool = True  # write grids/<row>.png and TensorBoard images
     adherence: bool = True  # prompt-adherence metric when the model ships a classifier
 
 
 @dataclass
 class MemoryConfig:
+    """Memory switches; ``python -m ril_fast.memory`` plans the peak they give (docs/memory.md)."""
+
     budget_gib: Optional[float] = None  # refuse configs whose planned peak exceeds this (GPU runs)
     text_encoders: Literal["keep", "cpu", "free"] = "cpu"  # after caching prompt embeddings
     # where the reward models of the tasks not being trained wait: "cpu" keeps only the current task's
@@ -125,24 +202,30 @@ class MemoryConfig:
     vae_checkpoint: bool = True  # decode under gradient checkpointing
     vae_slice: bool = False  # decode one sample at a time
     unet_block_checkpoint: bool = False  # checkpoint blocks inside each UNet call too
-    reward_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    reward_checkpoint: bool = False
-    attention: Literal["sdpa", "xformers"] = "sdpa"
+    reward_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of model-based rewards' weights
+    reward_checkpoint: bool = False  # gradient checkpointing inside model-based rewards
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # UNet attention; xformers needs CUDA and the [gpu] extra
 
 
 @dataclass
 class DeepSpeedConfig:
+    """DeepSpeed engine options (used under the ``deepspeed`` launcher or with ``enabled: on``)."""
+
     enabled: Literal["auto", "on", "off"] = "auto"  # auto = on under the deepspeed launcher
-    zero_stage: int = 0
-    offload_optimizer: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 0  # 0-2: partition optimizer state (1) and gradients (2) over ranks
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (needs zero_stage >= 1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # DeepSpeed mixed precision of the training step
 
 
 @dataclass
 class Config:
-    output_dir: str = "runs/tiny"
-    seed: int = 0
-    overwrite: bool = False  # allow an output_dir that holds a run of a different config
+    """A run: everything ``python -m ril_fast.train --config`` reads (top-level keys)."""
+
+    output_dir: str = "runs/tiny"  # everything the run writes; rerunning with the same folder resumes
+    seed: int = 0  # adapters' init and every training batch derive from it (step_seed); eval uses eval.seeds
+    # an output_dir holding a run of a different config is cleared (its outputs only) and the run starts
+    # fresh; with the same config the run resumes, so a requeued job that passes it loses nothing
+    overwrite: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -486,6 +569,12 @@ def validate(cfg: Config) -> None:
                 if problem:
                     errors.append(f"{where}.eval_prompts: the prompt-adherence metric (eval.adherence, on for this "
                                   f"model) cannot read them: {problem}; or set eval.adherence=false")
+        norm = task.reward_norm
+        if norm.mode == "fixed" and (norm.offset is None or norm.scale is None):
+            errors.append(f"{where}.reward_norm: mode 'fixed' needs offset and scale")
+        _positive(errors, f"{where}.reward_norm.scale", norm.scale)
+        if not 0.0 <= norm.momentum < 1.0:
+            errors.append(f"{where}.reward_norm.momentum: must be in [0, 1), got {norm.momentum}")
         _positive(errors, f"{where}.steps", task.steps, allow_zero=True)
         _positive(errors, f"{where}.lr", task.lr)
     s = cfg.sampling
@@ -501,9 +590,10 @@ def validate(cfg: Config) -> None:
             errors.append(f"sampling.{key}: must be a positive multiple of 8, got {v}")
     _positive(errors, "lora.rank", cfg.lora.rank)
     _positive(errors, "lora.alpha", cfg.lora.alpha)
-    if not 0.0 <= cfg.method.ema_decay < 1.0:
-        errors.append(f"method.ema_decay: must be in [0, 1), got {cfg.method.ema_decay}")
+    if cfg.method.ema_decay is not None and not 0.0 <= cfg.method.ema_decay <= 1.0:
+        errors.append(f"method.ema_decay: must be in [0, 1] or null (1 − 1/task steps), got {cfg.method.ema_decay}")
     _positive(errors, "method.distill_weight", cfg.method.distill_weight, allow_zero=True)
+    _positive(errors, "method.l2_weight", cfg.method.l2_weight, allow_zero=cfg.method.name != "l2")
     t = cfg.train
     for key in ("batch_size", "grad_accum", "lr", "log_every"):
         _positive(errors, f"train.{key}", getattr(t, key))

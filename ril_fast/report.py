@@ -11,15 +11,21 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ril_fast.checkpoint import write_bytes_atomic
 
-GRID_PADDING = 2  # pixels between tiles and around the border (torchvision's make_grid default)
-GRID_BACKGROUND = 255  # white, so captions (drawn in black) stay readable
+GRID_PADDING = 4  # pixels between tiles, labels and the border
+GRID_BACKGROUND = 255  # white, so labels (drawn in black) stay readable
+GRID_MIN_TILE = 128  # smaller images (the embedded model draws 32 px) are enlarged, nearest-neighbour, to this
+GRID_MAX_TILE = 512  # larger ones are shrunk to this, so an SDXL grid stays a few MB
+GRID_MAX_ROWS = 8  # prompts shown per grid; the title says how many of how many
+GRID_FONT_SIZE = 14
+GRID_LABEL_WIDTH = 240  # the prompt column; longer prompts wrap onto more lines
 
 
 def _to_jsonable(obj):
@@ -70,63 +76,144 @@ def _images_uint8(images) -> np.ndarray:
     return (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def grid_size(n: int, h: int, w: int, nrow: int, caption_height: int = 0) -> tuple[int, int]:
-    """(width, height) in pixels of a grid of n tiles of h×w, ``nrow`` tiles per row."""
-    cols = min(nrow, n)
-    rows = math.ceil(n / nrow)
-    return cols * (w + GRID_PADDING) + GRID_PADDING, rows * (h + caption_height + GRID_PADDING) + GRID_PADDING
+def _font(size: int = GRID_FONT_SIZE):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType: a scalable font
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()  # the small bitmap font
 
 
-def save_image_grid(images, path: str | os.PathLike, nrow: int, captions: Sequence[str] | None = None) -> Path:
-    """Save images as one PNG grid, ``nrow`` images per row (torchvision's make_grid convention).
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels; a word wider than a line is cut by characters."""
+    lines: list[str] = []
+    for word in str(text).split():
+        trial = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(trial) <= width:
+            lines[-1] = trial
+            continue
+        while font.getlength(word) > width and len(word) > 1:
+            cut = max(k for k in range(1, len(word) + 1) if font.getlength(word[:k]) <= width or k == 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines or [""]
 
-    Tile k sits at column ``k % nrow``, row ``k // nrow``; its top-left pixel is at
-    ``x = P + col·(W + P)``, ``y = P + row·(H + Hc + P)`` with padding P = ``GRID_PADDING`` and caption band
-    height Hc (0 without captions). Captions are drawn in the band under each tile, clipped to the tile width.
+
+def _clip(text: str, font, width: int) -> str:
+    """``text`` cut to ``width`` pixels with an ellipsis (a label longer than its tile is tall)."""
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def tile_scale(h: int, w: int) -> float:
+    """How much a grid enlarges (integer, so pixels stay exact) or shrinks an h×w image."""
+    side = max(h, w)
+    if side < GRID_MIN_TILE:
+        return float(math.ceil(GRID_MIN_TILE / side))
+    return min(1.0, GRID_MAX_TILE / side)
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Pixel geometry of a labelled grid: a title band, a header row (column labels), a label column."""
+
+    width: int
+    height: int
+    tile_h: int
+    tile_w: int
+    left: int  # x of the first tile column
+    top: int  # y of the first tile row
+    title_lines: tuple[str, ...] = ()
+    label_lines: tuple[tuple[str, ...], ...] = ()
+    line_h: int = 0
+
+    def tile_box(self, row: int, col: int) -> tuple[int, int]:
+        """(x, y) of the top-left pixel of the tile at ``row``, ``col``."""
+        return self.left + col * (self.tile_w + GRID_PADDING), self.top + row * (self.tile_h + GRID_PADDING)
+
+
+def grid_layout(n: int, h: int, w: int, ncol: int, row_labels: Sequence[str] | None = None,
+                col_labels: Sequence[str] | None = None, title: str | None = None) -> GridLayout:
+    """Where everything of :func:`image_grid` goes (also for readers of a saved grid: tests, tools)."""
+    P = GRID_PADDING
+    scale = tile_scale(h, w)
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    rows = math.ceil(n / ncol)
+    font = _font()
+    top_px, bottom_px = font.getbbox("Ag")[1::2]
+    line_h = bottom_px + 3
+    label_w = 0
+    label_lines: tuple = ()
+    if row_labels is not None:
+        widest = max((font.getlength(str(t)) for t in row_labels), default=0)
+        label_w = int(min(GRID_LABEL_WIDTH, math.ceil(widest))) + P
+        fit = max(1, th // line_h)
+        wrapped = [_wrap(t, font, label_w - P) for t in row_labels]
+        label_lines = tuple(tuple(ls if len(ls) <= fit else ls[: fit - 1] + [_clip(" ".join(ls[fit - 1 :]), font,
+                                                                                    label_w - P)]) for ls in wrapped)
+    width = P + label_w + ncol * (tw + P)
+    title_lines = tuple(_wrap(title, font, width - 2 * P)) if title else ()
+    top = P + (len(title_lines) * line_h + P if title_lines else 0) + (line_h + P if col_labels is not None else 0)
+    return GridLayout(width=width, height=top + rows * (th + P), tile_h=th, tile_w=tw, left=P + label_w, top=top,
+                      title_lines=title_lines, label_lines=label_lines, line_h=line_h)
+
+
+def image_grid(images, ncol: int, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
+               title: str | None = None):
+    """A PIL image of ``images`` in rows of ``ncol``, each row labelled on the left, each column on top,
+    a title above; images smaller than ``GRID_MIN_TILE`` are enlarged by an integer factor (nearest
+    neighbour: every pixel becomes an exact square), larger than ``GRID_MAX_TILE`` shrunk.
 
     Args:
         images: (N, 3, H, W) tensor or array, values in [0, 1] (clamped, then rounded to uint8).
-        path: output PNG path; parent folders are created.
-        nrow: images per row, ≥ 1.
-        captions: optional N strings.
-
-    Returns:
-        The path written.
+        ncol: images per row, ≥ 1.
+        row_labels: one per row (ceil(N / ncol)), wrapped to fit the label column.
+        col_labels: ncol strings.
+        title: one line (wrapped if wider than the grid).
 
     Raises:
-        ValueError: bad image shape, non-finite pixels, nrow < 1, or a caption count ≠ N.
+        ValueError: bad image shape, non-finite pixels, ncol < 1, or a label count that does not fit.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     tiles = _images_uint8(images)
     n, h, w, _ = tiles.shape
-    if nrow < 1:
-        raise ValueError(f"save_image_grid nrow is {nrow}; it must be ≥ 1 (images per row)")
-    if captions is not None and len(captions) != n:
-        raise ValueError(f"save_image_grid got {len(captions)} captions for {n} images; pass one per image or None")
-    font = ImageFont.load_default() if captions is not None else None
-    cap_h = 0
-    if font is not None:
-        top, bottom = font.getbbox("Ag")[1::2]
-        cap_h = bottom - top + 4
-    width, height = grid_size(n, h, w, nrow, cap_h)
-    canvas = np.full((height, width, 3), GRID_BACKGROUND, dtype=np.uint8)
+    if ncol < 1:
+        raise ValueError(f"image_grid ncol is {ncol}; it must be ≥ 1 (images per row)")
+    rows = math.ceil(n / ncol)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"image_grid got {len(row_labels)} row labels for {rows} rows; pass one per row or None")
+    if col_labels is not None and len(col_labels) != ncol:
+        raise ValueError(f"image_grid got {len(col_labels)} column labels for {ncol} columns; pass one per column")
+    layout = grid_layout(n, h, w, ncol, row_labels, col_labels, title)
+    canvas = Image.new("RGB", (layout.width, layout.height), (GRID_BACKGROUND,) * 3)
     for k in range(n):
-        x = GRID_PADDING + (k % nrow) * (w + GRID_PADDING)
-        y = GRID_PADDING + (k // nrow) * (h + cap_h + GRID_PADDING)
-        canvas[y : y + h, x : x + w] = tiles[k]
-    img = Image.fromarray(canvas, mode="RGB")
-    if font is not None:
-        draw = ImageDraw.Draw(img)
-        for k, text in enumerate(captions):
-            x = GRID_PADDING + (k % nrow) * (w + GRID_PADDING)
-            y = GRID_PADDING + (k // nrow) * (h + cap_h + GRID_PADDING) + h
-            text = str(text)
-            while text and draw.textlength(text, font=font) > w:  # clip so captions never overwrite neighbours
-                text = text[:-1]
-            draw.text((x, y + 1), text, fill=(0, 0, 0), font=font)
+        tile = Image.fromarray(tiles[k], mode="RGB")
+        if (layout.tile_h, layout.tile_w) != (h, w):
+            enlarge = layout.tile_h > h
+            tile = tile.resize((layout.tile_w, layout.tile_h), Image.NEAREST if enlarge else Image.LANCZOS)
+        canvas.paste(tile, layout.tile_box(k // ncol, k % ncol))
+    draw, font, P = ImageDraw.Draw(canvas), _font(), GRID_PADDING
+    for i, line in enumerate(layout.title_lines):
+        draw.text((P, P + i * layout.line_h), line, fill=(0, 0, 0), font=font)
+    for c, text in enumerate(col_labels or []):
+        x, _ = layout.tile_box(0, c)
+        x += max(0, (layout.tile_w - font.getlength(str(text))) / 2)
+        draw.text((x, layout.top - layout.line_h - P // 2), str(text), fill=(0, 0, 0), font=font)
+    for r, lines in enumerate(layout.label_lines):
+        _, y = layout.tile_box(r, 0)
+        for i, line in enumerate(lines):
+            draw.text((P, y + i * layout.line_h), line, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def save_png(image, path: str | os.PathLike) -> Path:
+    """Write a PIL image as PNG atomically."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    image.save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())
     return Path(path)
 
@@ -147,15 +234,22 @@ def plot_reward_curves(
     keys: Sequence[str] = ("reward", "loss"),
     step_key: str = "step",
     task_key: str = "task",
+    task_names: Mapping | None = None,
+    boundaries: Sequence[float] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Line plot of training metrics vs step, one panel per key, one colour per task, task boundaries dashed.
 
     Args:
         metrics: records as in metrics.jsonl; a record is plotted for key k when it has ``step_key`` and a
-            numeric ``k`` (evaluation records without them are skipped). ``task_key`` (index or name)
-            colours the line and marks a boundary where it changes.
+            numeric ``k`` (evaluation records without them are skipped). ``task_key`` picks the colour.
         path: output PNG path.
         keys: metric names, one panel each.
+        step_key: the x axis; ``global_step`` puts a whole task sequence side by side.
+        task_names: legend label per ``task_key`` value (default "task <value>").
+        boundaries: x of each task boundary; default half way between the last step of one task and
+            the first of the next.
+        title: above the first panel.
 
     Returns:
         The path written.
@@ -167,41 +261,42 @@ def plot_reward_curves(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = list(keys)
     if not keys:
         raise ValueError("plot_reward_curves got no keys; pass metric names such as ['reward', 'loss']")
-    steps = [r for r in metrics if isinstance(r.get(step_key), (int, float))]
+    steps = sorted((r for r in metrics if isinstance(r.get(step_key), (int, float))), key=lambda r: r[step_key])
     found = {k for k in keys for r in steps if isinstance(r.get(k), (int, float))}
     if not found:
         raise ValueError(
             f"plot_reward_curves found none of {keys} in {len(metrics)} records with a {step_key!r} field; "
             "check the metric names in metrics.jsonl"
         )
-    boundaries, prev = [], None
-    for r in sorted(steps, key=lambda r: r[step_key]):
-        t = r.get(task_key)
-        if prev is not None and t != prev:
-            boundaries.append(r[step_key])
-        prev = t
+    if boundaries is None:
+        boundaries = [(a[step_key] + b[step_key]) / 2 for a, b in zip(steps, steps[1:])
+                      if a.get(task_key) != b.get(task_key)]
+    names = dict(task_names or {})
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.6 * len(keys)), sharex=True, squeeze=False)
     tasks = list(dict.fromkeys(r.get(task_key) for r in steps))
     for ax, key in zip(axes[:, 0], keys):
         for i, t in enumerate(tasks):
-            pts = sorted(
-                (r[step_key], r[key])
-                for r in steps
-                if r.get(task_key) == t and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
-            )
+            pts = [(r[step_key], r[key]) for r in steps
+                   if r.get(task_key) == t and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=f"C{i % 10}", lw=1.2, label=f"task {t}" if t is not None else None)
+                label = names.get(t, f"task {t}") if t is not None else None
+                ax.plot(xs, ys, color=f"C{i % 10}", lw=1.2, marker="." if len(xs) < 30 else None, label=label)
         for b in boundaries:
             ax.axvline(b, color="0.4", ls="--", lw=0.8)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(loc="best", fontsize=8)
-    axes[-1, 0].set_xlabel(step_key)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=8)
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1, 0].set_xlabel(step_key.replace("_", " "))
+    if title:
+        axes[0, 0].set_title(title)
     return _save_figure(fig, path)
 
 
@@ -268,17 +363,49 @@ def plot_reward_heatmap(R, task_names: Sequence[str], path: str | os.PathLike) -
     return _save_figure(fig, path)
 
 
+def interference_notes(R, task_names: Sequence[str], limit: int = 3) -> list[str]:
+    """Sentences for the terminal when training one task clearly lowered another task's reward.
+
+    A newcomer reads a column that falls as a broken trainer; it is the conflict between rewards that
+    reward-incremental learning is about. A drop counts when it is at least half the column's range
+    over all rows and 5 % of its largest magnitude (so noise in a flat column says nothing). Largest
+    drops first, at most ``limit``.
+    """
+    M = np.asarray(R, dtype=np.float64)
+    names = [str(t) for t in task_names]
+    found = []
+    for i in range(M.shape[0] - 1):  # row i + 1: the model after training task i (0-based)
+        for j in range(M.shape[1]):
+            col = M[:, j]
+            drop = col[i] - col[i + 1]
+            if j == i or not np.isfinite(drop) or drop <= 0.5 * (np.nanmax(col) - np.nanmin(col)):
+                continue
+            if drop <= 0.05 * np.nanmax(np.abs(col)):
+                continue
+            what = (f"training {names[i]} (task {i + 1}) lowered the {names[j]} reward from {_fmt(col[i])} to "
+                    f"{_fmt(col[i + 1])}")
+            if j > i:
+                why = (f"before task {j + 1} was trained: these rewards pull the images in different directions, "
+                       f"so {names[j]} starts from a worse model. That conflict is what reward-incremental "
+                       "learning is about, not a broken trainer.")
+            else:
+                why = ("after that task had been learnt: forgetting. method.distill_weight (λ) trades how much of "
+                       "an earlier reward is kept against how much later tasks can learn.")
+            found.append((drop / max(np.nanmax(np.abs(col)), 1e-12), f"Note: {what} {why}"))
+    return [text for _, text in sorted(found, key=lambda f: -f[0])[:limit]]
+
+
 def _md_row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
 def results_table_markdown(results: dict) -> str:
-    """Markdown summary of a run: reward matrix, forgetting, drift and wall time.
+    """Markdown summary of a run: reward matrix, continual-learning metrics, drift and wall time.
 
     Args:
         results: dict with
             ``task_names`` (n str), ``reward_matrix`` ((n+1)×n), and optionally
-            ``title`` (str), ``forgetting`` (the dict from :func:`ril_fast.evaluate_metrics.forgetting`),
+            ``title`` (str), ``metrics`` (a dict holding the keys of :func:`ril_fast.evaluate_metrics.ril_metrics`),
             ``drift`` ({metric name: list with one value per matrix row (n+1) or per trained row (n), or a
             scalar}), ``wall_time_s`` (float, or {"total": float, "per_task": [n floats]}).
 
@@ -302,23 +429,30 @@ def results_table_markdown(results: dict) -> str:
     out += [_md_row(["model", *names]), _md_row(["---"] * (n + 1))]
     out += [_md_row([rows[i], *(_fmt(float(v)) for v in M[i])]) for i in range(n + 1)]
 
-    f = results.get("forgetting")
-    if f:
-        out += ["", "**Forgetting** (F_j = max over earlier rows − final; normalised by the task's own gain)", ""]
-        old = names[: len(f.get("per_task", []))]
-        out += [_md_row(["", *old, "mean"]), _md_row(["---"] * (len(old) + 2))]
-        out += [_md_row(["forgetting", *map(_fmt, f.get("per_task", [])), _fmt(f.get("mean"))])]
-        out += [_md_row(["normalised", *map(_fmt, f.get("per_task_normalized", [])), _fmt(f.get("mean_normalized"))])]
-        out += [""]
-        for label, key in (
-            ("average reward (final row, raw)", "average_reward"),
-            ("average normalised reward (final row)", "average_normalized_reward"),
-            ("backward transfer (raw)", "backward_transfer"),
-            ("backward transfer (normalised)", "backward_transfer_normalized"),
-            ("forward transfer (raw)", "forward_transfer"),
+    m = results.get("metrics")
+    if m and m.get("plasticity"):
+        out += ["", "**Continual-learning metrics** (raw reward units; normalised = divided by the std of the task's "
+                "reward over the base model's eval images)", ""]
+        trained = m["plasticity"]["tasks"]
+        old = m["forgetting"]["tasks"]
+        cells = {name: ["–"] * 5 for name in trained}
+        for name, p, pn in zip(trained, m["plasticity"]["per_task"], m["normalized"]["plasticity"]["per_task"]):
+            cells[name][0], cells[name][1] = _fmt(p), _fmt(pn)
+        for name, f, fn, r in zip(old, m["forgetting"]["per_task"], m["forgetting"]["normalized_per_task"],
+                                  m["retention"]["per_task"]):
+            cells[name][2], cells[name][3], cells[name][4] = _fmt(f), _fmt(fn), _fmt(r)
+        out += [_md_row(["task", "plasticity", "normalised", "forgetting", "normalised", "retention"]),
+                _md_row(["---"] * 6)]
+        out += [_md_row([name, *cells[name]]) for name in trained]
+        out += ["", "plasticity P_j = R[j][j] − R[j−1][j]; forgetting F_j = max over rows j..n−1 − final; "
+                "retention = (final − R[j−1][j]) / P_j", ""]
+        for label, value in (
+            ("backward transfer (raw)", m.get("bwt")),
+            ("backward transfer (normalised)", m["normalized"].get("bwt")),
+            ("average final reward (raw)", m.get("average_final_reward")),
+            ("average final reward (normalised)", m["normalized"].get("average_final_reward")),
         ):
-            if key in f:
-                out.append(f"- {label}: {_fmt(f[key])}")
+            out.append(f"- {label}: {_fmt(value)}")
 
     drift = results.get("drift")
     if drift:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 
 if __package__ in (None, ""):  # `deepspeed ril_fast/train.py` runs this file as a script
@@ -27,8 +28,8 @@ if __package__ in (None, ""):  # `deepspeed ril_fast/train.py` runs this file as
 from ril_fast.config import ConfigError, check_available, load_config  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ril_fast.train", description=__doc__.split("\n")[0])
+def parse_args(argv=None, prog: str = "python -m ril_fast.train") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="JSON config (configs/tiny.json is the embedded default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set tasks.0.steps=5 (repeatable)")
@@ -36,8 +37,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "python -m ril_fast.train") -> int:
+    args = parse_args(argv, prog)
+    try:
+        return _main(args)
+    except KeyboardInterrupt as exc:  # one line, never a traceback; RunStopped says where and how to resume
+        message = getattr(exc, "message", "") or "interrupted before training started; nothing to resume"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ril_fast: {message}", file=sys.stderr, flush=True)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def _main(args) -> int:
     try:
         cfg = load_config(args.config, args.set)
         check_available(cfg)  # before the run folder exists and before any planning or loading

@@ -119,9 +119,9 @@ def read_metrics(out: str | Path) -> list[dict]:
 
 
 def comparable_results(out: str | Path) -> dict:
-    """results.json without wall times (the only entries that may differ between equal runs)."""
+    """results.json without wall time and timestamp (the only entries that may differ between equal runs)."""
     res = json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
-    for key in ("wall_seconds", "wall_seconds_so_far"):
+    for key in ("wall_seconds", "timestamp"):
         res.pop(key, None)
     res.pop("config", None)  # holds output_dir
     return res

@@ -9,7 +9,7 @@ from ril_fast import __main__ as info
 
 def test_reports_backends_per_op(capsys, monkeypatch):
     monkeypatch.setenv("RIL_FAST_KERNELS", "torch")
-    info.main()
+    info.info()
     out = capsys.readouterr().out
     assert f"torch {torch.__version__}" in out
     assert "RIL_FAST_KERNELS=torch" in out

@@ -77,7 +77,7 @@ def test_resume_after_kills_at_every_point(model, reference, tmp_path):
         if fault == "step:1":  # the logged-but-lost step is in metrics.jsonl until the restart drops it
             assert [m["kind"] for m in rs.read_metrics(out)] == ["eval", "train"]
     assert rs.run_forked(["--config", conf], log) == 0, log.read_text()[-3000:]
-    assert "resuming from checkpoint 5: task 1, phase train, step 1" in log.read_text()
+    assert "resuming from checkpoint 5: task 2 (t1) at step 1 of 2" in log.read_text()
     _assert_same_run(out, reference)
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
@@ -98,7 +98,7 @@ def test_corrupt_checkpoint_falls_back(model, reference, tmp_path):
     assert rs.run_forked(["--config", conf], log) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "skipping checkpoint ckpt-000004" in text and "checksum mismatch" in text
-    assert "resuming from checkpoint 3: task 0, phase trained" in text
+    assert "resuming from checkpoint 3: task 1 (t0) trained, not yet evaluated" in text
     _assert_same_run(out, reference)
 
 
@@ -172,9 +172,9 @@ def test_disk_full_during_checkpoint_then_resume(model, reference, tmp_path, mon
 
     def filling_disk(path, tensors):
         calls[0] += 1
-        # 1: eval/base_images, 2-3: checkpoint 1, 4-6: checkpoint 2 (state, optimizer, rng);
-        # 7: the first file of checkpoint 3 (task 1 "trained")
-        if calls[0] == 7:
+        # 1: eval/base_images, 2: eval/row_images_0, 3-4: checkpoint 1, 5-7: checkpoint 2 (state, optimizer,
+        # rng); 8: the first file of checkpoint 3 (task 1 "trained")
+        if calls[0] == 8:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, tensors)
 

@@ -26,7 +26,7 @@ def write_cfg(path, model_dir, out, **method):
             {"name": "smooth", "reward": "smoothness", "train_prompts": ["a green star"],
              "eval_prompts": ["a blue square"], "steps": 2},
         ],
-        "eval": {"seeds": [5]},
+        "eval": {"seeds": [5, 6]},
     }))
     return path
 
@@ -45,11 +45,23 @@ def test_results_json(finished_run):
     assert res["tasks"] == ["bright", "smooth"]
     R = np.array(res["reward_matrix"])
     assert R.shape == (3, 2) and np.isfinite(R).all()
-    f = res["forgetting"]
-    # Independent recomputation of DESIGN.md §3's F_j for the one earlier task.
-    assert f["per_task"][0] == pytest.approx(R[:2, 0].max() - R[2, 0])
-    assert "mean" in f and "mean_normalized" in f
+    # Independent recomputation of docs/design.md §3: P_j = R[j][j] − R[j−1][j]; F_1 over the rows after task 1 only.
+    assert res["plasticity"]["per_task"] == pytest.approx([R[1, 0] - R[0, 0], R[2, 1] - R[1, 1]])
+    assert res["forgetting"]["per_task"] == pytest.approx([R[1, 0] - R[2, 0]])
+    assert res["bwt"] == pytest.approx(R[2, 0] - R[1, 0])
+    assert res["average_final_reward"] == pytest.approx(R[2].mean())
+    # The scale of each reward: its std over the base model's eval images, recomputed from the saved images.
+    from ril_fast.rewards import build
+
+    base = load_file(run / "eval" / "base_images.safetensors")
+    for name, reward, scale in zip(res["tasks"], ("brightness", "smoothness"), res["reward_scales"]["values"]):
+        scores = build(reward)(base[name], ["a blue square"] * len(base[name])).double()
+        assert len(scores) == 2 and scale == pytest.approx(float(scores.std()), rel=1e-5)
+    assert res["forgetting"]["normalized_per_task"] == pytest.approx(
+        [(R[1, 0] - R[2, 0]) / res["reward_scales"]["values"][0]])
+    assert res["normalized"]["reward_matrix"][0] == [0.0, 0.0]
     assert len(res["structure_drift"]) == 3 and res["structure_drift"][0] == pytest.approx(1.0)
+    assert len(res["structure"]["to_base"]) == len(res["structure"]["to_previous"]) == 3
     assert res["wall_seconds"] > 0 and res["config"]["method"]["name"] == "rid"
 
 
@@ -57,12 +69,22 @@ def test_metrics_and_artefacts(finished_run):
     run, _ = finished_run
     metrics = read_metrics(run)
     train = [m for m in metrics if m["kind"] == "train"]
-    assert [(m["task"], m["step"]) for m in train] == [(0, 1), (0, 2), (1, 1), (1, 2)]
-    assert all("distill" not in m for m in train if m["task"] == 0)  # no teacher on task 1 by default
-    assert all("distill" in m for m in train if m["task"] == 1)
+    assert [(m["task"], m["step"]) for m in train] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all("distill" not in m for m in train if m["task"] == 1)  # no teacher on task 1 by default
+    assert all("distill" in m for m in train if m["task"] == 2)
     assert [m["row"] for m in metrics if m["kind"] == "eval"] == [0, 1, 2]
-    for name in ("base", "after_task_01", "after_task_02"):
-        Image.open(run / "grids" / f"{name}.png").verify()
+    from ril_fast.config import load_config
+    from ril_fast.report import grid_layout
+    from ril_fast.runner import grid_title
+
+    # both tasks evaluate "a blue square" at the eval seeds: the grid shows each image once, enlarged and labelled
+    cfg = load_config(run / "config.json")
+    seeds = cfg.eval.seeds
+    for row, name in enumerate(("base", "after_task_01", "after_task_02")):
+        want = grid_layout(len(seeds), 16, 16, len(seeds), ["a blue square"], [f"seed {s}" for s in seeds],
+                           grid_title(cfg, row))
+        with Image.open(run / "grids" / f"{name}.png") as grid:
+            assert grid.size == (want.width, want.height) and want.tile_h == 128
     for name in ("reward_curves", "reward_matrix", "reward_curve_task_01", "reward_curve_task_02"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
     for task in (1, 2):
@@ -100,11 +122,21 @@ def test_load_pipeline_reproduces_trainer_images(finished_run):
     run, _ = finished_run
     pipe = ril_fast.load_pipeline(run, task=2)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    z = eval_noise(lambda n: (n, 4, 16, 16), 5)
+    z = eval_noise(lambda n: (n, 4, 16, 16), 5, "a blue square")
     image = pipe(["a blue square"], num_inference_steps=2, guidance_scale=2.0, latents=z, output_type="pt").images
+    from ril_fast.config import load_config
+    from ril_fast.report import grid_layout, tile_scale
+    from ril_fast.runner import grid_title
+
     grid = np.asarray(Image.open(run / "grids" / "after_task_02.png").convert("RGB")).astype(np.float32) / 255
     h, w = image.shape[-2:]
-    tile = torch.from_numpy(grid[2 : 2 + h, 2 : 2 + w]).permute(2, 0, 1)
+    k = int(tile_scale(h, w))  # the grid enlarges by whole pixels: every k-th pixel is the image's own
+    cfg = load_config(run / "config.json")
+    seeds = cfg.eval.seeds
+    layout = grid_layout(len(seeds), h, w, len(seeds), ["a blue square"], [f"seed {s}" for s in seeds],
+                         grid_title(cfg, 2))
+    x, y = layout.tile_box(0, seeds.index(5))
+    tile = torch.from_numpy(grid[y : y + k * h : k, x : x + k * w : k]).permute(2, 0, 1)
     assert (image[0] - tile).abs().max() <= 2 / 255
 
 

@@ -102,7 +102,7 @@ def export_task_adapter(
     Raises:
         ValueError: bad task index, or layers that are not in ``model``.
     """
-    from safetensors.torch import save_file
+    from ril_fast.checkpoint import save_safetensors
 
     owned = {id(m) for m in model.modules()}
     stray = [layer.name for layer in layers if id(layer) not in owned]
@@ -118,7 +118,7 @@ def export_task_adapter(
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file(sd, tmp, metadata={"format": "pt", "ril_fast": json.dumps(info)})
+        save_safetensors(sd, tmp, metadata={"format": "pt", "ril_fast": json.dumps(info)})
         sort_metadata_keys(tmp)
         os.replace(tmp, folder / WEIGHT_NAME)
     finally:

@@ -1,4 +1,4 @@
-"""LoRAGroupLinear: a frozen ``nn.Linear`` plus a growing group of LoRA adapters (DESIGN.md §2).
+"""LoRAGroupLinear: a frozen ``nn.Linear`` plus a growing group of LoRA adapters (docs/design.md §2).
 
 ``y = x W^T + b + Σ_{i≤t} s_i (x A_i^T) B_i^T``. Task t adds the pair (A_t, B_t = 0) and freezes the
 earlier pairs, so only the newest pair trains. The EMA teacher is a copy of that pair only, held in
@@ -18,6 +18,19 @@ from torch.nn import functional as F
 from ril_fast import kernels
 
 INITS = ("kaiming", "gaussian")
+
+
+def init_lora_a(rank: int, in_features: int, generator: torch.Generator | None, init: str,
+                draw: bool = True) -> torch.Tensor:
+    """A fresh (rank, in_features) fp32 A on the CPU, as PEFT draws it (B starts at zero)."""
+    a = torch.empty(rank, in_features, dtype=torch.float32)
+    if not draw:  # meta-device models (the memory planner) only need the shape
+        return a
+    if init == "kaiming":
+        # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        bound = 1.0 / math.sqrt(in_features)
+        return a.uniform_(-bound, bound, generator=generator)
+    return a.normal_(0.0, 1.0 / rank, generator=generator)
 
 
 class LoRAGroupLinear(nn.Module):
@@ -112,14 +125,7 @@ class LoRAGroupLinear(nn.Module):
         for p in list(self.lora_a) + list(self.lora_b):
             p.requires_grad_(False)
         device = self.base.weight.device
-        a = torch.empty(rank, self.in_features, dtype=torch.float32)
-        if device.type != "meta":
-            if init == "kaiming":
-                # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in)).
-                bound = 1.0 / math.sqrt(self.in_features)
-                a.uniform_(-bound, bound, generator=generator)
-            else:
-                a.normal_(0.0, 1.0 / rank, generator=generator)
+        a = init_lora_a(rank, self.in_features, generator, init, draw=device.type != "meta")
         a = nn.Parameter(a.to(device=device, dtype=self.adapter_dtype))
         b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=self.adapter_dtype))
         self.lora_a.append(a)
