@@ -23,6 +23,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from aot_gate import print_report, run_worker, signature  # noqa: E402
 
+pytestmark = pytest.mark.compile_gate
+
 # max dynamic shared memory per block: A100, RTX 3090 / A10 / A40, RTX 4090 / L4 / L40, H100 / H200
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 TRITON_CCS = (80, 90)  # the whole pipeline; 86 and 89 assemble sm_80's PTX

@@ -18,6 +18,8 @@ import torch
 
 from ril_fast.kernels import cuda_lib
 
+pytestmark = pytest.mark.compile_gate
+
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 CMAKE = shutil.which("cmake")
