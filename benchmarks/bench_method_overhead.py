@@ -59,7 +59,7 @@ def one_step(state, task_prompts, reward, step):
     engine.backward(out.loss)
     engine.step()
     if cfg.method.distill:
-        lora.ema_update(layers, cfg.method.ema_decay)
+        lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0

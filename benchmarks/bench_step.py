@@ -99,7 +99,7 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
     prompts = [f"prompt {i}" for i in range(cfg.train.batch_size)]
     with torch.device(device):
         cache.fill(prompts + [""])
-    use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
+    use_distill = cfg.method.distills_on_task(task)
     params = lora.trainable_parameters(layers)
     cfg.deepspeed.enabled = "off"  # no DeepSpeed on the bench machine; offload is planned, not run
     engine = eng.Engine(models.unet, params, cfg, lr=cfg.train.lr)
@@ -126,7 +126,7 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
                 del out
                 engine.step()
                 if cfg.method.distill:
-                    lora.ema_update(layers, cfg.method.ema_decay)
+                    lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
                 _sync(device)
                 times[backend].append(time.perf_counter() - t0)
                 if cuda:

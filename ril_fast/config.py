@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-METHODS = ("baseline", "group", "distill", "rid")
+METHODS = ("baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint", "independent")
+
+# What each method switches on (docs/design.md §2). teacher: whose outputs the student is distilled
+# toward at the last step: "ema" (momentum teacher), "previous" (frozen at the model before the task,
+# LwF), "base" (the base model, DRaFT+-style), or None.
+_ADAPTER_PER_TASK = ("group", "rid")
+_TEACHER = {"distill": "ema", "rid": "ema", "lwf": "previous", "kl_base": "base"}
 
 
 class ConfigError(ValueError):
@@ -39,21 +45,54 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["baseline", "group", "distill", "rid"] = "rid"
-    ema_decay: float = 0.95  # momentum teacher: θ_ema ← m·θ_ema + (1−m)·θ after every optimizer step
-    reward_weight: float = 1.0  # α in L = −α·reward + λ·distill
-    distill_weight: float = 1.0  # λ
+    name: Literal["baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint", "independent"] = "rid"
+    # momentum teacher: θ_ema ← m·θ_ema + (1−m)·θ after every optimizer step. None: m = 1 − 1/steps of the
+    # task, a time constant of one task, so the teacher still holds the previous model for most of it;
+    # 1.0 freezes the teacher at the previous model (rid with 1.0 = adapter group + LwF).
+    ema_decay: Optional[float] = None
+    reward_weight: float = 1.0  # α in L = −α·reward + λ·distill + μ·l2 (the reward normalised per task.reward_norm)
+    # λ, in ε units: the last-step loss is the MSE of the two predicted noises, whatever the scheduler or
+    # prediction type (x0 targets are weighted by ᾱ/(1−ᾱ)), so one λ means the same on every model
+    distill_weight: float = 1.0
     distill_mode: Literal["last", "full"] = "last"  # last denoising step only, or the teacher's own full chain
-    distill_target: Literal["x0", "eps", "image"] = "x0"
+    distill_target: Literal["x0", "eps", "image"] = "x0"  # x0 and eps are the same loss; image: decoded pixels
+    # last mode: distil on the student's own last-step input z_1, or on its final latent re-noised to a
+    # timestep of the schedule drawn per batch (one more UNet call with grad; covers every noise level)
+    distill_on: Literal["z1", "renoised"] = "z1"
     distill_first_task: bool = False  # on task 1 the teacher is the base model; distilling there slows learning
+    l2_weight: float = 1.0  # μ of method l2: penalty on the trained adapter's change ||s·(BA − B₀A₀)||² per layer
 
     @property
     def adapter_per_task(self) -> bool:
-        return self.name in ("group", "rid")
+        """A new adapter pair per task, earlier ones frozen (the adapter group)."""
+        return self.name in _ADAPTER_PER_TASK
+
+    @property
+    def teacher(self) -> Optional[str]:
+        """Distillation teacher: "ema", "previous", "base", or None."""
+        return _TEACHER.get(self.name)
 
     @property
     def distill(self) -> bool:
-        return self.name in ("distill", "rid")
+        return self.teacher is not None
+
+    def regularizes_on_task(self, task: int) -> bool:
+        """Whether task ``task`` (0-based) has the method's pull toward the previous model (distillation or the
+        L2 penalty): on task 1 the previous model is the base model, so only with ``distill_first_task``;
+        kl_base pulls toward the base model on every task."""
+        return task > 0 or self.distill_first_task or self.teacher == "base"
+
+    def distills_on_task(self, task: int) -> bool:
+        return self.distill and self.regularizes_on_task(task)
+
+    def penalizes_on_task(self, task: int) -> bool:
+        return self.name == "l2" and self.regularizes_on_task(task)
+
+    def decay(self, task_steps: int) -> float:
+        """The EMA decay for a task of ``task_steps`` optimizer steps (``ema_decay`` or its default)."""
+        if self.ema_decay is not None:
+            return self.ema_decay
+        return 1.0 - 1.0 / max(task_steps, 1)
 
 
 @dataclass
@@ -99,10 +138,25 @@ class TrainConfig:
 
 
 @dataclass
+class RewardNormConfig:
+    """How a task's reward is normalised in the loss: ``(r − offset) / scale``, so one λ serves rewards whose
+    scales differ 100× (aesthetic ≈ 5.5, HPS ≈ 0.27, JPEG ≈ 60 kB)."""
+
+    # base_std: offset/scale = mean/std of the reward over the base model's eval images (row 0, stored in
+    # results.json as reward_scales); fixed: offset and scale below; running: EMA statistics of the
+    # training batches; none: the raw reward
+    mode: Literal["base_std", "fixed", "running", "none"] = "base_std"
+    offset: Optional[float] = None  # fixed mode
+    scale: Optional[float] = None  # fixed mode
+    momentum: float = 0.99  # running mode
+
+
+@dataclass
 class TaskConfig:
     name: str = ""
     reward: str = ""  # a registered reward name or module:function
     reward_options: dict = field(default_factory=dict)
+    reward_norm: RewardNormConfig = field(default_factory=RewardNormConfig)
     train_prompts: Union[list[str], str] = field(default_factory=list)  # list, or a UTF-8 file with one per line
     eval_prompts: Union[list[str], str] = field(default_factory=list)
     steps: int = 10  # optimizer steps
@@ -408,6 +462,12 @@ def validate(cfg: Config) -> None:
                 read_prompts(getattr(task, key), f"{where}.{key}")
             except ConfigError as exc:
                 errors.extend(exc.problems)
+        norm = task.reward_norm
+        if norm.mode == "fixed" and (norm.offset is None or norm.scale is None):
+            errors.append(f"{where}.reward_norm: mode 'fixed' needs offset and scale")
+        _positive(errors, f"{where}.reward_norm.scale", norm.scale)
+        if not 0.0 <= norm.momentum < 1.0:
+            errors.append(f"{where}.reward_norm.momentum: must be in [0, 1), got {norm.momentum}")
         _positive(errors, f"{where}.steps", task.steps, allow_zero=True)
         _positive(errors, f"{where}.lr", task.lr)
     s = cfg.sampling
@@ -423,9 +483,10 @@ def validate(cfg: Config) -> None:
             errors.append(f"sampling.{key}: must be a positive multiple of 8, got {v}")
     _positive(errors, "lora.rank", cfg.lora.rank)
     _positive(errors, "lora.alpha", cfg.lora.alpha)
-    if not 0.0 <= cfg.method.ema_decay < 1.0:
-        errors.append(f"method.ema_decay: must be in [0, 1), got {cfg.method.ema_decay}")
+    if cfg.method.ema_decay is not None and not 0.0 <= cfg.method.ema_decay <= 1.0:
+        errors.append(f"method.ema_decay: must be in [0, 1] or null (1 − 1/task steps), got {cfg.method.ema_decay}")
     _positive(errors, "method.distill_weight", cfg.method.distill_weight, allow_zero=True)
+    _positive(errors, "method.l2_weight", cfg.method.l2_weight, allow_zero=cfg.method.name != "l2")
     t = cfg.train
     for key in ("batch_size", "grad_accum", "lr", "log_every"):
         _positive(errors, f"train.{key}", getattr(t, key))

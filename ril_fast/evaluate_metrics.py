@@ -1,13 +1,14 @@
-"""Metric math for Reward Incremental Learning: forgetting, transfer, normalisation and SSIM drift.
+"""Metric maths for Reward Incremental Learning: continual-learning metrics and image-structure drift.
 
-Pure functions, no I/O. The reward matrix follows DESIGN.md §3:
+Pure functions, no I/O. The reward matrix follows DESIGN.md §3 (tasks are 1-based in the text):
 
     R has n + 1 rows and n columns. Row 0 is the base model; row i (1 ≤ i ≤ n) is the model after
-    training the i-th task. Column j (0-based) is the (j+1)-th task, so the row right after that
-    task was trained is row j + 1. ``R[i][j]`` is the mean held-out reward of column j's task.
+    training task i. Column j − 1 (0-based) holds task j, so task j's column is ``c = j − 1`` and
+    the row right after training it is ``c + 1``; the row before is ``c``.
 
-Rewards differ in scale by 100×, so every cross-task mean is also given normalised by each
-task's own gain (``R[j+1][j] − R[0][j]``); the raw cross-task means are kept for completeness.
+Rewards differ in scale by 100×, so every cross-task figure is also given with each column divided
+by a fixed, stated reward scale (e.g. the std of that reward over the base model's eval images).
+No column is ever dropped: a task that was not learned still counts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+# ITU-R BT.601 luma weights (they sum to 1, so luma(g·x + o) = g·luma(x) + o).
+LUMA_BT601 = (0.299, 0.587, 0.114)
 
 
 def _as_matrix(R) -> np.ndarray:
@@ -42,120 +45,149 @@ def _as_matrix(R) -> np.ndarray:
     return M
 
 
-def _float_or_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
+def _check_labels(task_names, reward_scales, n: int) -> tuple[list[str], np.ndarray]:
+    names = list(task_names)
+    if len(names) != n or not all(isinstance(t, str) for t in names):
+        raise ValueError(f"task_names must be {n} strings, one per reward-matrix column; got {names!r}")
+    if len(set(names)) != n:
+        raise ValueError(f"task_names must be distinct (they label every list); got {names!r}")
+    try:
+        scales = np.asarray(reward_scales, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reward_scales must be {n} numbers; got {reward_scales!r} ({e})") from e
+    if scales.shape != (n,):
+        raise ValueError(f"reward_scales must be {n} numbers, one per task; got shape {scales.shape}")
+    bad = [(t, float(s)) for t, s in zip(names, scales) if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise ValueError(
+            f"reward scale of {bad[0][0]!r} is {bad[0][1]}; every scale must be finite and > 0 "
+            "(e.g. the std of that reward over the base model's eval images)"
+        )
+    return names, scales
 
 
-def _mean_defined(values) -> float | None:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(vals)) if vals else None
+def _finite(x) -> float:
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"a metric overflowed to {x}; rewards or 1/scale are too large for float64")
+    return x
 
 
-def task_gains(R) -> np.ndarray:
-    """Gain each task achieved while it was trained: ``R[j+1][j] − R[0][j]``.
+def _mean(values) -> float | None:
+    """Mean of the entries that are not None; None if there are none."""
+    vals = [v for v in values if v is not None]
+    return _finite(np.mean(vals)) if vals else None
 
-    Args:
-        R: reward matrix (n+1, n).
 
-    Returns:
-        float64 array (n,).
-    """
-    M = _as_matrix(R)
+def _plain_metrics(M: np.ndarray) -> dict:
+    """Plasticity, forgetting, BWT and average final reward of one (n+1, n) matrix (0-based, see module doc)."""
     n = M.shape[1]
-    return M[np.arange(1, n + 1), np.arange(n)] - M[0]
-
-
-def normalize_matrix(R, method: str = "gain") -> np.ndarray:
-    """Put every column of the reward matrix on a common, scale-free axis.
-
-    Both methods subtract the base row, so row 0 becomes 0 in every column.
-
-    - ``"gain"`` (default): divide column j by the gain ``R[j+1][j] − R[0][j]``, so 0 = base model and
-      1 = the reward reached right after training that task. A column whose gain is ≤ 0 (the task was
-      not learned) has no meaningful scale and becomes all NaN.
-    - ``"std"``: divide column j by its population std over the n+1 rows. A constant column becomes NaN.
-
-    Args:
-        R: reward matrix (n+1, n).
-        method: ``"gain"`` or ``"std"``.
-
-    Returns:
-        float64 array (n+1, n), NaN in undefined columns.
-
-    Raises:
-        ValueError: bad shape, non-finite entries or an unknown method.
-    """
-    M = _as_matrix(R)
-    if method == "gain":
-        scale = task_gains(M)
-        ok = scale > 0
-    elif method == "std":
-        scale = M.std(axis=0)
-        ok = scale > 0
-    else:
-        raise ValueError(f"normalize_matrix method {method!r} is unknown; allowed: 'gain', 'std'")
-    out = np.full_like(M, np.nan)
-    out[:, ok] = (M[:, ok] - M[0, ok]) / scale[ok]
-    return out
-
-
-def forgetting(R) -> dict:
-    """Forgetting, average reward and transfer of a reward-incremental run (DESIGN.md §3).
-
-    Definitions, with n tasks, column j (0-based) trained in row j+1, and the final row n:
-
-    - ``per_task[j] = max_{0 ≤ l ≤ n−1} R[l][j] − R[n][j]`` for j < n−1 (the last task cannot have been
-      forgotten yet). The max includes the base row and the rows before the task was trained, so a
-      task that ends below where the base model started counts as forgotten. Negative = the final
-      model is better than at any earlier point.
-    - ``per_task_normalized[j] = per_task[j] / gain[j]`` with ``gain[j] = R[j+1][j] − R[0][j]``;
-      None when ``gain[j] ≤ 0`` (the task was never learned, so "fraction of the gain lost" is
-      undefined). ``mean_normalized`` averages only the defined entries (None if there are none).
-    - ``backward_transfer = mean_{j<n−1} (R[n][j] − R[j+1][j])`` (raw), and the same divided by the
-      gain (``backward_transfer_normalized``, over columns with gain > 0).
-    - ``forward_transfer = mean_{1 ≤ j ≤ n−1} (R[j][j] − R[0][j])``: how much training the earlier tasks
-      moved task j before it was trained.
-    - ``average_reward`` = mean of the last row, ``average_reward_per_row`` = row means. These mix raw
-      scales; prefer ``average_normalized_reward`` (gain-normalised, see :func:`normalize_matrix`).
-
-    With n = 1 nothing can be forgotten: ``per_task`` is empty and every forgetting/transfer mean is None.
-
-    Args:
-        R: reward matrix (n+1, n), list of lists or array.
-
-    Returns:
-        dict of plain floats, lists and None (JSON-serialisable).
-
-    Raises:
-        ValueError: R is not (n+1, n) or has non-finite entries.
-    """
-    M = _as_matrix(R)
-    n = M.shape[1]
-    gain = task_gains(M)
-    old = range(n - 1)  # tasks that can have been forgotten
-
-    per_task = [float(M[:n, j].max() - M[n, j]) for j in old]
-    argmax_row = [int(M[:n, j].argmax()) for j in old]
-    per_task_norm = [per_task[j] / gain[j] if gain[j] > 0 else None for j in old]
-    bwt_raw = [float(M[n, j] - M[j + 1, j]) for j in old]
-    bwt_norm = [bwt_raw[j] / gain[j] if gain[j] > 0 else None for j in old]
-    fwt = [float(M[j, j] - M[0, j]) for j in range(1, n)]
-    norm_last = normalize_matrix(M, "gain")[n]
-
+    old = range(n - 1)  # tasks 1 … n−1: those a later task can have made the model forget
+    plasticity = [_finite(M[c + 1, c] - M[c, c]) for c in range(n)]
+    # F_j = max_{j ≤ l < n} R[l][j] − R[n][j]: rows c+1 … n−1, from just after the task was learned.
+    forgetting = [_finite(M[c + 1 : n, c].max() - M[n, c]) for c in old]
     return {
-        "n_tasks": n,
-        "gain": [float(g) for g in gain],
-        "per_task": per_task,
-        "per_task_argmax_row": argmax_row,
-        "per_task_normalized": [_float_or_none(v) for v in per_task_norm],
-        "mean": _mean_defined(per_task),
-        "mean_normalized": _mean_defined(per_task_norm),
-        "average_reward": float(M[n].mean()),
-        "average_reward_per_row": [float(v) for v in M.mean(axis=1)],
-        "average_normalized_reward": _mean_defined(norm_last.tolist()),
-        "backward_transfer": _mean_defined(bwt_raw),
-        "backward_transfer_normalized": _mean_defined(bwt_norm),
-        "forward_transfer": _mean_defined(fwt),
+        "plasticity": plasticity,
+        "forgetting": forgetting,
+        "bwt": _mean([M[n, c] - M[c + 1, c] for c in old]),
+        "average_final_reward": _mean(M[n]),
+    }
+
+
+def ril_metrics(R, task_names, reward_scales) -> dict:
+    """Continual-learning metrics of a reward-incremental run (DESIGN.md §3), raw and normalised.
+
+    With n tasks, 1-based task j (column ``c = j − 1``) and the final row n:
+
+    - plasticity ``P_j = R[j][j] − R[j−1][j]`` for every task (n values): what training task j bought;
+    - forgetting ``F_j = max_{j ≤ l < n} R[l][j] − R[n][j]`` for j < n (n − 1 values): only rows from
+      just after task j was learned, so damage done before it was trained is not forgetting of it;
+    - retention ``(R[n][j] − R[j−1][j]) / P_j`` for j < n, None where ``P_j ≤ 0`` (nothing was learned,
+      so "fraction kept" is undefined); its mean is over the defined entries. Scale-free already;
+    - ``bwt = mean_{j<n} (R[n][j] − R[j][j])`` (None when n = 1); ``average_final_reward`` = mean of R[n].
+
+    ``normalized`` repeats them on ``(R[:, c] − R[0][c]) / reward_scales[c]``, the gain over the base model in
+    scale units, which keeps every column (its average final reward is the mean normalised gain).
+
+    Args:
+        R: reward matrix (n+1, n), list of lists or array; row 0 = base model.
+        task_names: n distinct strings, one per column.
+        reward_scales: n finite positive floats, the unit each task's reward is divided by.
+
+    Returns:
+        JSON-serialisable dict of plain floats, lists and None (no NaN); every list is labelled by
+        the ``tasks`` next to it. Keys: ``tasks``, ``reward_scales``, ``plasticity``, ``forgetting``,
+        ``retention``, ``bwt``, ``average_final_reward``, ``normalized``.
+
+    Raises:
+        ValueError: bad shape, non-finite entries, wrong number of names or scales, a scale ≤ 0.
+    """
+    M = _as_matrix(R)
+    n = M.shape[1]
+    names, scales = _check_labels(task_names, reward_scales, n)
+    with np.errstate(over="ignore"):
+        Mn = (M - M[0]) / scales
+    if not np.isfinite(Mn).all():
+        raise ValueError(f"reward matrix / reward_scales overflowed float64; a scale is too small: {scales.tolist()}")
+    raw, norm = _plain_metrics(M), _plain_metrics(Mn)
+    retention = [
+        _finite((M[n, c] - M[c, c]) / raw["plasticity"][c]) if raw["plasticity"][c] > 0 else None
+        for c in range(n - 1)
+    ]
+    return {
+        "tasks": names,
+        "reward_scales": {"tasks": names, "values": [float(s) for s in scales]},
+        "plasticity": {"tasks": names, "per_task": raw["plasticity"], "mean": _mean(raw["plasticity"])},
+        "forgetting": {
+            "tasks": names[:-1],
+            "per_task": raw["forgetting"],
+            "normalized_per_task": norm["forgetting"],
+            "mean": _mean(raw["forgetting"]),
+            "normalized_mean": _mean(norm["forgetting"]),
+        },
+        "retention": {"tasks": names[:-1], "per_task": retention, "mean": _mean(retention)},
+        "bwt": raw["bwt"],
+        "average_final_reward": raw["average_final_reward"],
+        "normalized": {
+            "reward_matrix": [[_finite(v) for v in row] for row in Mn],
+            "plasticity": {"tasks": names, "per_task": norm["plasticity"], "mean": _mean(norm["plasticity"])},
+            "forgetting": {"tasks": names[:-1], "per_task": norm["forgetting"], "mean": _mean(norm["forgetting"])},
+            "bwt": norm["bwt"],
+            "average_final_reward": norm["average_final_reward"],
+        },
+    }
+
+
+def pareto_point(metrics: dict) -> dict:
+    """One method's point on the retention-vs-plasticity Pareto benchmark, from :func:`ril_metrics`.
+
+    With normalised rewards ``N = (R − R[0]) / scale`` (``metrics["normalized"]["reward_matrix"]``):
+
+    - ``retained_gain = mean_{j<n} (N[n][j] − N[j−1][j])``: how far above its pre-training level each
+      earlier task ends, in reward-scale units. Defined for every task, even when ``P_j ≤ 0``.
+    - ``retention_ratio`` = mean of the defined retention ratios ``(R[n][j] − R[j−1][j]) / P_j``.
+    - ``later_plasticity = mean_{j≥2} P_j / scale_j``: what the later tasks were still able to learn.
+
+    ``retention`` (the Pareto axis) is ``retained_gain`` and ``plasticity`` is ``later_plasticity``.
+    The ratio is reported but not used as the axis: with a tiny ``P_j`` its denominator makes it
+    explode (or flip sign), and a model that learns less of task 1 gets a flattering ratio for keeping
+    that little. A model frozen after task 1 has ratio 1 and zero forgetting, but ``later_plasticity``
+    0, so it sits at the left end of the front instead of at the top.
+
+    Returns:
+        dict with ``retention``, ``plasticity``, ``retained_gain``, ``retention_ratio`` and
+        ``later_plasticity``; each is None when undefined (n = 1, or no ratio defined).
+    """
+    N = np.asarray(metrics["normalized"]["reward_matrix"], dtype=np.float64)
+    n = N.shape[1]
+    retained_gain = _mean([N[n, c] - N[c, c] for c in range(n - 1)])
+    later_plasticity = _mean(metrics["normalized"]["plasticity"]["per_task"][1:])
+    return {
+        "retention": retained_gain,
+        "plasticity": later_plasticity,
+        "retained_gain": retained_gain,
+        "retention_ratio": metrics["retention"]["mean"],
+        "later_plasticity": later_plasticity,
     }
 
 
@@ -163,6 +195,39 @@ def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device) -> tor
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
     return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def _check_pair(fn: str, a: torch.Tensor, b: torch.Tensor, data_range: float) -> None:
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(
+            f"{fn} needs two (B, C, H, W) batches of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(
+            f"{fn} images are {tuple(a.shape[-2:])}; H and W must be ≥ {SSIM_WINDOW} (the window size); "
+            "upsample or evaluate at a larger resolution"
+        )
+    if not data_range > 0:
+        raise ValueError(f"{fn} data_range is {data_range}; it must be > 0 (1.0 for images in [0, 1])")
+
+
+def _local_moments(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gaussian-weighted local means, variances and covariance over valid 11×11 windows (population moments)."""
+    C = a.shape[1]
+    g = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, a.dtype, a.device)
+    gh = g.view(1, 1, 1, -1).expand(C, 1, 1, SSIM_WINDOW)  # separable: filter rows, then columns
+    gv = g.view(1, 1, -1, 1).expand(C, 1, SSIM_WINDOW, 1)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(x, gh, groups=C), gv, groups=C)  # (B, C, H-10, W-10)
+
+    mu_a, mu_b = blur(a), blur(b)
+    return mu_a, mu_b, blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+
+
+def _promote(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype), b.to(dtype=dtype, device=a.device)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -184,32 +249,49 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     Raises:
         ValueError: shapes differ, are not 4-D, are smaller than the window, or data_range ≤ 0.
     """
-    if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(
-            f"ssim needs two (B, C, H, W) batches of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if min(a.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(
-            f"ssim images are {tuple(a.shape[-2:])}; H and W must be ≥ {SSIM_WINDOW} (the window size); "
-            "upsample or evaluate at a larger resolution"
-        )
-    if not data_range > 0:
-        raise ValueError(f"ssim data_range is {data_range}; it must be > 0 (1.0 for images in [0, 1])")
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    a, b = a.to(dtype), b.to(dtype=dtype, device=a.device)
-    C = a.shape[1]
-    g = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, dtype, a.device)
-    gh = g.view(1, 1, 1, -1).expand(C, 1, 1, SSIM_WINDOW)  # separable: filter rows, then columns
-    gv = g.view(1, 1, -1, 1).expand(C, 1, SSIM_WINDOW, 1)
-
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(x, gh, groups=C), gv, groups=C)  # (B, C, H-10, W-10)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
+    _check_pair("ssim", a, b, data_range)
+    a, b = _promote(a, b)
+    mu_a, mu_b, var_a, var_b, cov = _local_moments(a, b)
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
     smap = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return smap.mean(dim=(1, 2, 3))
+
+
+def structure_similarity(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM *structure* term of the luma per image: drift that ignores global tone and contrast edits.
+
+    Wang et al. 2004, eq. 9: ``s = (σ_ab + C3) / (σ_a σ_b + C3)`` with ``C3 = C2 / 2 = (K2 · data_range)² / 2``,
+    on BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (one-channel input is taken as luma), with the
+    same local statistics as :func:`ssim` (11×11 Gaussian, σ = 1.5, valid positions, population
+    moments), averaged over positions. A global gain/offset ``g·b + o`` (g > 0) changes s only through
+    C3 (the same s with C3 / g), and ``s(a, g·a + o) = 1`` exactly, so a kept contrast or brightness edit
+    reads as no drift, while shuffled, shifted or blurred structure lowers it. Values lie in [−1, 1].
+    The gain invariance is close only where the local std is well above √C3 ≈ 0.02 · data_range, and a
+    flat window scores 1 (nothing to compare), so a collapse to a flat image is invisible here: report
+    this next to :func:`ssim`, not instead of it.
+
+    Args:
+        a: images (B, C, H, W) with C = 3 (RGB) or 1 (luma), values in [0, data_range]; H, W ≥ 11.
+        b: images of the same shape.
+        data_range: dynamic range of the values (1.0 for images in [0, 1]).
+
+    Returns:
+        (B,) float tensor on a's device, at least fp32 (fp64 stays fp64).
+
+    Raises:
+        ValueError: shapes differ, are not 4-D, C is not 1 or 3, images are smaller than the window,
+            or data_range ≤ 0.
+    """
+    _check_pair("structure_similarity", a, b, data_range)
+    if a.shape[1] not in (1, 3):
+        raise ValueError(f"structure_similarity needs RGB (C = 3) or luma (C = 1) images; got C = {a.shape[1]}")
+    a, b = _promote(a, b)
+    if a.shape[1] == 3:
+        w = torch.tensor(LUMA_BT601, dtype=a.dtype, device=a.device).view(1, 3, 1, 1)
+        a, b = (a * w).sum(1, keepdim=True), (b * w).sum(1, keepdim=True)
+    _, _, var_a, var_b, cov = _local_moments(a, b)
+    c3 = (SSIM_K2 * data_range) ** 2 / 2
+    # Cancellation in E[x²] − μ² can leave a flat window's variance a hair below 0.
+    smap = (cov + c3) / (var_a.clamp_min(0).sqrt() * var_b.clamp_min(0).sqrt() + c3)
     return smap.mean(dim=(1, 2, 3))

@@ -432,7 +432,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     n_adapters = task + 1 if cfg.method.adapter_per_task else 1
     for i in range(n_adapters):
         lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i, init=cfg.lora.init)
-    use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
+    use_distill = cfg.method.distills_on_task(task)
     height = cfg.sampling.height or models.sample_size
     width = cfg.sampling.width or models.sample_size
     # the trainer builds every task's reward up front (rewards.weights caches identical ones); with
@@ -484,7 +484,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
         engine.zero_grad()
         tracker.pop()
         if cfg.method.distill:
-            lora.ema_update(layers, cfg.method.ema_decay)
+            lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
     n_params = sum(p.numel() for p in params)
     cpu = n_params * 16 if optimizer_offloaded(cfg) else 0  # fp32 master + 2 moments + fp32 grads
     resident = {k: v for k, v in tracker.by_tag.items() if v}
@@ -619,7 +619,7 @@ def _signatures(cfg) -> dict[tuple, int]:
     """Tasks with the same reward and distillation have the same step; keep the one with most adapters."""
     out: dict[tuple, int] = {}
     for i, t in enumerate(cfg.tasks):
-        key = (_reward_key(cfg, t), cfg.method.distill and (i > 0 or cfg.method.distill_first_task))
+        key = (_reward_key(cfg, t), cfg.method.distills_on_task(i))
         out[key] = i  # later tasks hold more adapters
     return out
 

@@ -273,12 +273,12 @@ def _md_row(cells) -> str:
 
 
 def results_table_markdown(results: dict) -> str:
-    """Markdown summary of a run: reward matrix, forgetting, drift and wall time.
+    """Markdown summary of a run: reward matrix, continual-learning metrics, drift and wall time.
 
     Args:
         results: dict with
             ``task_names`` (n str), ``reward_matrix`` ((n+1)×n), and optionally
-            ``title`` (str), ``forgetting`` (the dict from :func:`ril_fast.evaluate_metrics.forgetting`),
+            ``title`` (str), ``metrics`` (a dict holding the keys of :func:`ril_fast.evaluate_metrics.ril_metrics`),
             ``drift`` ({metric name: list with one value per matrix row (n+1) or per trained row (n), or a
             scalar}), ``wall_time_s`` (float, or {"total": float, "per_task": [n floats]}).
 
@@ -302,23 +302,30 @@ def results_table_markdown(results: dict) -> str:
     out += [_md_row(["model", *names]), _md_row(["---"] * (n + 1))]
     out += [_md_row([rows[i], *(_fmt(float(v)) for v in M[i])]) for i in range(n + 1)]
 
-    f = results.get("forgetting")
-    if f:
-        out += ["", "**Forgetting** (F_j = max over earlier rows − final; normalised by the task's own gain)", ""]
-        old = names[: len(f.get("per_task", []))]
-        out += [_md_row(["", *old, "mean"]), _md_row(["---"] * (len(old) + 2))]
-        out += [_md_row(["forgetting", *map(_fmt, f.get("per_task", [])), _fmt(f.get("mean"))])]
-        out += [_md_row(["normalised", *map(_fmt, f.get("per_task_normalized", [])), _fmt(f.get("mean_normalized"))])]
-        out += [""]
-        for label, key in (
-            ("average reward (final row, raw)", "average_reward"),
-            ("average normalised reward (final row)", "average_normalized_reward"),
-            ("backward transfer (raw)", "backward_transfer"),
-            ("backward transfer (normalised)", "backward_transfer_normalized"),
-            ("forward transfer (raw)", "forward_transfer"),
+    m = results.get("metrics")
+    if m and m.get("plasticity"):
+        out += ["", "**Continual-learning metrics** (raw reward units; normalised = divided by the std of the task's "
+                "reward over the base model's eval images)", ""]
+        trained = m["plasticity"]["tasks"]
+        old = m["forgetting"]["tasks"]
+        cells = {name: ["–"] * 5 for name in trained}
+        for name, p, pn in zip(trained, m["plasticity"]["per_task"], m["normalized"]["plasticity"]["per_task"]):
+            cells[name][0], cells[name][1] = _fmt(p), _fmt(pn)
+        for name, f, fn, r in zip(old, m["forgetting"]["per_task"], m["forgetting"]["normalized_per_task"],
+                                  m["retention"]["per_task"]):
+            cells[name][2], cells[name][3], cells[name][4] = _fmt(f), _fmt(fn), _fmt(r)
+        out += [_md_row(["task", "plasticity", "normalised", "forgetting", "normalised", "retention"]),
+                _md_row(["---"] * 6)]
+        out += [_md_row([name, *cells[name]]) for name in trained]
+        out += ["", "plasticity P_j = R[j][j] − R[j−1][j]; forgetting F_j = max over rows j..n−1 − final; "
+                "retention = (final − R[j−1][j]) / P_j", ""]
+        for label, value in (
+            ("backward transfer (raw)", m.get("bwt")),
+            ("backward transfer (normalised)", m["normalized"].get("bwt")),
+            ("average final reward (raw)", m.get("average_final_reward")),
+            ("average final reward (normalised)", m["normalized"].get("average_final_reward")),
         ):
-            if key in f:
-                out.append(f"- {label}: {_fmt(f[key])}")
+            out.append(f"- {label}: {_fmt(value)}")
 
     drift = results.get("drift")
     if drift:

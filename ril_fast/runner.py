@@ -24,9 +24,10 @@ from ril_fast import checkpoint as ckpt
 from ril_fast import engine as eng
 from ril_fast import lora, report, rewards
 from ril_fast.config import Config, ConfigError, read_prompts
-from ril_fast.evaluate import evaluate_all_tasks, structure_drift
-from ril_fast.evaluate_metrics import forgetting
+from ril_fast.evaluate import eval_image_count, evaluate_all_tasks, structure_drift, structure_kept
+from ril_fast.evaluate_metrics import ril_metrics
 from ril_fast.methods.objective import compute_loss, latent_shape, make_batch, step_seed
+from ril_fast.rewards.normalize import JointReward, Normalizer
 from ril_fast.metrics_log import MetricsLog, read_metrics
 from ril_fast.sampling import compile_unet
 
@@ -114,6 +115,8 @@ class Run:
     is_main: bool
     results: dict = field(default_factory=dict)
     base_images: dict = field(default_factory=dict)
+    previous_images: tuple = (-1, {})  # (row, images) of the last evaluated row (structure kept)
+    normalizers: dict = field(default_factory=dict)  # task index -> Normalizer with running statistics
     seq: int = 0  # checkpoint sequence number
     bad_in_a_row: int = 0  # non-finite steps in a row, carried across a resume
     adherence_fn: object = None
@@ -206,9 +209,36 @@ def ensure_adapters(run: Run, n: int) -> None:
 
 
 def begin_task(run: Run, task: int) -> None:
-    """New pair (A random, B = 0) for group methods; the EMA teacher starts as the current model."""
+    """New pair (A random, B = 0) for group methods, a fresh one for ``independent``; the teacher's copy
+    (EMA, LwF) and the L2 anchor start as the current model."""
     ensure_adapters(run, adapters_for_task(run.cfg, task))
+    if run.cfg.method.name == "independent" and task > 0:
+        lora.reinit_newest(run.layers, seed=step_seed(run.cfg.seed, task, 0, "adapter"), init=run.cfg.lora.init)
     lora.reset_ema(run.layers)
+
+
+def reward_normalizer(run: Run, task: int) -> Normalizer | None:
+    """``tasks[task].reward_norm`` as a callable raw reward -> normalised reward (None for ``none``)."""
+    norm = run.cfg.tasks[task].reward_norm
+    if norm.mode == "none":
+        return None
+    if norm.mode == "fixed":
+        return Normalizer(norm.offset, norm.scale)
+    if norm.mode == "running":
+        return run.normalizers.setdefault(task, Normalizer(running_momentum=norm.momentum))
+    stats = run.results["reward_base_stats"]  # row 0, evaluated before any training
+    return Normalizer(stats["mean"][task], stats["std"][task])
+
+
+def task_objective(run: Run, task: int):
+    """(reward callable, normaliser, training prompts) of a task's loss: its own reward, or for ``joint``
+    the sum of the normalised rewards of tasks 1..t on the union of their training prompts."""
+    if run.cfg.method.name != "joint":
+        return run.rewards[task], reward_normalizer(run, task), run.train_prompts[task]
+    seen = range(task + 1)
+    joint = JointReward([run.rewards[i] for i in seen], [reward_normalizer(run, i) for i in seen])
+    prompts = list(dict.fromkeys(p for i in seen for p in run.train_prompts[i]))
+    return joint, None, prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +248,8 @@ def begin_task(run: Run, task: int) -> None:
 def save(run: Run, task: int, phase: str, step: int, engine=None) -> None:
     run.seq += 1
     meta = {"task": task, "phase": phase, "step": step, "results": run.results, "config": run.cfg.to_dict(),
-            "metrics_lines": run.log.lines(), "bad_in_a_row": run.bad_in_a_row}
+            "metrics_lines": run.log.lines(), "bad_in_a_row": run.bad_in_a_row,
+            "reward_norm_state": {str(i): n.state() for i, n in run.normalizers.items()}}
     if not run.is_main and eng.dist_ready():  # every rank's RNG state goes into the checkpoint
         ckpt.stage_rank_rng(run.out, run.seq, eng.rank())
     eng.barrier_all()
@@ -253,10 +284,13 @@ def resume(run: Run):
     run.seq = meta["seq"]
     run.bad_in_a_row = meta.get("bad_in_a_row", 0)
     run.log.truncate(meta["metrics_lines"])
+    for i, state in meta.get("reward_norm_state", {}).items():
+        if run.cfg.tasks[int(i)].reward_norm.mode == "running":
+            reward_normalizer(run, int(i)).load_state(state)
+    from safetensors.torch import load_file
+
     base = run.out / "eval" / "base_images.safetensors"
     if base.is_file():
-        from safetensors.torch import load_file
-
         run.base_images = load_file(base)
     _log.warning("resuming from checkpoint %d: task %d, phase %s, step %d", run.seq, task, phase, meta["step"])
     return task, phase, meta["step"], optim
@@ -290,7 +324,8 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
     engine = eng.Engine(run.models.unet, params, cfg, lr=tcfg.lr or cfg.train.lr)
     if optimizer_state is not None:
         engine.load_optimizer_state(optimizer_state)
-    use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
+    use_distill = cfg.method.distills_on_task(task)
+    reward_fn, reward_norm, prompts = task_objective(run, task)
     bad = run.bad_in_a_row if start_step > 0 else 0  # a streak of skipped steps survives a resume
     bar = tqdm(range(start_step, tcfg.steps), desc=f"task {task + 1}/{len(cfg.tasks)} {tcfg.name}",
                disable=not run.is_main, initial=start_step, total=tcfg.steps)
@@ -298,9 +333,10 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
         t0 = time.perf_counter()
         rewards_, distills, finite = [], [], True
         for micro in range(cfg.train.grad_accum):
-            batch = make_batch(run.models, cfg, run.prompt_cache, run.train_prompts[task], task,
+            batch = make_batch(run.models, cfg, run.prompt_cache, prompts, task,
                                (step * cfg.train.grad_accum + micro) * eng.world_size() + eng.rank(), run.device)
-            out = compute_loss(run.models, run.layers, run.rewards[task], batch, cfg, use_distill)
+            out = compute_loss(run.models, run.layers, reward_fn, batch, cfg, use_distill, reward_norm=reward_norm,
+                               use_l2=cfg.method.penalizes_on_task(task))
             if not engine.loss_is_finite(out.loss):
                 finite = False
                 break
@@ -313,8 +349,8 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
             engine.zero_grad()
         if stepped and finite:
             bad = 0
-            if cfg.method.distill:
-                lora.ema_update(run.layers, cfg.method.ema_decay)
+            if cfg.method.teacher == "ema":
+                lora.ema_update(run.layers, cfg.method.decay(tcfg.steps))
         else:
             bad += 1
             _log.warning("task %d step %d: non-finite loss or gradient, step skipped (%d in a row)", task, step, bad)
@@ -349,8 +385,7 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
 def evaluate_row(run: Run, row: int) -> None:
     """Evaluate every task with the current model; row 0 is the base model."""
     cfg = run.cfg
-    n_images = sum(len(p) for p in run.eval_prompts) * len(cfg.eval.seeds)
-    with tqdm(total=n_images, desc=f"eval row {row}", disable=not run.is_main) as bar:
+    with tqdm(total=eval_image_count(cfg, run.eval_prompts), desc=f"eval row {row}", disable=not run.is_main) as bar:
         result = evaluate_all_tasks(run.models, cfg, run.prompt_cache, run.eval_prompts, run.rewards, run.device,
                                     run.shape, adherence_fn=run.adherence_fn, progress=bar,
                                     idle_device=idle_reward_device(cfg, run.device))
@@ -358,22 +393,61 @@ def evaluate_row(run: Run, row: int) -> None:
     res.setdefault("tasks", [t.name for t in cfg.tasks])
     res.setdefault("reward_matrix", []).append(result.rewards)
     if row == 0:
+        res["reward_base_stats"] = base_stats(cfg, result)
         run.base_images = {k: v.clone() for k, v in result.images.items()}
         if run.is_main:
             (run.out / "eval").mkdir(parents=True, exist_ok=True)
             ckpt.save_tensors_atomic(run.out / "eval" / "base_images.safetensors", run.base_images)
     res.setdefault("structure_drift", []).append(structure_drift(result.images, run.base_images))
+    structure = res.setdefault("structure", {"to_base": [], "to_previous": []})
+    structure["to_base"].append(structure_kept(result.images, run.base_images))
+    structure["to_previous"].append(structure_kept(result.images, row_images(run, row - 1)) if row else 1.0)
+    run.previous_images = (row, {k: v.clone() for k, v in result.images.items()})
+    if run.is_main:  # two slots, so a run killed while writing row r still holds row r − 1
+        ckpt.save_tensors_atomic(_row_images_path(run, row),
+                                 {**run.previous_images[1], "__row__": torch.tensor(row)})
     if result.adherence is not None:
         res.setdefault("prompt_adherence", []).append(result.adherence)
     if run.is_main:
         label = "base" if row == 0 else f"after_task_{row:02d}"
-        images = torch.cat(list(result.images.values()))
-        captions = [p for ps in result.prompts.values() for p in ps]
+        sets = result.image_sets()
+        images = torch.cat([i for i, _ in sets])
+        captions = [p for _, ps in sets for p in ps]
         report.save_image_grid(images, run.out / "grids" / f"{label}.png", nrow=len(cfg.eval.seeds) * 2,
                                captions=captions)
         run.log.write({"kind": "eval", "row": row, **{f"reward/{t.name}": r for t, r in zip(cfg.tasks, result.rewards)},
                        "structure_drift": res["structure_drift"][-1]}, tb_step=row)
     ckpt.fault_point("eval")
+
+
+def _row_images_path(run: Run, row: int) -> Path:
+    return run.out / "eval" / f"row_images_{row % 2}.safetensors"
+
+
+def row_images(run: Run, row: int) -> dict:
+    """Eval images of row ``row``: in memory, or (after a resume) from its slot on disk."""
+    if run.previous_images[0] == row:
+        return run.previous_images[1]
+    from safetensors.torch import load_file
+
+    path = _row_images_path(run, row)
+    saved = load_file(path) if path.is_file() else {}
+    if int(saved.pop("__row__", -1)) != row:
+        raise FatalRunError(f"{path} does not hold the eval images of row {row}; rerun with --set overwrite=true")
+    return saved
+
+
+def base_stats(cfg: Config, result) -> dict:
+    """Mean and std of each task's reward over the base model's eval images: the fixed scale that
+    normalises every metric (and, with ``reward_norm: base_std``, the loss). A constant reward gets 1."""
+    means, stds = [], []
+    for task in cfg.tasks:
+        scores = result.scores[task.name].double()
+        std = float(scores.std()) if scores.numel() > 1 else 0.0
+        means.append(float(scores.mean()))
+        stds.append(std if std > 1e-12 else 1.0)
+    return {"tasks": [t.name for t in cfg.tasks], "mean": means, "std": stds,
+            "definition": "mean and std of each task's reward over the base model's eval images (row 0)"}
 
 
 def extend_results(run: Run) -> None:
@@ -400,6 +474,10 @@ def extend_results(run: Run) -> None:
                 lora.set_active_tasks(run.layers, None)
             res["reward_matrix"][row] = res["reward_matrix"][row] + result.rewards
             if row == 0:
+                new = base_stats(sub, result)
+                stats = res["reward_base_stats"]
+                for key in ("tasks", "mean", "std"):
+                    stats[key] = stats[key][:have] + new[key]
                 run.base_images.update({k: v.clone() for k, v in result.images.items()})
                 if run.is_main:
                     ckpt.save_tensors_atomic(run.out / "eval" / "base_images.safetensors", run.base_images)
@@ -408,8 +486,11 @@ def extend_results(run: Run) -> None:
 
 def write_results(run: Run, wall: float) -> dict:
     res = dict(run.results)
-    rows = len(res["reward_matrix"])  # mid-run: rows 0..t over the t tasks trained so far
-    res["forgetting"] = forgetting([r[: rows - 1] for r in res["reward_matrix"]]) if rows > 1 else None
+    trained = len(res["reward_matrix"]) - 1  # mid-run: rows 0..t over the t tasks trained so far
+    if trained >= 1:
+        metrics = ril_metrics([r[:trained] for r in res["reward_matrix"]], res["tasks"][:trained],
+                              res["reward_base_stats"]["std"][:trained])
+        res.update({k: v for k, v in metrics.items() if k != "tasks"})
     res["wall_seconds"] = wall
     res["method"] = run.cfg.method.name
     res["config"] = run.cfg.to_dict()
@@ -477,7 +558,9 @@ def plot_curves(run: Run, task: int) -> None:
 def table_view(res: dict) -> dict:
     """The results in the shape ``report.results_table_markdown`` takes."""
     return {"title": f"method {res['method']}", "task_names": res["tasks"], "reward_matrix": res["reward_matrix"],
-            "forgetting": res["forgetting"], "drift": {"SSIM to base": res["structure_drift"]},
+            "metrics": res, "drift": {"SSIM to base": res["structure_drift"],
+                                      "structure kept vs base": res["structure"]["to_base"],
+                                      "structure kept vs previous row": res["structure"]["to_previous"]},
             "wall_time_s": res["wall_seconds"]}
 
 
@@ -493,7 +576,8 @@ def print_header(run: Run) -> None:
         "***** ril_fast *****",
         f"  model: {cfg.model.path} ({run.models.kind}, base {cfg.model.dtype}) on {run.device}",
         f"  method: {cfg.method.name} (adapter per task: {cfg.method.adapter_per_task}, distill: {cfg.method.distill}"
-        f" {cfg.method.distill_mode}/{cfg.method.distill_target}, ema {cfg.method.ema_decay})",
+        f" {cfg.method.distill_mode}/{cfg.method.distill_target}, teacher {cfg.method.teacher},"
+        f" ema decay {'1 − 1/steps' if cfg.method.ema_decay is None else cfg.method.ema_decay})",
         f"  tasks: {' -> '.join(f'{t.name}[{t.reward}]x{t.steps}' for t in cfg.tasks)}",
         f"  batch: {cfg.train.batch_size} per rank x {eng.world_size()} ranks x {cfg.train.grad_accum} accumulation",
         f"  sampling: {cfg.sampling.steps} DDIM steps, CFG {cfg.sampling.guidance_scale}, K = {cfg.sampling.grad_window}"

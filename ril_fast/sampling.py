@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ril_fast.models.text import Conditioning, unet_forward
@@ -31,6 +32,7 @@ class StepRecord:
     x_t: torch.Tensor
     t: int
     out: torch.Tensor
+    noise: torch.Tensor | None = None  # DDIM's variance noise at eta > 0: replaying the step needs the same draw
 
 
 @dataclass
@@ -123,15 +125,23 @@ def ddim_sample(models, cond: Conditioning, uncond: Conditioning | None, z_T: to
             x = x.detach()  # DRaFT-K: nothing flows back past the window
         with torch.set_grad_enabled(in_window and torch.is_grad_enabled()):
             out = guided_output(models, x, t, cond, uncond, guidance_scale, use_checkpoint and in_window)
-            record = StepRecord(x, int(t), out)
+            # the draw diffusers' step would make, made here so that the step can be replayed exactly
+            noise = randn_tensor(out.shape, generator=generator, device=out.device, dtype=out.dtype) if eta > 0 else None
+            record = StepRecord(x, int(t), out, noise)
             if record_window and in_window:
                 records.append(record)
             last = record
-            x = scheduler.step(out, t, x, eta=eta, generator=generator).prev_sample
+            x = scheduler.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         if progress is not None:
             progress.update(1)
     alpha_bar = scheduler.alphas_cumprod.to(z_T.device)[last.t].float().expand(z_T.shape[0])
     return SampleResult(latents=x, last=last, alpha_bar=alpha_bar, window=window, window_steps=records)
+
+
+def replay_step(models, record: StepRecord, out: torch.Tensor, eta: float) -> torch.Tensor:
+    """The latent DDIM's step gives from ``record``'s input with another model output ``out`` (same
+    timestep, same variance noise): the teacher's counterpart of the student's step."""
+    return models.scheduler.step(out, record.t, record.x_t, eta=eta, variance_noise=record.noise).prev_sample
 
 
 def decode(models, latents: torch.Tensor, use_checkpoint: bool = False, slice_batch: bool = False) -> torch.Tensor:

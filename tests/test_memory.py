@@ -79,7 +79,7 @@ def real_trainer_step(cfg) -> int:
         engine.backward(out.loss)
         del out
         engine.step()
-        lora.ema_update(layers, cfg.method.ema_decay)
+        lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
     return tracker.peak
 
 

@@ -75,7 +75,8 @@ def test_last_step_x0_matches_scheduler_math(setup, tiny_model_dirs):
     sched = models.scheduler
     x0_s = sched.step(last.out, last.t, last.x_t).pred_original_sample
     x0_t = sched.step(t_out, last.t, last.x_t.detach()).pred_original_sample
-    ref = F.mse_loss(x0_s, x0_t)
+    ab = float(sched.alphas_cumprod[last.t])
+    ref = F.mse_loss(x0_s, x0_t) * ab / (1 - ab)  # λ is in ε units: the x0 error weighted by ᾱ/(1 − ᾱ)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-9)
     assert float(loss) > 0
     # The gradient reaches the trainable pair only.

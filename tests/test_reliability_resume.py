@@ -172,9 +172,9 @@ def test_disk_full_during_checkpoint_then_resume(model, reference, tmp_path, mon
 
     def filling_disk(path, tensors):
         calls[0] += 1
-        # 1: eval/base_images, 2-3: checkpoint 1, 4-6: checkpoint 2 (state, optimizer, rng);
-        # 7: the first file of checkpoint 3 (task 1 "trained")
-        if calls[0] == 7:
+        # 1: eval/base_images, 2: eval/row_images_0, 3-4: checkpoint 1, 5-7: checkpoint 2 (state, optimizer,
+        # rng); 8: the first file of checkpoint 3 (task 1 "trained")
+        if calls[0] == 8:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, tensors)
 

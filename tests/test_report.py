@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ril_fast.evaluate_metrics import forgetting
+from ril_fast.evaluate_metrics import ril_metrics
 from ril_fast.report import (
     GRID_PADDING,
     plot_reward_curves,
@@ -103,7 +103,7 @@ def test_results_table_markdown():
         "title": "rid on tiny",
         "task_names": NAMES,
         "reward_matrix": R,
-        "forgetting": forgetting(R),
+        "metrics": ril_metrics(R, NAMES, [1.0, 2.0, 4.0]),
         "drift": {"ssim_to_base": [0.9, 0.8, 0.7], "classifier_acc": [1.0, 0.95, 0.9, 0.85], "mean_ssim": 0.8},
         "wall_time_s": {"total": 123.4, "per_task": [40.0, 41.0, 42.4]},
     }
@@ -113,8 +113,12 @@ def test_results_table_markdown():
     assert _table_rows(md, "base") == ["5", "1", "0"]
     assert _table_rows(md, "after hps") == ["2", "6", "1"]
     assert _table_rows(md, "after compress") == ["1", "5", "8"]
-    assert _table_rows(md, "forgetting") == ["4", "1", "2.5"]  # max(5,3,2)-1, max(1,4,6)-5, mean
-    assert _table_rows(md, "normalised") == ["–", "0.2", "0.2"]  # column 0 gained nothing
+    # by hand: P = (3-5, 6-4, 8-1); F = (max(3,2)-1, 6-5) over rows after each task only; retention of hps
+    # (5-4)/2, of aesthetic undefined (P < 0); normalised by the scales 1, 2, 4
+    assert _table_rows(md, "task") == ["plasticity", "normalised", "forgetting", "normalised", "retention"]
+    assert _table_rows(md, "aesthetic") == ["-2", "-2", "2", "2", "–"]
+    assert _table_rows(md, "hps") == ["2", "1", "1", "0.5", "0.5"]
+    assert _table_rows(md, "compress") == ["7", "1.75", "–", "–", "–"]
     assert _table_rows(md, "ssim_to_base") == ["–", "0.9", "0.8", "0.7"]
     assert _table_rows(md, "classifier_acc") == ["1", "0.95", "0.9", "0.85"]
     assert "- mean_ssim: 0.8" in md
@@ -125,7 +129,7 @@ def test_results_table_markdown():
 def test_results_table_minimal_and_errors():
     md = results_table_markdown({"task_names": ["a"], "reward_matrix": [[0.25], [0.5]]})
     assert _table_rows(md, "after a") == ["0.5"]
-    assert "Forgetting" not in md
+    assert "Continual-learning metrics" not in md
     with pytest.raises(ValueError, match="needs key 'reward_matrix'"):
         results_table_markdown({"task_names": ["a"]})
     with pytest.raises(ValueError, match=r"expected \(3, 2\)"):

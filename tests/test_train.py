@@ -26,7 +26,7 @@ def write_cfg(path, model_dir, out, **method):
             {"name": "smooth", "reward": "smoothness", "train_prompts": ["a green star"],
              "eval_prompts": ["a blue square"], "steps": 2},
         ],
-        "eval": {"seeds": [5]},
+        "eval": {"seeds": [5, 6]},
     }))
     return path
 
@@ -45,11 +45,23 @@ def test_results_json(finished_run):
     assert res["tasks"] == ["bright", "smooth"]
     R = np.array(res["reward_matrix"])
     assert R.shape == (3, 2) and np.isfinite(R).all()
-    f = res["forgetting"]
-    # Independent recomputation of DESIGN.md §3's F_j for the one earlier task.
-    assert f["per_task"][0] == pytest.approx(R[:2, 0].max() - R[2, 0])
-    assert "mean" in f and "mean_normalized" in f
+    # Independent recomputation of DESIGN.md §3: P_j = R[j][j] − R[j−1][j]; F_1 over the rows after task 1 only.
+    assert res["plasticity"]["per_task"] == pytest.approx([R[1, 0] - R[0, 0], R[2, 1] - R[1, 1]])
+    assert res["forgetting"]["per_task"] == pytest.approx([R[1, 0] - R[2, 0]])
+    assert res["bwt"] == pytest.approx(R[2, 0] - R[1, 0])
+    assert res["average_final_reward"] == pytest.approx(R[2].mean())
+    # The scale of each reward: its std over the base model's eval images, recomputed from the saved images.
+    from ril_fast.rewards import build
+
+    base = load_file(run / "eval" / "base_images.safetensors")
+    for name, reward, scale in zip(res["tasks"], ("brightness", "smoothness"), res["reward_scales"]["values"]):
+        scores = build(reward)(base[name], ["a blue square"] * len(base[name])).double()
+        assert len(scores) == 2 and scale == pytest.approx(float(scores.std()), rel=1e-5)
+    assert res["forgetting"]["normalized_per_task"] == pytest.approx(
+        [(R[1, 0] - R[2, 0]) / res["reward_scales"]["values"][0]])
+    assert res["normalized"]["reward_matrix"][0] == [0.0, 0.0]
     assert len(res["structure_drift"]) == 3 and res["structure_drift"][0] == pytest.approx(1.0)
+    assert len(res["structure"]["to_base"]) == len(res["structure"]["to_previous"]) == 3
     assert res["wall_seconds"] > 0 and res["config"]["method"]["name"] == "rid"
 
 
@@ -100,7 +112,7 @@ def test_load_pipeline_reproduces_trainer_images(finished_run):
     run, _ = finished_run
     pipe = ril_fast.load_pipeline(run, task=2)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    z = eval_noise(lambda n: (n, 4, 16, 16), 5)
+    z = eval_noise(lambda n: (n, 4, 16, 16), 5, "a blue square")
     image = pipe(["a blue square"], num_inference_steps=2, guidance_scale=2.0, latents=z, output_type="pt").images
     grid = np.asarray(Image.open(run / "grids" / "after_task_02.png").convert("RGB")).astype(np.float32) / 255
     h, w = image.shape[-2:]

@@ -35,6 +35,19 @@ def _optimizer_stepped(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_optimizer_stepped)
 
 
+def init_lora_a(rank: int, in_features: int, generator: torch.Generator | None, init: str,
+                draw: bool = True) -> torch.Tensor:
+    """A fresh (rank, in_features) fp32 A on the CPU, as PEFT draws it (B starts at zero)."""
+    a = torch.empty(rank, in_features, dtype=torch.float32)
+    if not draw:  # meta-device models (the memory planner) only need the shape
+        return a
+    if init == "kaiming":
+        # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        bound = 1.0 / math.sqrt(in_features)
+        return a.uniform_(-bound, bound, generator=generator)
+    return a.normal_(0.0, 1.0 / rank, generator=generator)
+
+
 class LoRAGroupLinear(nn.Module):
     """A frozen linear layer with a group of LoRA adapters, one per task.
 
@@ -151,14 +164,7 @@ class LoRAGroupLinear(nn.Module):
         for p in list(self.lora_a) + list(self.lora_b):
             p.requires_grad_(False)
         device = self.base.weight.device
-        a = torch.empty(rank, self.in_features, dtype=torch.float32)
-        if device.type != "meta":
-            if init == "kaiming":
-                # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in)).
-                bound = 1.0 / math.sqrt(self.in_features)
-                a.uniform_(-bound, bound, generator=generator)
-            else:
-                a.normal_(0.0, 1.0 / rank, generator=generator)
+        a = init_lora_a(rank, self.in_features, generator, init, draw=device.type != "meta")
         a = nn.Parameter(a.to(device=device, dtype=self.adapter_dtype))
         b = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=self.adapter_dtype))
         self.lora_a.append(a)

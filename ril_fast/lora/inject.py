@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from ril_fast.lora.group import LoRAGroupLinear
+from ril_fast.lora.group import LoRAGroupLinear, init_lora_a
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
@@ -106,15 +106,25 @@ def set_teacher(layers: Sequence[LoRAGroupLinear], flag: bool) -> None:
 
 
 @contextlib.contextmanager
-def teacher_mode(layers: Sequence[LoRAGroupLinear]) -> Iterator[None]:
-    """Run the forward with the EMA teacher's pair inside the block; restores the previous flags."""
-    previous = [layer.use_teacher for layer in layers]
-    set_teacher(layers, True)
+def teacher_mode(layers: Sequence[LoRAGroupLinear], teacher: str = "ema") -> Iterator[None]:
+    """Run the forward as the teacher inside the block; restores the previous state.
+
+    ``ema`` and ``previous``: the newest pair swapped for its copy in ``ema_a`` / ``ema_b`` (a momentum
+    copy, or one frozen at the start of the task). ``base``: no adapter at all (the base model).
+    """
+    if teacher not in ("ema", "previous", "base"):
+        raise ValueError(f"teacher must be 'ema', 'previous' or 'base', got {teacher!r}")
+    previous = [(layer.use_teacher, layer.active_tasks) for layer in layers]
+    for layer in layers:
+        if teacher == "base":
+            layer.active_tasks = 0
+        else:
+            layer.use_teacher = True
     try:
         yield
     finally:
-        for layer, flag in zip(layers, previous):
-            layer.use_teacher = flag
+        for layer, (flag, active) in zip(layers, previous):
+            layer.use_teacher, layer.active_tasks = flag, active
 
 
 def set_active_tasks(layers: Sequence[LoRAGroupLinear], n: int | None) -> None:
@@ -141,6 +151,38 @@ def reset_ema(layers: Sequence[LoRAGroupLinear]) -> None:
     """Set every EMA copy to the current trainable pair (start of a task)."""
     for layer in layers:
         layer.reset_ema()
+
+
+@torch.no_grad()
+def reinit_newest(layers: Sequence[LoRAGroupLinear], seed: int, init: str = "kaiming") -> None:
+    """Draw the newest pair afresh (A random, B = 0), as :func:`add_task` would: the model is the base
+    model plus the frozen adapters again (method ``independent`` starts every task from the base)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    for layer in layers:
+        a, b = layer.trainable_pair()
+        a.copy_(init_lora_a(a.shape[0], layer.in_features, generator, init))
+        b.zero_()
+    reset_ema(layers)
+
+
+def l2_penalty(layers: Sequence[LoRAGroupLinear]) -> torch.Tensor:
+    """Mean over layers of ``||s·(B A − B₀ A₀)||²_F``: how far the trainable pair's weight update moved from
+    its copy at the start of the task (held in ``ema_a`` / ``ema_b``, never updated for method l2).
+
+    Computed from rank × rank Gram matrices, never forming the d_out × d_in product:
+    ``||BA − B₀A₀||² = Σ(BᵀB ∘ AAᵀ) − 2 Σ(BᵀB₀ ∘ AA₀ᵀ) + Σ(B₀ᵀB₀ ∘ A₀A₀ᵀ)``.
+    """
+    total = None
+    for layer in layers:
+        a, b = (t.float() for t in layer.trainable_pair())
+        a0, b0 = (t.float() for t in layer.ema_pair())
+        s2 = layer.scales[-1] ** 2
+        sq = ((b.T @ b) * (a @ a.T)).sum() - 2 * ((b.T @ b0) * (a @ a0.T)).sum() + ((b0.T @ b0) * (a0 @ a0.T)).sum()
+        term = s2 * sq
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("l2_penalty needs at least one LoRAGroupLinear layer")
+    return total / len(layers)
 
 
 def _prefix(layer: LoRAGroupLinear, index: int) -> str:

@@ -1,4 +1,4 @@
-"""One training batch: the only place the loss ``L = −α·mean(r_t) + λ·L_distill`` is built.
+"""One training batch: the only place the loss ``L = −α·mean(r_t) + λ·L_distill + μ·L_l2`` is built.
 
 Data flow (DESIGN.md §4): prompts -> cached text embeddings -> noise -> sampler (no-grad
 prefix, K-step grad window) -> [last step: student + teacher] -> x0 -> VAE decode -> reward ->
@@ -8,10 +8,12 @@ loss. Backward, the optimizer step and the EMA update follow in ``ril_fast.engin
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ril_fast import lora
 from ril_fast.methods import distill as distill_losses
 from ril_fast.models.text import Conditioning
 from ril_fast.sampling import ddim_sample, decode, draw_window
@@ -69,28 +71,43 @@ def make_batch(models, cfg, prompt_cache, prompts: list[str], task: int, step: i
     return Batch(chosen, cond, uncond, z_T, window, seed)
 
 
-def compute_loss(models, layers, reward_fn, batch: Batch, cfg, use_distill: bool) -> StepOutput:
-    """Sample with gradients in the window, decode, score, and (optionally) distill from the teacher."""
-    s = cfg.sampling
+def compute_loss(models, layers, reward_fn, batch: Batch, cfg, use_distill: bool, *,
+                 reward_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 use_l2: bool | None = None) -> StepOutput:
+    """Sample with gradients in the window, decode, score, and add the method's regulariser.
+
+    ``L = −α·mean(norm(r)) + λ·L_distill + μ·L_l2``: ``reward_norm`` maps the raw reward to the normalised
+    one (None: raw); the distillation term (``use_distill``) pulls toward ``cfg.method.teacher``; the L2
+    term (``use_l2``, default: method ``l2``) penalises the trainable pair's change since the task began.
+    """
+    s, m = cfg.sampling, cfg.method
     gen = torch.Generator(batch.z_T.device).manual_seed(batch.seed) if s.eta > 0 else None
-    full = use_distill and cfg.method.distill_mode == "full"
+    full = use_distill and m.distill_mode == "full"
     sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=s.steps, guidance_scale=s.guidance_scale,
                          eta=s.eta, window=batch.window, use_checkpoint=s.checkpoint_unet, generator=gen,
                          record_window=full)
     decode_kwargs = dict(use_checkpoint=cfg.memory.vae_checkpoint, slice_batch=cfg.memory.vae_slice)
     images = decode(models, sample.latents, **decode_kwargs)
     reward = reward_fn(images, batch.prompts).float()
-    loss = -cfg.method.reward_weight * reward.mean()
+    scored = reward if reward_norm is None else reward_norm(reward)
+    loss = -m.reward_weight * scored.mean()
     distill = None
     if use_distill:
+        teacher = m.teacher or "ema"
         if full:
             distill = distill_losses.full_chain_loss(
                 models, layers, sample, batch.z_T, batch.cond, batch.uncond, steps=s.steps,
-                guidance_scale=s.guidance_scale, eta=s.eta, generator_seed=batch.seed if s.eta > 0 else None)
+                guidance_scale=s.guidance_scale, eta=s.eta, generator_seed=batch.seed if s.eta > 0 else None,
+                teacher=teacher)
+        elif m.distill_on == "renoised":
+            distill = distill_losses.renoised_loss(models, layers, sample, batch.cond, batch.uncond, s.guidance_scale,
+                                                   teacher=teacher, seed=batch.seed, use_checkpoint=s.checkpoint_unet)
         else:
             distill = distill_losses.last_step_loss(models, layers, sample, batch.cond, batch.uncond,
-                                                    s.guidance_scale, cfg.method.distill_target,
-                                                    student_images=images, decode_kwargs=decode_kwargs)
-        loss = loss + cfg.method.distill_weight * distill
+                                                    s.guidance_scale, m.distill_target, teacher=teacher,
+                                                    student_images=images, eta=s.eta, decode_kwargs=decode_kwargs)
+        loss = loss + m.distill_weight * distill
+    if m.name == "l2" if use_l2 is None else use_l2:
+        loss = loss + m.l2_weight * lora.l2_penalty(layers)
     return StepOutput(loss=loss, reward=reward.detach(), distill=None if distill is None else distill.detach(),
                       images=images.detach())

@@ -109,3 +109,48 @@ class NormalizedReward(nn.Module):
             self.running.update(r)
         mean, std = self.running.stats()
         return (r - mean) / std
+
+
+class Normalizer:
+    """``(r − offset) / scale`` for a task's loss: fixed offset and scale (``base_std``, ``fixed``), or the
+    running statistics of the training batches (``running_momentum`` given). Gradients pass as ``grad / scale``."""
+
+    def __init__(self, offset: float = 0.0, scale: float = 1.0, running_momentum: float | None = None):
+        if not scale > 0:
+            raise ValueError(f"reward scale must be > 0; got {scale}")
+        self.offset, self.scale = float(offset), float(scale)
+        self.running = RunningNorm(running_momentum) if running_momentum is not None else None
+
+    def __call__(self, reward: torch.Tensor) -> torch.Tensor:
+        offset, scale = self.offset, self.scale
+        if self.running is not None:
+            self.running.update(reward)
+            offset, scale = self.running.stats()
+        return (reward - offset) / scale
+
+    def state(self) -> dict:
+        """JSON-able running statistics (empty for fixed normalisation), for checkpoints."""
+        if self.running is None:
+            return {}
+        return {k: float(v) for k, v in self.running.state_dict().items()}
+
+    def load_state(self, state: dict) -> None:
+        if self.running is not None and state:
+            self.running.load_state_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in state.items()})
+
+
+class JointReward:
+    """Sum of several tasks' normalised rewards on the same images (method ``joint``)."""
+
+    def __init__(self, rewards: list, normalizers: list):
+        if len(rewards) != len(normalizers) or not rewards:
+            raise ValueError("JointReward needs one normaliser (or None) per reward, and at least one reward")
+        self.rewards, self.normalizers = rewards, normalizers
+
+    def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        total = None
+        for reward, norm in zip(self.rewards, self.normalizers):
+            r = reward(images, prompts).float()
+            r = r if norm is None else norm(r)
+            total = r if total is None else total + r
+        return total
