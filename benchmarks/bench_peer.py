@@ -135,17 +135,17 @@ def make_ours(base: Base, k: int, distill_first: bool, compiled: bool):
         compile_unet(models, cfg)
     engine = eng.Engine(models.unet, lora.trainable_parameters(layers), cfg, lr=cfg.train.lr)
     task = k - 1
-    use_distill = cfg.method.distill and (task > 0 or cfg.method.distill_first_task)
+    use_distill, use_l2 = cfg.method.distills_on_task(task), cfg.method.penalizes_on_task(task)
 
     def step(i: int) -> float:
         batch = make_batch(models, cfg, base.cache, base.prompts, task, i, base.device)
-        out = compute_loss(models, layers, base.reward, batch, cfg, use_distill)
+        out = compute_loss(models, layers, base.reward, batch, cfg, use_distill, use_l2=use_l2)
         if not engine.loss_is_finite(out.loss):
             raise RuntimeError("non-finite loss in the benchmark")
         engine.backward(out.loss)
         engine.step()
-        if cfg.method.distill:
-            lora.ema_update(layers, cfg.method.ema_decay)
+        if cfg.method.teacher == "ema":
+            lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
         step.last_loss = float(out.loss)  # (after the step: the finite check synced already)
         return step.last_loss
 

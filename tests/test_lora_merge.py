@@ -107,9 +107,10 @@ def test_the_cache_follows_every_change(change):
     _close(after, _ref(layer, x))
 
 
-def test_grad_path_folds_only_the_frozen_adapters():
-    """With grad: y = x·W_fᵀ + b + s_t (x A_tᵀ) B_tᵀ, W_f cached across calls; the trainable pair's
-    and x's gradients equal the unmerged layer's, and frozen adapters get none."""
+def test_grad_path_folds_the_frozen_adapters_once():
+    """With grad: y = x·(W_f + s_t B_t A_t)ᵀ + b, W_f cached across calls and the trainable pair under
+    autograd; its gradients and x's equal the unmerged layer's, frozen adapters get none, and the
+    output equals the no-grad forward's bit for bit (the teacher equal to the student gives exactly 0)."""
     layer = _layer()
     plain = _layer()
     plain.load_state_dict(layer.state_dict())
@@ -124,6 +125,11 @@ def test_grad_path_folds_only_the_frozen_adapters():
     plain(x2).sum().backward()
     plain(x2).sum().backward()
     _close(y.detach(), _ref(layer, x))
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+        layer.reset_ema()
+        layer.use_teacher = True
+        assert torch.equal(layer(x), y)
     grads = [(x.grad, x2.grad)] + [(p.grad, q.grad) for p, q in zip(layer.trainable_pair(), plain.trainable_pair())]
     for got, want in grads:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

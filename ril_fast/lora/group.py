@@ -66,8 +66,8 @@ class LoRAGroupLinear(nn.Module):
         merge: fold adapters into cached weights (None: where measured to pay, fp32 weights on CPU;
             True / False force it). Without grad (the sampler's prefix, the teacher, evaluation) the
             forward is then one linear with ``W + Σ s_i B_i A_i``, whatever the group size; with
-            grad, the frozen adapters are folded into ``W`` and only the trainable pair runs as LoRA.
-            Each cached weight costs one copy of ``W``; both follow every in-place update.
+            grad, the same weight is built under autograd from the cached fold of the frozen
+            adapters. Each cached weight costs one copy of ``W``; both follow every in-place update.
     """
 
     merge: bool | None = None  # class-wide default; a layer may set its own
@@ -235,15 +235,13 @@ class LoRAGroupLinear(nn.Module):
         if merging:
             if not torch.is_grad_enabled():
                 return F.linear(x, self._merged_weight(lora_a, lora_b, scales, tensors), base.bias)
-            self._merged = None  # the gradient window: give its memory back for the backward
-            frozen = [i for i, (a, b) in enumerate(zip(lora_a, lora_b)) if not (a.requires_grad or b.requires_grad)]
-            if frozen:
-                live = [i for i in range(len(lora_a)) if i not in frozen]
-                w = self._fold(frozen, lora_a, lora_b, scales)
-                if not live:
-                    return F.linear(x, w, base.bias)
-                return kernels.lora_group_linear(x, w, base.bias, [lora_a[i] for i in live],
-                                                 [lora_b[i] for i in live], [scales[i] for i in live])
+            # The gradient window: the same weight, built under autograd from the cached fold of the
+            # frozen adapters, so the student's window, its prefix and an equal teacher compute the
+            # same bits. The no-grad cache is dropped: its memory goes back for the backward.
+            self._merged = None
+            frozen, live = self._split(lora_a, lora_b)
+            return F.linear(x, self._fold_into(self._fold(frozen, lora_a, lora_b, scales), live, lora_a, lora_b,
+                                               scales), base.bias)
         return kernels.lora_group_linear(x, base.weight, base.bias, list(lora_a), list(lora_b), scales)
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,11 +274,17 @@ class LoRAGroupLinear(nn.Module):
         return (versions == new_versions and extra == new_extra and len(tensors) == len(new_tensors)
                 and all(a is b for a, b in zip(tensors, new_tensors)))
 
+    def _split(self, lora_a, lora_b) -> tuple[list, list]:
+        """(frozen, rest): indices of the adapters folded into the long-lived cache (no grad, not the
+        EMA pair, which moves every step) and of the others."""
+        frozen = [i for i, (a, b) in enumerate(zip(lora_a, lora_b))
+                  if not (a.requires_grad or b.requires_grad) and a is not self.ema_a]
+        return frozen, [i for i in range(len(lora_a)) if i not in frozen]
+
     @staticmethod
-    @torch.no_grad()
     def _fold_into(w: torch.Tensor, idx, lora_a, lora_b, scales) -> torch.Tensor:
         """``w + Σ_{i in idx} s_i B_i A_i`` as a new tensor in ``w``'s dtype (one GEMM: the adapters
-        stacked into rank R, the scales folded into B)."""
+        stacked into rank R, the scales folded into B); differentiable in the adapters."""
         if not idx:
             return w
         a = torch.cat([lora_a[i].to(w.dtype) for i in idx])
@@ -293,7 +297,8 @@ class LoRAGroupLinear(nn.Module):
         key = self._key((self.base.weight, *(lora_a[i] for i in idx), *(lora_b[i] for i in idx)),
                         tuple(scales[i] for i in idx))
         if not self._valid(self._folded, key):
-            self._folded = (key, self._fold_into(self.base.weight, idx, lora_a, lora_b, scales))
+            with torch.no_grad():
+                self._folded = (key, self._fold_into(self.base.weight, idx, lora_a, lora_b, scales))
         return self._folded[1]
 
     def merged_weight(self) -> torch.Tensor:
@@ -307,11 +312,10 @@ class LoRAGroupLinear(nn.Module):
         one rank-r update of W here, however many adapters the group holds."""
         key = self._key(tensors, tuple(scales), _generation[0])
         if not self._valid(self._merged, key):
-            frozen = [i for i, (a, b) in enumerate(zip(lora_a, lora_b))
-                      if not (a.requires_grad or b.requires_grad) and a is not self.ema_a]
-            rest = [i for i in range(len(lora_a)) if i not in frozen]
-            self._merged = (key, self._fold_into(self._fold(frozen, lora_a, lora_b, scales), rest, lora_a, lora_b,
-                                                 scales))
+            frozen, rest = self._split(lora_a, lora_b)
+            with torch.no_grad():
+                self._merged = (key, self._fold_into(self._fold(frozen, lora_a, lora_b, scales), rest, lora_a,
+                                                     lora_b, scales))
         return self._merged[1]
 
     def extra_repr(self) -> str:
