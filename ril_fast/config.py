@@ -146,6 +146,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept; more than one survives a corrupt newest
     max_bad_steps: int = 5  # consecutive non-finite losses/grads before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms; bitwise resume on CPU
+    # torch.compile the UNet calls (sampling, gradient window, teacher); see docs/kernels.md for what
+    # it costs and buys per device
+    compile: bool = False
     # torch CPU threads (None = torch's default). Tiny models are latency-bound: with 2 threads on a
     # 2-core machine that has any other load, a 1M-parameter UNet call went from 35 ms to 4 s.
     cpu_threads: Optional[int] = None

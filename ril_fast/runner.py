@@ -36,6 +36,7 @@ from ril_fast.evaluate_metrics import ril_metrics
 from ril_fast.methods.objective import compute_loss, latent_shape, make_batch, step_seed
 from ril_fast.rewards.normalize import JointReward, Normalizer
 from ril_fast.metrics_log import MetricsLog, read_metrics
+from ril_fast.sampling import compile_unet
 
 _log = logging.getLogger("ril_fast")
 
@@ -204,6 +205,7 @@ def build_run(cfg: Config) -> Run:
 
     memory.apply_memory_features(models, cfg)  # the same switches the planner traced
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    compile_unet(models, cfg)  # train.compile
     height = cfg.sampling.height or models.sample_size
     width = cfg.sampling.width or models.sample_size
     cache = PromptCache(models, device=device, height=height, width=width)
