@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/tiny.json
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-slow bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,12 +18,16 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/python -m ril_fast.train --config $(CONFIG)
 
+# Minutes-long checks outside `make test`: torch.compile of the UNet and the real dry run of the GPU
+# script (`make test-slow` runs them)
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not compile_mode and not gpu_check"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q tests -m "compile_mode or gpu_check"
 
 bench: setup
-	$(BIN)/python benchmarks/bench_lora.py
-	$(BIN)/python benchmarks/bench_distill.py
+	$(BIN)/python benchmarks/bench_peer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

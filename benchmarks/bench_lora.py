@@ -1,14 +1,10 @@
 """Microbenchmark of the multi-adapter LoRA linear (kernels-research §10).
 
 Providers: ``base`` (F.linear, the denominator), ``peft_eager`` (a PEFT LoRA Linear with k active
-adapters), ``torch_stacked`` (addmm on concatenated A/B under autograd), ``fused`` (our op as it
-dispatches on this GPU: the tuning table of ``benchmarks/tune_lora.py`` if one exists, else the
-Triton forward and the cuBLAS backward; GPU only), ``triton_untuned`` (every GEMM in our
-Triton kernels, fixed tiles), ``triton_base`` / ``triton_base_tma`` (our main GEMM with no LoRA,
-pointer / persistent TMA kernel, forward only: the Triton GEMM against cuBLAS), ``triton_tma``
-(sm_90+: the TMA kernel forced wherever it can run, with the fused backward), ``triton_tma_da``
-(the same with dA in the fused backward's kernel: the whole backward in one launch) and, with
-``--cuda-lib``, ``cuda_lib`` (when ``ril_fast.kernels.cuda_lib.available()[0]``).
+adapters), ``torch_stacked`` (addmm on concatenated A/B under autograd: what ``auto`` runs),
+``fused`` (the Triton op; GPU only) and, with ``--cuda-lib``, ``cuda_lib`` (when
+``ril_fast.kernels.cuda_lib.available()[0]``). A kernel in isolation is not the step: the whole-step
+A/B is ``bench_peer.py`` / ``bench_step.py --backends``.
 Modes: ``forward`` (training forward), ``backward`` (backward of a retained graph), ``full``.
 Only the newest adapter trains; W, bias and older adapters are frozen.
 
@@ -23,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +51,6 @@ QUICK_ADAPTERS = [(4, 1), (16, 2), (16, 4), (64, 1), (16, 8)]  # k = 2: the PEFT
 CPU_SHAPES = [("sd15_l1_attn_m512", 512, 320, 320), ("sd15_l1_ff_out_m512", 512, 1280, 320)]
 CPU_ADAPTERS = [(4, 1), (4, 4), (16, 4)]
 MODES = ("forward", "backward", "full")
-FORWARD_ONLY = ("triton_base", "triton_base_tma")  # our main GEMM without LoRA: no autograd graph
 
 
 def _peft_layer(base: torch.nn.Linear, adapters):
@@ -72,26 +66,8 @@ def _peft_layer(base: torch.nn.Linear, adapters):
     return layer, names
 
 
-def _with_env(fn, **env):
-    """``fn`` run with ``env`` set (the op reads its implementation switches at forward time)."""
-    def call():
-        old = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for key, value in old.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-    return call
-
-
-def build_case(m, d_in, d_out, r, k, dtype, device, ours=None, cuda_lib_provider=False):
-    """Tensors shared by every provider, and one callable per provider (returns y). ``ours``: add
-    our op's providers (default: on CUDA); True also adds ``public`` (the dispatching entry point the
-    adapter-group module calls), for ``profile_lora_host.py``, which stubs the launches on CPU.
+def build_case(m, d_in, d_out, r, k, dtype, device, cuda_lib_provider=False):
+    """Tensors shared by every provider, and one callable per provider (returns y).
     ``cuda_lib_provider``: also the CUDA library's op, where it is built."""
     base = torch.nn.Linear(d_in, d_out, bias=True).to(device=device, dtype=dtype).requires_grad_(False)
     layer, names = _peft_layer(base, [(r, 2 * r)] * k)
@@ -114,41 +90,11 @@ def build_case(m, d_in, d_out, r, k, dtype, device, ours=None, cuda_lib_provider
         return torch.addmm(F.linear(x, w, bias), F.linear(x, a_cat), b_cat.t())
 
     providers = {"base": lambda: F.linear(x, w, bias), "peft_eager": lambda: layer(x), "torch_stacked": torch_stacked}
-    is_cuda = torch.device(device).type == "cuda"
-    if is_cuda if ours is None else ours:
-        from ril_fast.kernels import lora_group
+    if torch.device(device).type == "cuda":
+        from ril_fast.kernels import cuda_lib, lora_group
 
-        # "fused": the op as dispatched (this GPU's tuning table, else its cuBLAS default);
-        # "triton_untuned": every GEMM in our Triton kernels with the fixed tiles
-        providers["fused"] = lambda: lora_group.lora_group_linear(x, w, bias, a, b, scales, backend="triton")
-        providers["triton_untuned"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
-                                                RIL_FAST_LORA_BWD="triton")
-        if ours:
-            from ril_fast import kernels
-
-            providers["public"] = lambda: kernels.lora_group_linear(x, w, bias, a, b, scales)
-        if is_cuda:  # the main GEMM alone (R = 0, forward only): Triton GEMM quality against cuBLAS
-            from ril_fast.kernels import lora_tma
-
-            y0 = torch.empty(m, d_out, device=device, dtype=dtype)
-
-            def triton_base():
-                lora_group._gemm(x.detach(), w, y0, M=m, N=d_out, K=d_in, bias=bias, epi=1, r=0,
-                                 sb=(w.stride(1), w.stride(0)), cfg=lora_group.main_config(d_out))
-                return y0
-
-            providers["triton_base"] = _with_env(triton_base, RIL_FAST_LORA_GEMM="pointer")
-            if lora_tma.available(torch.device(device)):
-                providers["triton_base_tma"] = _with_env(triton_base, RIL_FAST_LORA_GEMM="tma")
-                # the TMA kernel forced for every GEMM it can run, and the fused backward: what the
-                # new kernels do even where the tuning table picks something else
-                providers["triton_tma"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
-                                                    RIL_FAST_LORA_BWD="fused", RIL_FAST_LORA_GEMM="tma")
-                providers["triton_tma_da"] = _with_env(providers["fused"], RIL_FAST_LORA_FWD="triton",
-                                                       RIL_FAST_LORA_BWD="fused_da", RIL_FAST_LORA_GEMM="tma")
-        from ril_fast.kernels import cuda_lib
-
-        if is_cuda and cuda_lib_provider and cuda_lib.available()[0]:
+        providers["fused"] = lambda: lora_group.lora_group_linear(x, w, bias, a, b, scales)
+        if cuda_lib_provider and cuda_lib.available()[0]:
             providers["cuda_lib"] = lambda: cuda_lib.lora_group_linear(x, w, bias, a, b, scales)
     grads = [x, a[-1], b[-1]]
     return providers, grads
@@ -196,7 +142,6 @@ def main(argv=None):
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:
-        os.environ.setdefault("RIL_FAST_KERNELS", "triton")
         shapes = [s for s in GPU_SHAPES if not args.quick or s[0] in QUICK_SHAPES]
         if args.shapes:
             shapes = [s for s in GPU_SHAPES if s[0] in args.shapes.split(",")]
@@ -217,8 +162,6 @@ def main(argv=None):
             base_t = {}
             for mode, graph in variants:
                 for prov, fn in providers.items():
-                    if prov in FORWARD_ONLY and mode != "forward":
-                        continue
                     try:
                         t = time_provider(fn, mode, grads, device, args.quick, graph=graph,
                                           repeat=args.graph_repeat)
@@ -235,7 +178,6 @@ def main(argv=None):
                           + (f"{t['median_ms']:.4f} ms  x{t.get('ratio_to_base', float('nan')):.2f}"
                              if "median_ms" in t else t["error"]), flush=True)
             record["summary"] = summarize(record["results"])
-            record["tma_ctas_per_sm"] = tma_occupancy()
             record["elapsed_s"] = round(time.time() - t0, 1)
             write_record(path, record)  # after every case: a timeout keeps what was measured
             del providers, grads
@@ -247,31 +189,13 @@ def main(argv=None):
     return record
 
 
-def tma_occupancy() -> dict:
-    """CTAs per SM the persistent TMA kernel's grids used, per compiled variant (``lora_tma.gemm``
-    measures each variant's first launch): {"dtype BMxBN/warps/stages epi E sub S R_PAD": CTAs};
-    " +dA" marks the fused backward reducing dA too."""
-    from ril_fast.kernels import lora_tma
-
-    out = {}
-    for (_, dtype, cfg, epi, _, subtile, _, with_da, r_pad, _, _), ctas in lora_tma._OCCUPANCY.items():
-        bm, bn, _, _, warps, stages = cfg[:6]
-        name = f"{str(dtype).split('.')[-1]} {bm}x{bn}/{warps}w/{stages}s epi{epi} sub{int(subtile)} R{r_pad}"
-        out[name + (" +dA" if with_da else "")] = ctas
-    return out
-
-
 def summarize(rows):
     """Per case (shape/r/k) and timing (plain, graph): fused time over base, PEFT and torch_stacked.
 
     ``fwd_x_base`` = fused / base forward (target ≤ 1.10 for R ≤ 16); ``full_x_base`` = fused /
     base full step (base full = forward + dX; target ≤ 1.35 for R ≤ 64); ``peft_speedup`` =
     PEFT / fused full (target ≥ 2 for k ≥ 2); ``stacked_speedup`` = torch_stacked / fused full
-    (target ≥ 1.2 for C ≤ 640); ``gemm_x_base`` / ``gemm_tma_x_base`` = our main GEMM alone (R = 0;
-    pointer / TMA kernel) over base forward (kernels-research §10: ≥ 0.9× cuBLAS, i.e. ≤ 1.11, or
-    the fused op cannot reach its targets); ``tma_fwd_x_base`` / ``tma_full_x_base`` = the
-    ``triton_tma`` provider over base, ``tma_da_full_x_base`` the ``triton_tma_da`` one (full step).
-    Plain timings include host launch cost; graph ones do not.
+    (target ≥ 1.2 for C ≤ 640). Plain timings include host launch cost; graph ones do not.
     """
     idx = {(r["shape"], r["r"], r["k"], r["mode"], r.get("graph", False), r["provider"]): r.get("median_ms")
            for r in rows}
@@ -279,14 +203,6 @@ def summarize(rows):
     for (shape, r, k, mode, graph, prov), t in idx.items():
         get = lambda p: idx.get((shape, r, k, mode, graph, p))  # noqa: E731
         tag = "graph" if graph else "plain"
-        if prov in FORWARD_ONLY and t is not None and get("base"):  # target >= 0.9x cuBLAS, i.e. <= 1.11
-            col = "gemm_x_base" if prov == "triton_base" else "gemm_tma_x_base"
-            out.setdefault(f"{shape}/r{r}/k{k}", {})[f"{col}_{tag}"] = round(t / get("base"), 3)
-        if prov == "triton_tma" and t is not None and get("base") and mode in ("forward", "full"):
-            col = "tma_fwd_x_base" if mode == "forward" else "tma_full_x_base"
-            out.setdefault(f"{shape}/r{r}/k{k}", {})[f"{col}_{tag}"] = round(t / get("base"), 3)
-        if prov == "triton_tma_da" and t is not None and get("base") and mode == "full":
-            out.setdefault(f"{shape}/r{r}/k{k}", {})[f"tma_da_full_x_base_{tag}"] = round(t / get("base"), 3)
         if prov != "fused" or t is None:
             continue
         row = out.setdefault(f"{shape}/r{r}/k{k}", {})
@@ -305,8 +221,7 @@ def summarize(rows):
 
 def table(summary) -> str:
     """Compact text table of :func:`summarize` (plain / graph)."""
-    cols = ["fwd_x_base", "full_x_base", "peft_speedup", "stacked_speedup", "full_ms", "gemm_x_base", "gemm_tma_x_base",
-            "tma_fwd_x_base", "tma_full_x_base", "tma_da_full_x_base"]
+    cols = ["fwd_x_base", "full_x_base", "peft_speedup", "stacked_speedup", "full_ms"]
     head = f"{'case':32s}" + "".join(f"{c + ' p/g':>22s}" for c in cols)
     lines = [head]
     for case, row in summary.items():

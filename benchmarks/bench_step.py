@@ -59,6 +59,7 @@ def _sync(device: torch.device) -> None:
 
 def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, backends=("auto",)) -> dict:
     from ril_fast import engine as eng
+    from ril_fast import kernels as fused_ops
     from ril_fast import lora
     from ril_fast.methods.objective import Batch, compute_loss, latent_shape, unconditional
 
@@ -110,6 +111,7 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
         for i in range(iters):
             for backend in backends:  # interleaved: drift and warm-up spread over every backend
                 os.environ["RIL_FAST_KERNELS"] = backend
+                fused_ops.clear_cache()  # the backend is decided once: forget it
                 if backend not in kernels:  # (what each op runs on: once per backend)
                     kernels[backend] = kernel_dispatch(device)
                 _sync(device)
@@ -135,6 +137,7 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
             os.environ.pop("RIL_FAST_KERNELS", None)
         else:
             os.environ["RIL_FAST_KERNELS"] = saved
+        fused_ops.clear_cache()
     by = {b: {"step_seconds": statistics.median(ts[1:] or ts), "step_seconds_all": ts,
               "max_memory_allocated_gib": peaks[b][0] if cuda else None,
               "max_memory_reserved_gib": peaks[b][1] if cuda else None, "kernels": kernels[b]}
@@ -149,16 +152,14 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
 
 
 def kernel_dispatch(device: torch.device) -> dict:
-    """Which backend each fused op runs on here, and the LoRA tuning table in force: a step time
-    means little without them (the H200 steps were 1.5-1.8x slower than the H100 ones, most likely
-    because the CUDA library built earlier on that machine ran the LoRA layers; unrecorded then)."""
-    from ril_fast.kernels import dispatch, lora_tuning
+    """Which backend each fused op runs on here: a step time means little without it (the H200
+    steps were 1.5-1.8x slower than the H100 ones, most likely because the CUDA library built
+    earlier on that machine ran the LoRA layers; unrecorded then)."""
+    from ril_fast.kernels import dispatch
 
-    table = (lora_tuning.table_path(lora_tuning.gpu_slug(torch.cuda.get_device_name(device)))
-             if device.type == "cuda" else None)
-    return {"RIL_FAST_KERNELS": os.environ.get("RIL_FAST_KERNELS", "auto"),
+    return {"RIL_FAST_KERNELS": dispatch.requested_backend(),
             **{op: dispatch.select_backend(op, device) for op in ("lora_group_linear", "distill_mse")},
-            "cuda_lib": dispatch.cuda_lib_available(device)[1], "lora_tuning_table": str(table) if table else None}
+            "cuda_lib": dispatch.cuda_lib_available(device)[1]}
 
 
 def _backends(text: str) -> tuple:

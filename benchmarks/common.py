@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -21,13 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def device_slug(device: torch.device | str) -> str:
-    """Results folder name: the GPU's slug as the LoRA tuning tables name it, or ``cpu``."""
+    """Results folder name: the GPU's name in lower case, runs of other characters as ``-``
+    (``nvidia-h200``), or ``cpu``."""
     device = torch.device(device)
     if device.type != "cuda":
         return "cpu"
-    from ril_fast.kernels.lora_tuning import gpu_slug
-
-    return gpu_slug(torch.cuda.get_device_name(device))
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def env_info(device: torch.device | str) -> dict:

@@ -32,24 +32,11 @@ def info() -> None:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
     print(f"RIL_FAST_KERNELS={dispatch.requested_backend()}")
-    for check in (dispatch.cuda_lib_available, dispatch.triton_available, dispatch.triton_tensor_cores):
+    for check in (dispatch.cuda_lib_available, dispatch.triton_available):
         ok, why = check(device)
         print(f"  {check.__name__:20s} {'yes' if ok else 'no'}: {why}")
     for op in ("lora_group_linear", "distill_mse"):
         print(f"  {op:20s} -> {dispatch.select_backend(op, device)}")
-    if device.type == "cuda":
-        from ril_fast.kernels import lora_tuning
-
-        slug = lora_tuning.gpu_slug(torch.cuda.get_device_name())
-        try:
-            table = lora_tuning.table_path(slug)
-        except ValueError as exc:  # a bad RIL_FAST_LORA_TUNING: report it, as the op would raise it
-            table = f"error: {exc}"
-        print(f"LoRA tuning table: {table or f'none for {slug} (untuned defaults; benchmarks/tune_lora.py writes one)'}")
-        from ril_fast.kernels import lora_tma
-
-        tma = "available (sm_90+): the tuning table may pick it" if lora_tma.available(device) else "not on this GPU"
-        print(f"LoRA persistent TMA GEMM: {tma}")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept; more than one survives a corrupt newest
     max_bad_steps: int = 5  # consecutive non-finite losses/grads before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms; bitwise resume on CPU
+    # torch.compile the UNet calls (sampling, gradient window, teacher); see docs/kernels.md for what
+    # it costs and buys per device
+    compile: bool = False
     # torch CPU threads (None = torch's default). Tiny models are latency-bound: with 2 threads on a
     # 2-core machine that has any other load, a 1M-parameter UNet call went from 35 ms to 4 s.
     cpu_threads: Optional[int] = None
@@ -380,7 +383,12 @@ def _step_into(node, part, prefix, assignment, create):
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_dir: str | None = None) -> Config:
-    """Load, override and validate a config. Raises ConfigError listing every problem."""
+    """Load, override and validate a config. Raises ConfigError listing every problem.
+
+    Relative paths in it (``model.path`` when it is a local folder, prompt files) are read from the
+    config file's folder (or ``base_dir``), else from the working directory, so a config and its
+    prompt files can move together; ``--set`` values follow the same rule.
+    """
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -394,7 +402,35 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), base_
             raise ConfigError([f"config file {str(path)!r} must hold a JSON object, got {type(data).__name__}"])
     for assignment in overrides:
         apply_override(data, assignment)
+    folder = base_dir if base_dir is not None else (Path(path).parent if path is not None else None)
+    if folder is not None:
+        resolve_relative_paths(data, Path(folder))
     return config_from_dict(data)
+
+
+def _next_to(spec, folder: Path):
+    """``spec`` as the config file's folder resolves it, when it names something there; the text as
+    written when the working directory reaches the same thing (a rerun's config stays the same) or
+    when it names nothing there (a hub id, or a path of the working directory)."""
+    if not isinstance(spec, str) or not spec or Path(spec).expanduser().is_absolute() or spec.startswith("~"):
+        return spec
+    there = folder / spec
+    if not there.exists():
+        return spec
+    here = Path(spec)
+    return spec if here.exists() and here.resolve() == there.resolve() else str(there.resolve())
+
+
+def resolve_relative_paths(data: dict, folder: Path) -> None:
+    """Rewrite, in the raw config ``data``, the relative paths that resolve next to the config file."""
+    model = data.get("model")
+    if isinstance(model, dict) and "path" in model:
+        model["path"] = _next_to(model["path"], folder)
+    for task in data.get("tasks") or []:
+        if isinstance(task, dict):
+            for key in ("train_prompts", "eval_prompts"):
+                if key in task:
+                    task[key] = _next_to(task[key], folder)
 
 
 def config_from_dict(data: dict) -> Config:
@@ -414,7 +450,9 @@ def read_prompts(spec: list[str] | str, where: str) -> list[str]:
         try:
             text = Path(spec).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError([f"{where}: prompts file {spec!r} not found"]) from None
+            looked = "" if Path(spec).is_absolute() else " (relative paths are read from the config file's folder, " \
+                "then the working directory)"
+            raise ConfigError([f"{where}: prompts file {spec!r} not found{looked}"]) from None
         except UnicodeDecodeError:
             raise ConfigError([f"{where}: prompts file {spec!r} is not UTF-8 text"]) from None
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
@@ -449,11 +487,48 @@ def _check_reward_target(name: str, options: dict) -> None:
             raise ValueError(f"reward {name!r} does not take the options {sorted(options)} ({exc})") from None
 
 
+def check_available(cfg: Config) -> None:
+    """What the run loads is on this machine: the model (a complete local folder, a complete cached hub
+    snapshot, or a hub id the hub serves) and every reward's weights. Seconds (lookups, at most one hub
+    request), so ``train`` runs it before planning, building or creating the run folder; a missing
+    model used to cost minutes of hub retries first. Raises ConfigError, one line per missing item."""
+    from ril_fast import rewards
+    from ril_fast.models import check_model_available
+
+    problem = check_model_available(cfg.model.path)
+    problems = [problem] if problem else []
+    seen = set()
+    for i, task in enumerate(cfg.tasks):
+        for line in rewards.missing_weights(task.reward, task.reward_options):
+            if line not in seen:  # tasks sharing a reward share its weights
+                seen.add(line)
+                problems.append(f"tasks.{i}.reward_options: {line}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _positive(errors, where, value, allow_zero=False):
     if value is None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         errors.append(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _adherence_metric(cfg: Config) -> bool:
+    """The evaluation scores prompt adherence: the model folder ships the shapes classifier (runner)."""
+    return cfg.eval.adherence and (Path(cfg.model.path).expanduser() / "classifier").is_dir()
+
+
+def _check_precision(cfg: Config, errors: list[str]) -> None:
+    """Under DeepSpeed, ``deepspeed.precision`` names the frozen base's dtype and must agree with
+    ``model.dtype`` (adapters, their optimizer state and the EMA are fp32 either way; engine.py)."""
+    from ril_fast.engine import PRECISION_DTYPE, use_deepspeed
+
+    want = PRECISION_DTYPE[cfg.deepspeed.precision]
+    if use_deepspeed(cfg) and want != cfg.model.dtype:
+        errors.append(f"deepspeed.precision: {cfg.deepspeed.precision!r} means a {want} frozen base but model.dtype "
+                      f"is {cfg.model.dtype!r}; set both the same (e.g. model.dtype=bfloat16 with "
+                      "deepspeed.precision=bf16); the adapters train in fp32 either way")
 
 
 def validate(cfg: Config) -> None:
@@ -485,9 +560,18 @@ def validate(cfg: Config) -> None:
                 errors.append(f"{where}.reward: {exc}")
         for key in ("train_prompts", "eval_prompts"):
             try:
-                read_prompts(getattr(task, key), f"{where}.{key}")
+                prompts = read_prompts(getattr(task, key), f"{where}.{key}")
             except ConfigError as exc:
                 errors.extend(exc.problems)
+                continue
+            problem = rewards.check_prompts(task.reward, prompts)  # rewards that read their prompts
+            if problem:
+                errors.append(f"{where}.{key}: reward {task.reward!r} cannot read them: {problem}")
+            elif key == "eval_prompts" and _adherence_metric(cfg):
+                problem = rewards.check_prompts("prompt_adherence", prompts)
+                if problem:
+                    errors.append(f"{where}.eval_prompts: the prompt-adherence metric (eval.adherence, on for this "
+                                  f"model) cannot read them: {problem}; or set eval.adherence=false")
         norm = task.reward_norm
         if norm.mode == "fixed" and (norm.offset is None or norm.scale is None):
             errors.append(f"{where}.reward_norm: mode 'fixed' needs offset and scale")
@@ -535,6 +619,7 @@ def validate(cfg: Config) -> None:
                       "checkpointed sampler's backward); use 2 with deepspeed.offload_optimizer=true")
     elif cfg.deepspeed.zero_stage not in (0, 1, 2):
         errors.append(f"deepspeed.zero_stage: must be 0, 1 or 2, got {cfg.deepspeed.zero_stage}")
+    _check_precision(cfg, errors)
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         errors.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
     if cfg.train.optimizer == "adamw8bit" and cfg.deepspeed.offload_optimizer:

@@ -2,6 +2,12 @@
 
 Precision plan (one place): frozen base weights in ``model.dtype``; trainable adapters, the EMA
 teacher and the optimizer state fp32 (or bitsandbytes 8-bit state); the VAE decodes in fp32.
+The same under DeepSpeed: ``deepspeed.precision`` names ``model.dtype`` in DeepSpeed's words
+(validation refuses a mismatch) and DeepSpeed's own bf16/fp16 modes are never switched on, since
+they cast every parameter of the module they get to half precision (the trained adapters, whose
+optimizer state and EMA are fp32, and the frozen adapters of earlier tasks, re-rounded at every
+task's engine). DeepSpeed is given only the parameters being trained (:class:`TrainedParameters`),
+so it cannot touch, move or broadcast the frozen model either.
 A new :class:`Engine` (and so a new optimizer) is built at the start of every task.
 """
 
@@ -18,6 +24,8 @@ import torch
 _log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# deepspeed.precision -> the model.dtype it stands for
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def launched_distributed() -> bool:
@@ -49,6 +57,26 @@ def rank() -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_ranks() -> int:
+    """Ranks of this run on this machine (torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return max(1, int(os.environ[key]))
+    return 1
+
+
+def cpu_threads(cfg) -> int | None:
+    """torch CPU threads for this rank: ``train.cpu_threads`` if set; else, when several ranks of a run
+    that computes on the CPU share this machine and OMP_NUM_THREADS is unset, its cores split between
+    them (each rank taking every core made a tiny run 10x slower); else None (torch's default)."""
+    if cfg.train.cpu_threads is not None:
+        return cfg.train.cpu_threads
+    on_cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
+    if not on_cpu or local_ranks() == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks())
 
 
 def dist_ready() -> bool:
@@ -140,11 +168,19 @@ def deepspeed_config(cfg) -> dict:
     if ds.offload_optimizer:
         out["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         out["zero_force_ds_cpu_optimizer"] = False
-    if ds.precision == "bf16":
-        out["bf16"] = {"enabled": True}
-    elif ds.precision == "fp16":
-        out["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    # No "bf16"/"fp16" section, whatever deepspeed.precision says: the frozen base is already in
+    # model.dtype, and those modes would cast the fp32 adapters (see the module docstring).
     return out
+
+
+class TrainedParameters(torch.nn.Module):
+    """The module DeepSpeed is given: only the parameters being trained (the same Parameter objects
+    the model's layers hold). DeepSpeed all-reduces, partitions and clips what it is given, and casts,
+    moves and broadcasts every parameter of it; the frozen UNet and earlier adapters stay out of reach."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        super().__init__()
+        self.trained = torch.nn.ParameterList(params)
 
 
 def _patch_shm_op() -> None:
@@ -170,6 +206,10 @@ def init_process_group(cfg) -> None:
     deepspeed.init_distributed()
 
 
+def _dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
+    return {name: p.dtype for name, p in module.named_parameters()}
+
+
 class Engine:
     """Backward, clipping, the optimizer step and non-finite detection, for one task.
 
@@ -192,8 +232,14 @@ class Engine:
                 init_single_process_env()
             if not torch.cuda.is_available():
                 _patch_shm_op()
+            before = _dtypes(module)
             self.ds_engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=module, model_parameters=params, optimizer=self.optimizer, config=deepspeed_config(cfg))
+                model=TrainedParameters(params), model_parameters=params, optimizer=self.optimizer,
+                config=deepspeed_config(cfg))
+            changed = [name for name, dtype in _dtypes(module).items() if before[name] != dtype]
+            if changed:  # the precision plan is broken: say where, not at the first EMA update
+                raise RuntimeError(f"DeepSpeed changed the dtype of {len(changed)} model parameters "
+                                   f"(e.g. {changed[0]}: {before[changed[0]]} -> {_dtypes(module)[changed[0]]})")
 
     @property
     def backend(self) -> str:

@@ -1,5 +1,5 @@
 """Byte accounting for the memory planner: a dispatch mode that follows every storage's lifetime,
-and the step that turns meta modules into fake (or real) tensors it can count.
+and the step that turns meta modules into tensors it counts (fresh meta tensors, or real ones).
 
 Used by :mod:`ril_fast.memory`; kept apart so the planner module holds the planning logic only.
 """
@@ -19,14 +19,16 @@ from torch.utils._pytree import tree_flatten
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Live bytes of every tensor storage created inside the mode (fake or real), with a peak.
+    """Live bytes of every tensor storage created inside the mode (meta or real), with a peak.
 
     Each new output storage is counted once under the current tag and uncounted by a weakref
     finalizer when the storage dies. ``peak_by_tag`` is the per-tag split at the moment of the peak.
     """
 
-    def __init__(self):
+    def __init__(self, count_meta: bool = False):
         super().__init__()
+        self.count_meta = count_meta  # a trace on meta tensors counts them; else they are weights not yet materialised
+        self._meta_cache = MetaKernelCache()
         self.live = 0
         self.peak = 0
         self.by_tag: dict[str, int] = defaultdict(int)
@@ -49,14 +51,15 @@ class MemoryTracker(TorchDispatchMode):
         self.tags.pop()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = self._meta_cache.run(func, args, kwargs) if self.count_meta else func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)
         return out
 
     def _track(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta":
+        if t.device.type == "meta" and not self.count_meta:
             return
         storage = t.untyped_storage()
         key = storage._cdata
@@ -78,6 +81,90 @@ class MemoryTracker(TorchDispatchMode):
             self.by_tag[tag] -= nbytes
 
 
+class MetaKernelCache:
+    """Output shapes of meta kernels, remembered per (op, argument shapes/strides/dtypes, other arguments).
+
+    Many meta kernels are Python reference implementations (elementwise broadcasting, layer and group
+    norm, ...) costing far more than the bookkeeping around them, and a UNet repeats the same few
+    hundred calls thousands of times. Only ops whose outputs are fresh tensors are remembered (no
+    views, no in-place or out= writes): for those a new empty meta tensor of the remembered shape,
+    strides and dtype is exactly what the kernel would return.
+    """
+
+    def __init__(self):
+        self._outputs: dict = {}
+        self._fresh: dict = {}  # op -> whether its outputs are fresh tensors
+
+    def run(self, func, args, kwargs):
+        if not self._returns_fresh(func):
+            return func(*args, **kwargs)
+        try:
+            key = (func, _key(args), _key(kwargs))
+            hash(key)
+        except TypeError:  # an argument that cannot be a key (e.g. a generator): just run it
+            return func(*args, **kwargs)
+        spec = self._outputs.get(key)
+        if spec is None:
+            out = func(*args, **kwargs)
+            spec = _spec(out)
+            if spec is not _UNCACHEABLE:
+                self._outputs[key] = spec
+            return out
+        return _build(spec)
+
+    def _returns_fresh(self, func) -> bool:
+        fresh = self._fresh.get(func)
+        if fresh is None:
+            schema = getattr(func, "_schema", None)
+            fresh = schema is not None and not any(a.alias_info is not None for a in schema.arguments) and \
+                not any(r.alias_info is not None for r in schema.returns) and not schema.is_mutable and \
+                all(str(r.type) in ("Tensor", "Tensor?", "Tensor[]") for r in schema.returns) and \
+                func.namespace in ("aten", "prims")
+            self._fresh[func] = fresh
+        return fresh
+
+
+_UNCACHEABLE = object()
+
+
+def _key(obj):
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type != "meta":  # a real tensor's values may matter (indices, scalars): no key
+            raise TypeError("real tensor")
+        return ("T", tuple(obj.shape), obj.stride(), obj.storage_offset(), obj.dtype, obj.requires_grad)
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, *(_key(o) for o in obj))
+    if isinstance(obj, dict):
+        return tuple(sorted((k, _key(v)) for k, v in obj.items()))
+    if isinstance(obj, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                        torch.memory_format)):
+        return (type(obj).__name__, obj)
+    raise TypeError(type(obj).__name__)
+
+
+def _spec(out):
+    if out is None:
+        return None
+    if isinstance(out, torch.Tensor):
+        if out.device.type != "meta":
+            return _UNCACHEABLE
+        return (tuple(out.shape), out.stride(), out.dtype)
+    if isinstance(out, (list, tuple)):
+        parts = [_spec(o) for o in out]
+        return _UNCACHEABLE if any(p is _UNCACHEABLE for p in parts) else (type(out), parts)
+    return _UNCACHEABLE
+
+
+def _build(spec):
+    if spec is None:
+        return None
+    if isinstance(spec[0], type):
+        kind, parts = spec
+        return kind([_build(p) for p in parts])
+    shape, stride, dtype = spec
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
 def tag_module(module: nn.Module, tracker: MemoryTracker, tag: str) -> None:
     """Attribute allocations inside ``module``'s forward (and its checkpoint recompute) to ``tag``."""
     module.register_forward_pre_hook(lambda *_: tracker.push(tag))
@@ -91,8 +178,8 @@ def tag_module(module: nn.Module, tracker: MemoryTracker, tag: str) -> None:
 def materialize(module: nn.Module, tracker: MemoryTracker, tag_of) -> None:
     """Replace every meta parameter/buffer of ``module`` by a fresh tensor of the same shape/dtype.
 
-    ``tag_of(module, name, is_param)`` names the tracker tag. Called inside FakeTensorMode the new
-    tensors are fake: no memory is touched, but the tracker still counts their bytes.
+    ``tag_of(module, name, is_param)`` names the tracker tag. Called with meta as the default device
+    the new tensors are meta: no memory is touched, but a ``count_meta`` tracker counts their bytes.
     """
     memo: dict[int, torch.Tensor] = {}
     for mod in module.modules():

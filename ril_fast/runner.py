@@ -36,6 +36,7 @@ from ril_fast.evaluate_metrics import ril_metrics
 from ril_fast.methods.objective import compute_loss, latent_shape, make_batch, step_seed
 from ril_fast.rewards.normalize import JointReward, Normalizer
 from ril_fast.metrics_log import MetricsLog, read_metrics
+from ril_fast.sampling import compile_unet
 
 _log = logging.getLogger("ril_fast")
 
@@ -172,17 +173,20 @@ def _adherence_fn(cfg, models):
 
 
 def build_run(cfg: Config) -> Run:
+    from ril_fast.config import check_available
     from ril_fast.models import load_models
     from ril_fast.models.text import PromptCache, free_text_encoders
 
+    check_available(cfg)  # the model and reward weights are here: seconds, before minutes of planning
+    threads = eng.cpu_threads(cfg)
+    if threads is not None:
+        torch.set_num_threads(threads)
     if cfg.memory.budget_gib is not None:
         from ril_fast import memory
 
-        message = memory.check_budget(cfg)  # planned on fake tensors, before any weight loads
+        message = memory.check_budget(cfg, progress=eng.rank() == 0)  # planned on meta tensors, before any load
         if message:
             raise ConfigError([message])
-    if cfg.train.cpu_threads is not None:
-        torch.set_num_threads(cfg.train.cpu_threads)
     torch.manual_seed(cfg.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -201,6 +205,7 @@ def build_run(cfg: Config) -> Run:
 
     memory.apply_memory_features(models, cfg)  # the same switches the planner traced
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    compile_unet(models, cfg)  # train.compile
     height = cfg.sampling.height or models.sample_size
     width = cfg.sampling.width or models.sample_size
     cache = PromptCache(models, device=device, height=height, width=width)

@@ -78,6 +78,16 @@ def guided_output(models, x_t: torch.Tensor, t, cond: Conditioning, uncond: Cond
     return out_u + guidance_scale * (out_c - out_u)
 
 
+def compile_unet(models, cfg) -> None:
+    """``train.compile``: compile the UNet's forward in place (``nn.Module.compile``: parameter names
+    and checkpoints unchanged), so every UNet call of a step (the sampler's no-grad prefix, the
+    gradient window under checkpointing, the teacher) runs a compiled graph. Graphs are cached per
+    grad mode and teacher switch, and on disk by Inductor's caches, so a rerun does not compile
+    again; a new task (another adapter) recompiles once."""
+    if cfg.train.compile:
+        models.unet.compile()
+
+
 def draw_window(k_min: int, k_max: int | None, generator: torch.Generator) -> int:
     """K for one batch: fixed, or uniform in [k_min, k_max] drawn ONCE per batch (never per step)."""
     if k_max is None or k_max == k_min:

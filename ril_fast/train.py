@@ -25,7 +25,7 @@ import sys
 if __package__ in (None, ""):  # `deepspeed ril_fast/train.py` runs this file as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ril_fast.config import ConfigError, load_config  # noqa: E402
+from ril_fast.config import ConfigError, check_available, load_config  # noqa: E402
 
 
 def parse_args(argv=None, prog: str = "python -m ril_fast.train") -> argparse.Namespace:
@@ -51,6 +51,7 @@ def main(argv=None, prog: str = "python -m ril_fast.train") -> int:
 def _main(args) -> int:
     try:
         cfg = load_config(args.config, args.set)
+        check_available(cfg)  # before the run folder exists and before any planning or loading
         from ril_fast.runner import preflight
 
         preflight(cfg)

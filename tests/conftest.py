@@ -24,8 +24,6 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    # the compile gates last: their workers compile in the background meanwhile (pytest_collection_finish)
-    items.sort(key=lambda item: "compile_gate" in item.keywords)  # stable: file order otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -34,27 +32,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def pytest_collection_finish(session):
-    """Start the worker of every compile gate a selected test reads (its ``report`` fixture)."""
-    from aot_gate import start_worker
-
-    if session.config.option.collectonly:
-        return
-    for path in sorted({str(item.path) for item in session.items
-                        if "compile_gate" in item.keywords and "report" in getattr(item, "fixturenames", ())}):
-        start_worker(path)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    from aot_gate import stop_workers
-
-    stop_workers()
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_dispatch():
+    """Each test decides the fused ops' backends afresh (RIL_FAST_KERNELS is read once, then cached)."""
+    from ril_fast import kernels
+
+    kernels.clear_cache()
+    yield
+    kernels.clear_cache()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,6 @@ def test_reports_backends_per_op(capsys, monkeypatch):
     assert f"torch {torch.__version__}" in out
     assert "RIL_FAST_KERNELS=torch" in out
     assert "lora_group_linear    -> torch" in out and "distill_mse          -> torch" in out
-    assert "triton_tensor_cores" in out  # why auto keeps the LoRA op off Triton below sm_80
+    assert "triton_available" in out and "cuda_lib_available" in out  # and why not, when not
     if not torch.cuda.is_available():
-        assert "device: cpu" in out and "LoRA tuning table" not in out
+        assert "device: cpu" in out

@@ -45,6 +45,15 @@ def _skip_unavailable(backend: str) -> None:
             pytest.skip(f"CUDA library unavailable: {why}")
 
 
+def _op(backend: str):
+    """The fused op of ``backend``: Triton's, or the CUDA library's."""
+    if backend == "cuda":
+        from ril_fast.kernels import cuda_lib
+
+        return cuda_lib.distill_mse
+    return D.distill_mse
+
+
 class _InlineDDIM:
     """diffusers' DDIMScheduler x0 math written out (scheduling_ddim.py, step(): pred_original_sample),
     used only where diffusers is not installed. Independent of ril_fast's own code."""
@@ -110,7 +119,7 @@ def _inputs(shape, dtype, weighted, pred):
 def test_matches_ddim_scheduler(backend, pred, dtype, rtol_loss, rtol_grad, shape, weighted):
     _skip_unavailable(backend)
     sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs(shape, dtype, weighted, pred)
-    loss = D.distill_mse(student, teacher, x_t, alpha_bar, pred, weight, backend=backend)
+    loss = _op(backend)(student, teacher, x_t, alpha_bar, pred, weight)
     loss.backward()
     ref_loss, ref_grad = _oracle(sched, student, teacher, x_t, timesteps, weight)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -125,7 +134,7 @@ def test_teacher_gets_no_grad_and_grad_output_scales(backend):
     _skip_unavailable(backend)
     sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs((2, 4, 5, 5), torch.float32, True, "epsilon")
     teacher.requires_grad_(True)
-    loss = D.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight, backend=backend)
+    loss = _op(backend)(student, teacher, x_t, alpha_bar, "epsilon", weight)
     (3.5 * loss).backward()
     assert teacher.grad is None
     _, ref_grad = _oracle(sched, student, teacher.detach(), x_t, timesteps, weight)
@@ -139,7 +148,7 @@ def test_bitwise_deterministic(backend):
     runs = []
     for _ in range(2):
         student.grad = None
-        loss = D.distill_mse(student, teacher, x_t, alpha_bar, "v_prediction", weight, backend=backend)
+        loss = _op(backend)(student, teacher, x_t, alpha_bar, "v_prediction", weight)
         loss.backward()
         runs.append((loss.detach().clone(), student.grad.clone()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
@@ -147,6 +156,7 @@ def test_bitwise_deterministic(backend):
 
 def test_public_op_dispatches_to_triton(monkeypatch):
     monkeypatch.setenv("RIL_FAST_KERNELS", "triton")
+    K.clear_cache()
     sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs((2, 4, 6, 6), torch.float32, True, "epsilon")
     calls = []
     orig = D._triton_fwd
@@ -161,10 +171,10 @@ def test_opcheck():
     _, _, alpha_bar, student, teacher, _, weight = _inputs((2, 3, 5, 7), torch.float32, True, "v_prediction")
     for w in (weight, None):
         torch.library.opcheck(torch.ops.ril_fast.distill_mse_fwd.default,
-                              (student, teacher, alpha_bar.float(), w, "v_prediction", "triton"))
+                              (student, teacher, alpha_bar.float(), w, "v_prediction"))
     grad = torch.tensor(1.5, device=DEVICE)
     torch.library.opcheck(torch.ops.ril_fast.distill_mse_bwd.default,
-                          (grad, student.detach(), teacher, alpha_bar.float(), weight, "epsilon", "triton"))
+                          (grad, student.detach(), teacher, alpha_bar.float(), weight, "epsilon"))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -173,11 +183,10 @@ def test_opcheck():
     (dict(alpha_bar=torch.ones(3)), r"alpha_bar must be a \(2,\) tensor"),
     (dict(weight=torch.ones(2, 1)), r"weight must be a \(2,\) tensor"),
     (dict(student_out=torch.zeros(2, 4, dtype=torch.float64)), "dtype torch.float64"),
-    (dict(backend="cpu"), "backend must be one of"),
 ])
 def test_rejects_bad_arguments(bad, match):
     args = dict(student_out=torch.zeros(2, 4), teacher_out=torch.zeros(2, 4), x_t=torch.zeros(2, 4),
-                alpha_bar=torch.ones(2), prediction_type="epsilon", weight=None, backend="triton")
+                alpha_bar=torch.ones(2), prediction_type="epsilon", weight=None)
     args.update(bad)
     if "student_out" in bad:
         args["teacher_out"] = args["x_t"] = torch.zeros_like(bad["student_out"])
@@ -195,7 +204,7 @@ def test_cuda_graph_capture_without_host_sync(backend):
 
     def step():
         leaf.grad = None
-        loss = D.distill_mse(leaf, teacher, x_t, alpha_bar, "epsilon", weight, backend=backend)
+        loss = _op(backend)(leaf, teacher, x_t, alpha_bar, "epsilon", weight)
         loss.backward()
         return loss
 
@@ -250,49 +259,34 @@ def _launch_counter(monkeypatch):
 def test_many_programs_per_sample_match_ddim(backend, pred, shape, weighted):
     _skip_unavailable(backend)
     sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs(shape, torch.float32, weighted, pred)
-    loss = D.distill_mse(student, teacher, x_t, alpha_bar, pred, weight, backend=backend)
+    loss = _op(backend)(student, teacher, x_t, alpha_bar, pred, weight)
     loss.backward()
     ref_loss, ref_grad = _oracle(sched, student, teacher, x_t, timesteps, weight)
     torch.testing.assert_close(loss.detach().cpu(), ref_loss, rtol=2e-5, atol=1e-7)
     torch.testing.assert_close(student.grad.cpu(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max())
 
 
-@pytest.mark.parametrize("block,iters", [(16, 2), (32, 8), (64, 4)])
-def test_several_blocks_per_forward_program_match_ddim(block, iters):
-    """Programs that reduce ITERS blocks each (big inputs), with ragged last programs and blocks,
-    give the scheduler's loss; the program-count heuristic only grows ITERS past FWD_PROGRAMS."""
-    sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 7, 11), torch.float32, True,
-                                                                         "v_prediction")
-    got = D._triton_fwd(student.detach(), teacher, alpha_bar.float(), weight, 1, block=block, iters=iters)
-    ref_loss, _ = _oracle(sched, student, teacher, x_t, timesteps, weight)
-    torch.testing.assert_close(got.cpu(), ref_loss, rtol=2e-5, atol=1e-7)
+@pytest.mark.parametrize("block,programs", [(16, 6), (32, 2), (64, 1)])
+def test_several_blocks_per_forward_program_match_ddim(monkeypatch, block, programs):
+    """Programs that reduce several blocks each (big inputs: the grid is capped at FWD_PROGRAMS),
+    with ragged last programs and blocks, give the scheduler's loss; the program-count heuristic
+    only grows the blocks per program past FWD_PROGRAMS."""
     assert D._iters_for(D.FWD_PROGRAMS, 1) == 1 and D._iters_for(D.FWD_PROGRAMS + 1, 1) == 2
     assert D._iters_for(10 ** 6, 4) == D.MAX_FWD_ITERS and D._iters_for(320, 4) == 4
-
-
-@pytest.mark.parametrize("iters", [1, 4])
-def test_two_launch_forward_is_bitwise_the_ticket_forward(monkeypatch, iters):
-    """RIL_FAST_DISTILL_FWD_LAUNCHES=2 (partials, then a one-program sum) sums in the ticket tail's
-    order: the same loss bit for bit, in two launches; bad values are refused."""
-    _, _, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 7, 11), torch.float32, True, "epsilon")
-    s, ab = student.detach(), alpha_bar.float()
-    one = D._triton_fwd(s, teacher, ab, weight, 0, block=16, iters=iters)
-    calls = _launch_counter(monkeypatch)
-    monkeypatch.setenv("RIL_FAST_DISTILL_FWD_LAUNCHES", "2")
-    two = D._triton_fwd(s, teacher, ab, weight, 0, block=16, iters=iters)
-    assert calls == ["_distill_fwd_kernel", "_distill_sum_kernel"]
-    assert torch.equal(one, two)
-    ref = K.reference.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight)
-    torch.testing.assert_close(two.cpu(), ref.detach().float().cpu(), rtol=2e-5, atol=0)
-    monkeypatch.setenv("RIL_FAST_DISTILL_FWD_LAUNCHES", "3")
-    with pytest.raises(ValueError, match="must be 1"):
-        D._triton_fwd(s, teacher, ab, weight, 0)
+    monkeypatch.setattr(D, "BLOCK", block)  # small shapes, many blocks: what a feature map does at 4096
+    monkeypatch.setattr(D, "FWD_PROGRAMS", programs)
+    sched, timesteps, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 7, 11), torch.float32, True,
+                                                                         "v_prediction")
+    assert D._iters_for(-(-385 // block), 3) > 1
+    got = D.distill_mse(student, teacher, x_t, alpha_bar, "v_prediction", weight)
+    ref_loss, _ = _oracle(sched, student, teacher, x_t, timesteps, weight)
+    torch.testing.assert_close(got.detach().cpu(), ref_loss, rtol=2e-5, atol=1e-7)
 
 
 def test_forward_is_one_triton_launch(monkeypatch):
     calls = _launch_counter(monkeypatch)
     _, _, alpha_bar, student, teacher, x_t, weight = _inputs((3, 5, 71, 103), torch.bfloat16, True, "epsilon")
-    loss = D.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight, backend="triton")
+    loss = D.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight)
     assert calls == ["_distill_fwd_kernel"]
     loss.backward()
     assert calls == ["_distill_fwd_kernel", "_distill_bwd_kernel"]
@@ -308,7 +302,7 @@ def test_ticket_counter_is_cached_and_back_to_zero():
     # Grids of 27, 1 and 7 programs in turn: each call must start from 0 and leave 0 behind.
     for shape in [(3, 5, 71, 103), (2, 3, 5), (1, 1, 1, 4096 * 6 + 3), (3, 5, 71, 103)]:
         _, _, alpha_bar, student, teacher, x_t, weight = _inputs(shape, torch.float32, True, "v_prediction")
-        loss = D.distill_mse(student, teacher, x_t, alpha_bar, "v_prediction", weight, backend="triton")
+        loss = D.distill_mse(student, teacher, x_t, alpha_bar, "v_prediction", weight)
         assert int(counter.item()) == 0
         ref = K.reference.distill_mse(student, teacher, x_t, alpha_bar, "v_prediction", weight)
         torch.testing.assert_close(loss.detach().cpu(), ref.detach().cpu(), rtol=2e-5, atol=0)
@@ -325,7 +319,7 @@ def test_consecutive_calls_bitwise_equal_across_sizes(backend, pred):
     for rep in range(2):
         for i, (_, _, alpha_bar, student, teacher, x_t, weight) in enumerate(cases):
             student.grad = None
-            loss = D.distill_mse(student, teacher, x_t, alpha_bar, pred, weight, backend=backend)
+            loss = _op(backend)(student, teacher, x_t, alpha_bar, pred, weight)
             loss.backward()
             got = (loss.detach().clone(), student.grad.clone())
             if rep == 0:
@@ -347,7 +341,7 @@ def test_feature_map_bitwise_over_repeats_and_streams(backend):
     student = student.detach()
 
     def run(s):
-        return D.distill_mse(s, teacher, x_t, alpha_bar, "epsilon", weight, backend=backend)
+        return _op(backend)(s, teacher, x_t, alpha_bar, "epsilon", weight)
 
     first = run(student)
     ref = K.reference.distill_mse(student, teacher, x_t, alpha_bar, "epsilon", weight)

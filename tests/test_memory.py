@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,3 +321,40 @@ def test_bench_step_steps_each_backend_in_turn(tiny_path, monkeypatch):
     assert got["step_over_first_backend"]["torch"] == 1.0 and got["step_over_first_backend"]["triton"] > 0
     with pytest.raises(SystemExit):  # a bad list is refused before anything is built
         bench_step.main(["--config", "configs/tiny.json", "--backends", "auto,bogus"])
+
+
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_planner_cli_on_every_shipped_config(name, tiny_model_dirs, capsys):
+    """Each shipped config as shipped (hub models swapped for a tiny folder of their kind, the
+    planner's cost being the architecture's depth): the plan runs, says whether it fits, and the
+    exit status agrees. configs/tiny.json used to crash (its empty negative prompt reached
+    prompt_adherence)."""
+    path = f"configs/{name}"
+    shipped = json.loads(Path(path).read_text())
+    hub = not Path(shipped["model"]["path"]).is_dir()
+    kind = "sdxl" if memory.memory_arch(shipped["model"]["path"]) == "sdxl" else "sd"
+    swap = ["--set", f"model.path={tiny_model_dirs[kind]}"] if hub else []
+    code = memory.main(["--config", path, "--json", *swap])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    budget = shipped.get("memory", {}).get("budget_gib")
+    assert out["budget_gib"] == budget and out["peak_gib"] > 0 and len(out["tasks"]) >= 1
+    assert out["fits"] == (None if budget is None else out["peak_gib"] <= budget and out["eval_peak_gib"] <= budget)
+    assert code == (1 if out["fits"] is False else 0)
+    assert "memory plan" in captured.err  # the progress bar
+
+
+def test_planner_cli_exits_1_when_the_plan_does_not_fit(tiny_path, tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(tiny_cfg(tiny_path).to_dict()))
+    assert memory.main(["--config", str(path), "--json", "--set", "memory.budget_gib=0.001"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["budget_gib"] == 0.001
+    assert memory.main(["--config", str(path), "--set", "memory.budget_gib=0.001"]) == 1
+    assert "exceeds the budget of 0.001 GiB" in capsys.readouterr().out
+    assert memory.main(["--config", str(path), "--json", "--set", "memory.budget_gib=64"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True
+    assert memory.main(["--config", str(path), "--set", "tasks.0.steps=-1"]) == 2  # a config error

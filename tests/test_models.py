@@ -8,6 +8,7 @@ import torch
 from ril_fast.models import (
     PromptCache,
     build_tiny_pipeline,
+    check_model_available,
     check_model_path,
     encode_prompts,
     free_text_encoders,
@@ -222,7 +223,9 @@ def test_check_model_path_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not found"):
         load_models(missing)
     assert "no model_index.json" in check_model_path(str(tmp_path))
-    assert "not in the cache" in check_model_path("nobody-owns-this/no-such-model-xyz")
+    assert check_model_path("nobody-owns-this/no-such-model-xyz") is None  # well-formed; loadable is another question
+    offline = check_model_available("nobody-owns-this/no-such-model-xyz")
+    assert "not in the local HF cache" in offline and "hf download nobody-owns-this/no-such-model-xyz" in offline
     path = save_tiny_pipeline(tmp_path / "m", kind="sd")
     assert check_model_path(path) is None
     index = json.loads((tmp_path / "m" / "model_index.json").read_text())

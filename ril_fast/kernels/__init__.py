@@ -1,16 +1,25 @@
-"""Public functional ops backed by fused kernels.
+"""The two fused ops, each run by the backend :mod:`ril_fast.kernels.dispatch` picks.
 
-``lora_group_linear`` and ``distill_mse`` choose their backend per call through
-:func:`ril_fast.kernels.dispatch.select_backend` (Triton > CUDA library > torch reference on CUDA
-tensors; the measured order).
+``lora_group_linear`` and ``distill_mse`` look their implementation up once per call, in a dict
+keyed by device and dtype (no environment reads, no checks on the hot path). Backends: the torch
+reference (:mod:`.reference`), Triton (:mod:`.lora_group`, :mod:`.distill`) and the CUDA C++
+library (:mod:`.cuda_lib`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ril_fast.kernels import reference
+from ril_fast.kernels import dispatch, reference
 from ril_fast.kernels.dispatch import select_backend
+
+_impls: dict[tuple, object] = {}  # (op, device, dtype) -> callable
+
+
+def clear_cache() -> None:
+    """Forget the chosen implementations and the backend decisions (tests; a rebuilt CUDA library)."""
+    _impls.clear()
+    dispatch.clear_cache()
 
 
 def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
@@ -24,45 +33,49 @@ def lora_group_linear(x, weight, bias, lora_a, lora_b, scales):
         scales: list of floats.
     Returns:
         (..., d_out).
-
-    On the Triton backend each direction runs the implementation this GPU's tuning table names
-    for the shape (:mod:`ril_fast.kernels.lora_tuning`; ``RIL_FAST_LORA_FWD`` / ``RIL_FAST_LORA_BWD``
-    force one).
     """
-    backend = select_backend("lora_group_linear", x.device, x.dtype)
-    if backend == "torch":
-        return reference.lora_group_linear_stacked(x, weight, bias, lora_a, lora_b, scales)
-    from ril_fast.kernels import lora_group
-
-    return _on_its_gpu(backend, x, lora_group.lora_group_linear, x, weight, bias, lora_a, lora_b, scales,
-                       backend=backend)
-
-
-def _foreign_gpu(t: torch.Tensor) -> bool:
-    """``t`` is on a GPU other than the current one. Triton launches on the current device, not on
-    its arguments' (the backward is safe: autograd runs it with the gradients' device current), so
-    the forward switches first. The CUDA library guards itself."""
-    return t.is_cuda and t.get_device() != torch.cuda.current_device()
-
-
-def _on_its_gpu(chosen: str, t: torch.Tensor, fn, /, *args, **kwargs):
-    """``fn(*args, **kwargs)``, on ``t``'s GPU where Triton (the ``chosen`` backend) would otherwise
-    launch on another (:func:`_foreign_gpu`); no context entered on the usual path."""
-    if chosen == "triton" and _foreign_gpu(t):
-        with torch.cuda.device(t.device):
-            return fn(*args, **kwargs)
-    return fn(*args, **kwargs)
+    fn = _impls.get(("lora", x.device, x.dtype)) or _resolve("lora", x.device, x.dtype)
+    return fn(x, weight, bias, lora_a, lora_b, scales)
 
 
 def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight=None):
     """Fused last-step distillation loss; see :func:`ril_fast.kernels.reference.distill_mse`."""
-    backend = select_backend("distill_mse", student_out.device, student_out.dtype)
+    dev, dt = student_out.device, student_out.dtype
+    fn = _impls.get(("distill", dev, dt)) or _resolve("distill", dev, dt)
+    return fn(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight)
+
+
+def _resolve(op: str, device: torch.device, dtype: torch.dtype):
+    backend = select_backend("lora_group_linear" if op == "lora" else "distill_mse", device, dtype)
     if backend == "torch":
-        return reference.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight)
-    from ril_fast.kernels import distill as _distill
+        fn = reference.lora_group_linear_stacked if op == "lora" else reference.distill_mse
+    elif backend == "cuda":
+        from ril_fast.kernels import cuda_lib
 
-    return _on_its_gpu(backend, student_out, _distill.distill_mse, student_out, teacher_out, x_t, alpha_bar,
-                       prediction_type, weight, backend=backend)
+        fn = cuda_lib.lora_group_linear if op == "lora" else cuda_lib.distill_mse
+    elif op == "lora":
+        from ril_fast.kernels import lora_group
+
+        fn = _on_its_gpu(lora_group.lora_group_linear)
+    else:
+        from ril_fast.kernels import distill
+
+        fn = _on_its_gpu(distill.distill_mse)
+    _impls[(op, device, dtype)] = fn
+    return fn
 
 
-__all__ = ["lora_group_linear", "distill_mse", "select_backend", "reference"]
+def _on_its_gpu(fn):
+    """``fn`` run with its first tensor's GPU current: Triton launches on the current device, not on
+    its arguments' (the backward is safe: autograd runs it with the gradients' device current). The
+    CUDA library guards itself. No context entered on the usual path."""
+    def call(t, *args):
+        if t.is_cuda and t.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(t, *args)
+        return fn(t, *args)
+
+    return call
+
+
+__all__ = ["lora_group_linear", "distill_mse", "select_backend", "reference", "clear_cache"]

@@ -1,27 +1,28 @@
 """ctypes front end of the CUDA C++ library built from ``csrc/`` (``libril_fast_cuda<ver>.so``).
 
 The library is optional: nothing here loads at import time and nothing here raises at import.
-:func:`available` says whether it can run and why not. It is looked for in ``ril_fast/_lib``
-(where ``CMakeLists.txt`` writes it) or at the path in ``RIL_FAST_CUDA_LIB``. Build it with::
+:func:`available` says whether it can run and why not. It is looked for in ``ril_fast/_lib``,
+where ``CMakeLists.txt`` writes it. Build it with::
 
     cmake -S . -B build -DRIL_CUDA_ARCHS=90 && cmake --build build -j
 
 Calls pass raw pointers, sizes and strides plus ``torch.cuda.current_stream().cuda_stream``, so
 the kernels run on torch's stream with no synchronisation. A non-zero status becomes a
-RuntimeError naming the op, the shapes and the library's error string.
+RuntimeError naming the op, the shapes and the library's error string. It is the fallback where
+Triton is absent; its LoRA op is a correctness fallback only (``docs/kernels.md``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 from pathlib import Path
 
 import torch
 
+from ril_fast.kernels.reference import check_distill_args, pred_code, rank_scale
+
 ABI_VERSION = 1  # must equal RIL_ABI_VERSION in csrc/ril_fast.h
-ENV_PATH = "RIL_FAST_CUDA_LIB"
 LIB_DIR = Path(__file__).resolve().parent.parent / "_lib"
 SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -40,18 +41,12 @@ _cache: dict[str, object] = {}
 
 
 def reset() -> None:
-    """Forget the loaded library (tests; or after building it in-process) and the backend decisions
-    made with it."""
-    from ril_fast.kernels import dispatch
-
+    """Forget the loaded library (tests; or after building it in-process). Decisions made with it
+    live in :func:`ril_fast.kernels.clear_cache`."""
     _cache.clear()
-    dispatch.clear_cache()
 
 
 def _candidates() -> list[Path]:
-    env = os.environ.get(ENV_PATH)
-    if env:
-        return [Path(env)]
     found = sorted(LIB_DIR.glob("libril_fast_cuda*.so"))
     # Prefer the build for torch's CUDA version (libril_fast_cuda130.so for CUDA 13.0), then the newest.
     tag = "".join((torch.version.cuda or "").split(".")[:2])
@@ -71,7 +66,7 @@ def _open(path: Path):
         return None, f"{path} has no ril_abi_version(); it is not a ril_fast CUDA library"
     if version != ABI_VERSION:
         return None, (f"{path} has ABI version {version} but this ril_fast needs {ABI_VERSION}; rebuild it with "
-                      "`cmake -S . -B build && cmake --build build` or unset " + ENV_PATH)
+                      "`cmake -S . -B build && cmake --build build`")
     lib.ril_status_string.restype = ctypes.c_char_p
     lib.ril_status_string.argtypes = [_C]
     lib.ril_distill_mse_workspace_floats.restype = _I
@@ -91,10 +86,8 @@ def _load():
         paths = _candidates()
         if not paths:
             _cache["lib"], _cache["reason"] = None, (
-                f"no libril_fast_cuda*.so in {LIB_DIR} and {ENV_PATH} unset; build it with "
+                f"no libril_fast_cuda*.so in {LIB_DIR}; build it with "
                 "`cmake -S . -B build && cmake --build build` (needs nvcc)")
-        elif not paths[0].is_file():
-            _cache["lib"], _cache["reason"] = None, f"{ENV_PATH}={paths[0]} does not exist"
         else:
             _cache["lib"], _cache["reason"] = _open(paths[0])
     return _cache["lib"], _cache["reason"]
@@ -142,7 +135,7 @@ def _call(lib, name: str, dtype: torch.dtype, what: str, *args) -> None:
 def _check_tensors(op: str, tensors: dict[str, torch.Tensor | None], dtype: torch.dtype) -> None:
     if dtype not in SUFFIX:
         raise ValueError(f"{op}: the CUDA library supports {tuple(SUFFIX)}, got {dtype}; cast the inputs or use "
-                         "RIL_FAST_KERNELS=triton|torch")
+                         "RIL_FAST_KERNELS=auto")
     for name, t in tensors.items():
         if t is None:
             continue
@@ -151,7 +144,7 @@ def _check_tensors(op: str, tensors: dict[str, torch.Tensor | None], dtype: torc
 
 
 # ------------------------------------------------------------------------------------------------
-# Distillation MSE (raw launchers used by the ril_fast::distill_mse_* custom ops)
+# Distillation MSE
 # ------------------------------------------------------------------------------------------------
 
 
@@ -189,11 +182,27 @@ def _distill_bwd(grad, student, teacher, alpha, weight, pred: int) -> torch.Tens
     return ds
 
 
+class _DistillFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, alpha, weight, pred):
+        ctx.save_for_backward(student, teacher, alpha, weight)
+        ctx.pred = pred
+        return _distill_fwd(student, teacher, alpha, weight, pred)
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher, alpha, weight = ctx.saved_tensors
+        ds = _distill_bwd(grad.to(torch.float32).contiguous(), student, teacher, alpha, weight, ctx.pred)
+        return ds, None, None, None, None  # the teacher is a constant; alpha and weight are not trained
+
+
 def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight=None) -> torch.Tensor:
     """The public :func:`ril_fast.kernels.distill_mse` run by the CUDA library."""
-    from ril_fast.kernels import distill
-
-    return distill.distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weight, backend="cuda")
+    check_distill_args(student_out, teacher_out, x_t, alpha_bar, weight, prediction_type)
+    alpha = alpha_bar.detach().to(torch.float32).contiguous()
+    w = weight.detach().to(torch.float32).contiguous() if weight is not None else None
+    return _DistillFunction.apply(student_out.contiguous(), teacher_out.detach().contiguous(), alpha, w,
+                                  pred_code(prediction_type))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,8 +213,6 @@ def distill_mse(student_out, teacher_out, x_t, alpha_bar, prediction_type, weigh
 class _LoraGroupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, scales, n, *ab):
-        from ril_fast.kernels import lora_group  # it imports this module
-
         lib = _lib()
         dt, dev = x2.dtype, x2.device
         m, d_in = x2.shape
@@ -215,7 +222,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         r_tot = sum(ranks)
         a_cat = torch.cat([a.to(dt) for a in a_list]).contiguous() if r_tot else None
         b_cat = torch.cat([b.to(dt) for b in b_list], dim=1).contiguous() if r_tot else None
-        rank_scale = lora_group._rank_scale(ranks, scales, dev) if r_tot else None
+        rank_scale = rank_scale(ranks, scales, dev) if r_tot else None
         s = torch.empty(m, r_tot, device=dev, dtype=dt) if r_tot else None
         y = torch.empty(m, d_out, device=dev, dtype=dt)
         _call(lib, "ril_lora_group_fwd", dt, f"M={m}, d_in={d_in}, d_out={d_out}, R={r_tot}", _ptr(x2), d_in,

@@ -18,20 +18,19 @@ cached int32 per (device, stream) (see :func:`_ticket_counter`): zero when a cal
 every call leaves it at 0, and separate streams never share one. Backward: one launch that reads
 ``grad_output`` on device. Both are ``torch.library`` custom ops (``ril_fast::distill_mse_fwd``,
 ``ril_fast::distill_mse_bwd``) with fake kernels and an autograd registration, so
-``torch.compile`` treats them as opaque. ``backend='cuda'`` runs the same ops through the CUDA
-library (:mod:`ril_fast.kernels.cuda_lib`).
+``torch.compile`` treats them as opaque. The CUDA library's version of the op is
+:func:`ril_fast.kernels.cuda_lib.distill_mse`.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from ril_fast.kernels.reference import PREDICTION_TYPES
+from ril_fast.kernels.reference import check_distill_args, pred_code
 
 # 4096 fp32 elements per program: 32 KB of loads in flight per program, enough to saturate HBM
 # with 8 warps while keeping the partial buffer small (1 float per 16 KB of bf16 input).
@@ -45,8 +44,6 @@ MAX_FWD_ITERS = 8
 SUM_BLOCK = 1024
 # Ticket counters are handed out from zeroed int32 slabs of this many, one counter per (device, stream).
 COUNTER_SLAB = 64
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("triton", "cuda")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,22 +52,19 @@ BACKENDS = ("triton", "cuda")
 
 
 @triton.jit
-def _coef_sq(alpha_ptr, b, PRED: tl.constexpr):
-    """c_b² for x0 = a_b·x_t + c_b·out (PRED 0 = epsilon, 1 = v_prediction, 2 = sample)."""
+def _scale(alpha_ptr, w_ptr, b, PRED, HAS_WEIGHT):
+    """w_b·c_b² for x0 = a_b·x_t + c_b·out (PRED 0 = epsilon, 1 = v_prediction, 2 = sample).
+
+    PRED and HAS_WEIGHT are runtime ints (uniform per program: a few scalar instructions), so one
+    binary per dtype serves every prediction type and weight mode."""
     ab = tl.load(alpha_ptr + b).to(tl.float32)
-    if PRED == 0:
-        c = tl.sqrt((1.0 - ab) / ab)
-    elif PRED == 1:
-        c = tl.sqrt(1.0 - ab)
-    else:
-        c = ab * 0.0 + 1.0
-    return c * c
+    c2 = tl.where(PRED == 0, (1.0 - ab) / ab, tl.where(PRED == 1, 1.0 - ab, 1.0))
+    return c2 * tl.load(w_ptr + b, mask=HAS_WEIGHT != 0, other=1.0).to(tl.float32)
 
 
-@triton.jit
-def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, out_ptr, N, inv_nb, P,
-                        PRED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr,
-                        SUM_BLOCK: tl.constexpr, ITERS: tl.constexpr, TICKET: tl.constexpr):
+@triton.jit(do_not_specialize=["PRED", "HAS_WEIGHT"])
+def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, out_ptr, N, inv_nb, P, PRED,
+                        HAS_WEIGHT, BLOCK: tl.constexpr, SUM_BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     # Each program reduces ITERS consecutive blocks, so big inputs draw fewer tickets on the one
@@ -84,25 +78,21 @@ def _distill_fwd_kernel(s_ptr, t_ptr, alpha_ptr, w_ptr, partial_ptr, count_ptr, 
         t = tl.load(t_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
         d = s - t
         acc += d * d
-    scale = _coef_sq(alpha_ptr, b, PRED) * inv_nb
-    if HAS_WEIGHT:
-        scale = scale * tl.load(w_ptr + b).to(tl.float32)
+    scale = _scale(alpha_ptr, w_ptr, b, PRED, HAS_WEIGHT) * inv_nb
     tl.store(partial_ptr + b * tl.num_programs(0) + pid_n, tl.sum(acc, axis=0) * scale)
-    if TICKET:
-        # The partial store is ordered before the ticket (barrier + release); the last ticket's
-        # acquire makes every program's partial visible to the program that drew it.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-        if ticket == P - 1:
-            # Last program: sum all P partials in a fixed order (bitwise reproducible whoever is last).
-            _ordered_sum(partial_ptr, out_ptr, P, SUM_BLOCK)
-            tl.store(count_ptr, 0)  # clean for the next call on this stream
+    # The partial store is ordered before the ticket (barrier + release); the last ticket's
+    # acquire makes every program's partial visible to the program that drew it.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if ticket == P - 1:
+        # Last program: sum all P partials in a fixed order (bitwise reproducible whoever is last).
+        _ordered_sum(partial_ptr, out_ptr, P, SUM_BLOCK)
+        tl.store(count_ptr, 0)  # clean for the next call on this stream
 
 
 @triton.jit
 def _ordered_sum(partial_ptr, out_ptr, P, SUM_BLOCK: tl.constexpr):
-    """``out = Σ partials`` in one fixed order (SUM_BLOCK-lane loop, then tl.sum's tree); the ticket
-    tail and the two-launch forward's sum kernel share it, so both give the same bits."""
+    """``out = Σ partials`` in one fixed order (SUM_BLOCK-lane loop, then tl.sum's tree)."""
     tot = tl.zeros((SUM_BLOCK,), dtype=tl.float32)
     for start in range(0, P, SUM_BLOCK):
         o = start + tl.arange(0, SUM_BLOCK)
@@ -110,15 +100,9 @@ def _ordered_sum(partial_ptr, out_ptr, P, SUM_BLOCK: tl.constexpr):
     tl.store(out_ptr, tl.sum(tot, axis=0))
 
 
-@triton.jit
-def _distill_sum_kernel(partial_ptr, out_ptr, P, SUM_BLOCK: tl.constexpr):
-    """The two-launch forward's second launch: one program, :func:`_ordered_sum`."""
-    _ordered_sum(partial_ptr, out_ptr, P, SUM_BLOCK)
-
-
-@triton.jit
-def _distill_bwd_kernel(g_ptr, s_ptr, t_ptr, alpha_ptr, w_ptr, ds_ptr, N, inv_nb,
-                        PRED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["PRED", "HAS_WEIGHT"])
+def _distill_bwd_kernel(g_ptr, s_ptr, t_ptr, alpha_ptr, w_ptr, ds_ptr, N, inv_nb, PRED, HAS_WEIGHT,
+                        BLOCK: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
@@ -126,9 +110,7 @@ def _distill_bwd_kernel(g_ptr, s_ptr, t_ptr, alpha_ptr, w_ptr, ds_ptr, N, inv_nb
     s = tl.load(s_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
     # grad_output is read on device: no .item(), no host sync.
-    scale = 2.0 * _coef_sq(alpha_ptr, b, PRED) * inv_nb * tl.load(g_ptr).to(tl.float32)
-    if HAS_WEIGHT:
-        scale = scale * tl.load(w_ptr + b).to(tl.float32)
+    scale = 2.0 * _scale(alpha_ptr, w_ptr, b, PRED, HAS_WEIGHT) * inv_nb * tl.load(g_ptr).to(tl.float32)
     ds = (s - t) * scale
     tl.store(ds_ptr + b * N + offs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
 
@@ -212,37 +194,19 @@ def _iters_for(nblk: int, bsz: int) -> int:
     return iters
 
 
-def _triton_fwd(student, teacher, alpha, weight, pred: int, block: int | None = None,
-                iters: int | None = None, num_warps: int = NUM_WARPS, launches: int | None = None) -> torch.Tensor:
-    """``block``/``iters``/``num_warps`` override the defaults (benchmarks/sweep_distill_fwd.py).
-    ``launches``: 1 = the ticket forward (default), 2 = partials then a one-program sum, without the
-    ticket's atomic and tail (``RIL_FAST_DISTILL_FWD_LAUNCHES=2``; an experiment to time on a GPU:
-    the H200 put the one-launch forward at 0.72 of a same-size copy)."""
+def _triton_fwd(student, teacher, alpha, weight, pred: int) -> torch.Tensor:
     bsz = student.shape[0]
     n = student.numel() // bsz
-    blk = block or _block_for(n)
-    iters = iters or _iters_for(triton.cdiv(n, blk), bsz)
+    blk = _block_for(n)
+    iters = _iters_for(triton.cdiv(n, blk), bsz)
     nblk = triton.cdiv(n, blk * iters)
-    launches = launches or _fwd_launches()
     partials = torch.empty(bsz * nblk, device=student.device, dtype=torch.float32)
     out = torch.empty((), device=student.device, dtype=torch.float32)
     w = weight if weight is not None else alpha
-    counter = _ticket_counter(student.device) if launches == 1 else partials  # unused without the ticket
-    _distill_fwd_kernel[(nblk, bsz)](student, teacher, alpha, w, partials, counter, out, n,
-                                     1.0 / (n * bsz), bsz * nblk, PRED=pred, HAS_WEIGHT=weight is not None,
-                                     BLOCK=blk, SUM_BLOCK=SUM_BLOCK, ITERS=iters, TICKET=launches == 1,
-                                     num_warps=num_warps)
-    if launches == 2:
-        _distill_sum_kernel[(1,)](partials, out, bsz * nblk, SUM_BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
+    _distill_fwd_kernel[(nblk, bsz)](student, teacher, alpha, w, partials, _ticket_counter(student.device), out, n,
+                                     1.0 / (n * bsz), bsz * nblk, pred, int(weight is not None), BLOCK=blk,
+                                     SUM_BLOCK=SUM_BLOCK, ITERS=iters, num_warps=NUM_WARPS)
     return out
-
-
-def _fwd_launches() -> int:
-    value = os.environ.get("RIL_FAST_DISTILL_FWD_LAUNCHES", "1").strip() or "1"
-    if value not in ("1", "2"):
-        raise ValueError(f"RIL_FAST_DISTILL_FWD_LAUNCHES={value!r} must be 1 (ticket forward) or 2 "
-                         "(partials + sum); unset it for the default")
-    return int(value)
 
 
 def _triton_bwd(grad, student, teacher, alpha, weight, pred: int) -> torch.Tensor:
@@ -252,8 +216,7 @@ def _triton_bwd(grad, student, teacher, alpha, weight, pred: int) -> torch.Tenso
     ds = torch.empty_like(student)
     w = weight if weight is not None else alpha
     _distill_bwd_kernel[(triton.cdiv(n, blk), bsz)](grad, student, teacher, alpha, w, ds, n, 1.0 / (n * bsz),
-                                                    PRED=pred, HAS_WEIGHT=weight is not None, BLOCK=blk,
-                                                    num_warps=NUM_WARPS)
+                                                    pred, int(weight is not None), BLOCK=blk, num_warps=NUM_WARPS)
     return ds
 
 
@@ -262,97 +225,51 @@ def _triton_bwd(grad, student, teacher, alpha, weight, pred: int) -> torch.Tenso
 # ------------------------------------------------------------------------------------------------
 
 
-def _pred_code(prediction_type: str) -> int:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    return PREDICTION_TYPES.index(prediction_type)
-
-
 @torch.library.custom_op("ril_fast::distill_mse_fwd", mutates_args=())
 def distill_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, alpha_bar: torch.Tensor,
-                    weight: torch.Tensor | None, prediction_type: str, backend: str) -> torch.Tensor:
+                    weight: torch.Tensor | None, prediction_type: str) -> torch.Tensor:
     """Float32 scalar loss. Inputs contiguous (B, ...); alpha_bar/weight fp32 (B,)."""
-    pred = _pred_code(prediction_type)
-    if backend == "cuda":
-        from ril_fast.kernels import cuda_lib
-
-        return cuda_lib._distill_fwd(student, teacher, alpha_bar, weight, pred)
-    return _triton_fwd(student, teacher, alpha_bar, weight, pred)
+    return _triton_fwd(student, teacher, alpha_bar, weight, pred_code(prediction_type))
 
 
 @distill_mse_fwd.register_fake
-def _(student, teacher, alpha_bar, weight, prediction_type, backend):
+def _(student, teacher, alpha_bar, weight, prediction_type):
     return student.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("ril_fast::distill_mse_bwd", mutates_args=())
 def distill_mse_bwd(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, alpha_bar: torch.Tensor,
-                    weight: torch.Tensor | None, prediction_type: str, backend: str) -> torch.Tensor:
+                    weight: torch.Tensor | None, prediction_type: str) -> torch.Tensor:
     """d loss / d student, shaped and typed like ``student``."""
-    pred = _pred_code(prediction_type)
     grad = grad.to(torch.float32).contiguous()
-    if backend == "cuda":
-        from ril_fast.kernels import cuda_lib
-
-        return cuda_lib._distill_bwd(grad, student, teacher, alpha_bar, weight, pred)
-    return _triton_bwd(grad, student, teacher, alpha_bar, weight, pred)
+    return _triton_bwd(grad, student, teacher, alpha_bar, weight, pred_code(prediction_type))
 
 
 @distill_mse_bwd.register_fake
-def _(grad, student, teacher, alpha_bar, weight, prediction_type, backend):
+def _(grad, student, teacher, alpha_bar, weight, prediction_type):
     return torch.empty_like(student)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, alpha_bar, weight, prediction_type, backend = inputs
+    student, teacher, alpha_bar, weight, prediction_type = inputs
     ctx.save_for_backward(student, teacher, alpha_bar, weight)
     ctx.prediction_type = prediction_type
-    ctx.backend = backend
 
 
 def _backward(ctx, grad):
     student, teacher, alpha_bar, weight = ctx.saved_tensors
     ds = None
     if ctx.needs_input_grad[0]:
-        ds = distill_mse_bwd(grad, student, teacher, alpha_bar, weight, ctx.prediction_type, ctx.backend)
+        ds = distill_mse_bwd(grad, student, teacher, alpha_bar, weight, ctx.prediction_type)
     # The teacher is a constant; alpha_bar and weight are schedule values, not trained.
-    return ds, None, None, None, None, None
+    return ds, None, None, None, None
 
 
 distill_mse_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ------------------------------------------------------------------------------------------------
-# Public entry
-# ------------------------------------------------------------------------------------------------
-
-
-def _check(student, teacher, x_t, alpha_bar, weight, backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"distill_mse backend must be one of {BACKENDS}, got {backend!r}")
-    for name, t in (("student_out", student), ("teacher_out", teacher)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"distill_mse: {name} has dtype {t.dtype}; supported {SUPPORTED_DTYPES}, cast it first")
-    if teacher.shape != student.shape or x_t.shape != student.shape:
-        raise ValueError(f"distill_mse: student_out {tuple(student.shape)}, teacher_out {tuple(teacher.shape)} and "
-                         f"x_t {tuple(x_t.shape)} must have the same shape")
-    if student.dim() < 1 or student.numel() == 0:
-        raise ValueError(f"distill_mse: need a non-empty (B, ...) tensor, got shape {tuple(student.shape)}")
-    bsz = student.shape[0]
-    for name, t in (("alpha_bar", alpha_bar), ("weight", weight)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.shape != (bsz,):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"distill_mse: {name} must be a ({bsz},) tensor (one per sample), got {got}")
-    for name, t in (("teacher_out", teacher), ("alpha_bar", alpha_bar), ("weight", weight)):
-        if t is not None and t.device != student.device:
-            raise ValueError(f"distill_mse: {name} is on {t.device} but student_out is on {student.device}; "
-                             "move it to the same device")
-
-
 def distill_mse(student_out: torch.Tensor, teacher_out: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
-                prediction_type: str, weight: torch.Tensor | None = None, backend: str = "triton") -> torch.Tensor:
+                prediction_type: str, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Fused ``mean_b(w_b · mean((x0_s − x0_t)²))``; differentiable w.r.t. ``student_out`` only.
 
     Args:
@@ -360,15 +277,12 @@ def distill_mse(student_out: torch.Tensor, teacher_out: torch.Tensor, x_t: torch
         alpha_bar: (B,) device tensor, ᾱ at the timestep of ``x_t``.
         prediction_type: ``epsilon`` | ``v_prediction`` | ``sample``.
         weight: (B,) per-sample weights or None.
-        backend: ``triton`` or ``cuda`` (the CUDA C++ library).
     Returns:
         float32 scalar tensor.
     Raises:
-        ValueError: bad shapes, dtypes, devices, prediction type or backend.
+        ValueError: bad shapes, dtypes, devices or prediction type.
     """
-    _check(student_out, teacher_out, x_t, alpha_bar, weight, backend)
-    _pred_code(prediction_type)
+    check_distill_args(student_out, teacher_out, x_t, alpha_bar, weight, prediction_type)
     alpha = alpha_bar.detach().to(torch.float32).contiguous()
     w = weight.detach().to(torch.float32).contiguous() if weight is not None else None
-    return distill_mse_fwd(student_out.contiguous(), teacher_out.detach().contiguous(), alpha, w,
-                           prediction_type, backend)
+    return distill_mse_fwd(student_out.contiguous(), teacher_out.detach().contiguous(), alpha, w, prediction_type)

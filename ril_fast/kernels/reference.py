@@ -1,7 +1,7 @@
 """Pure-torch references of every fused op: the CPU path and the test oracle.
 
 Written for clarity, with no fusion. Each takes the same arguments as the public op in
-``ril_fast.kernels``.
+``ril_fast.kernels``. Also the per-rank scale vector both fused backends take (:func:`rank_scale`).
 """
 
 from __future__ import annotations
@@ -89,6 +89,41 @@ def distill_mse(
     return per_sample.mean()
 
 
+FUSED_DISTILL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pred_code(prediction_type: str) -> int:
+    """The fused distillation kernels' integer for ``prediction_type`` (its index in PREDICTION_TYPES)."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return PREDICTION_TYPES.index(prediction_type)
+
+
+def check_distill_args(student, teacher, x_t, alpha_bar, weight, prediction_type) -> None:
+    """The fused distillation ops' argument checks (Triton and the CUDA library): one-line ValueErrors."""
+    pred_code(prediction_type)
+    for name, t in (("student_out", student), ("teacher_out", teacher)):
+        if t.dtype not in FUSED_DISTILL_DTYPES:
+            raise ValueError(f"distill_mse: {name} has dtype {t.dtype}; supported {FUSED_DISTILL_DTYPES}, "
+                             "cast it first")
+    if teacher.shape != student.shape or x_t.shape != student.shape:
+        raise ValueError(f"distill_mse: student_out {tuple(student.shape)}, teacher_out {tuple(teacher.shape)} and "
+                         f"x_t {tuple(x_t.shape)} must have the same shape")
+    if student.dim() < 1 or student.numel() == 0:
+        raise ValueError(f"distill_mse: need a non-empty (B, ...) tensor, got shape {tuple(student.shape)}")
+    bsz = student.shape[0]
+    for name, t in (("alpha_bar", alpha_bar), ("weight", weight)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (bsz,):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"distill_mse: {name} must be a ({bsz},) tensor (one per sample), got {got}")
+    for name, t in (("teacher_out", teacher), ("alpha_bar", alpha_bar), ("weight", weight)):
+        if t is not None and t.device != student.device:
+            raise ValueError(f"distill_mse: {name} is on {t.device} but student_out is on {student.device}; "
+                             "move it to the same device")
+
+
 def lora_group_linear_stacked(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -107,3 +142,27 @@ def lora_group_linear_stacked(
     a_cat = torch.cat([a.to(x.dtype) for a in lora_a])  # (R, d_in)
     b_cat = torch.cat([b.to(x.dtype) * s for b, s in zip(lora_b, scales)], dim=1)  # (d_out, R)
     return F.linear(x, weight, bias) + F.linear(F.linear(x, a_cat), b_cat)
+
+
+_SCALE_CACHE: dict = {}
+
+
+def rank_scale(ranks: Sequence[int], scales: Sequence[float], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-rank scale vector of a stacked group (scale ``s_i`` repeated ``r_i`` times), as the fused
+    backends take it.
+
+    Cached, so steady-state calls do no host-to-device copy; built on the device by fills, which a
+    CUDA graph can capture (a copy from pageable host memory cannot). One built during a capture
+    lives in the graph's pool, so it is not cached.
+    """
+    key = (tuple(ranks), tuple(map(float, scales)), torch.device(device), dtype)
+    t = _SCALE_CACHE.get(key)
+    if t is None:
+        t = torch.empty(sum(ranks), dtype=dtype, device=device)
+        off = 0
+        for r, s in zip(ranks, scales):
+            t[off:off + r].fill_(float(s))
+            off += r
+        if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _SCALE_CACHE[key] = t
+    return t

@@ -74,8 +74,29 @@ class Models:
 def _not_found(path: str, why: str) -> str:
     return (
         f"model.path {path!r} not found ({why}): give a local diffusers folder (model_index.json) or a "
-        "Hugging Face model id already in the local cache (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+        "Hugging Face model id (owner/name)"
     )
+
+
+def _hub_hint(repo_id: str) -> str:
+    return (f"fetch it with `hf download {repo_id}` where there is internet (it fills the HF cache; copy "
+            "~/.cache/huggingface here if needed), then run with HF_HUB_OFFLINE=1, or set model.path to a local "
+            "diffusers folder")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of ``repo_id``'s snapshot in the local HF cache (holding model_index.json), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, "model_index.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
 
 
 def _read_index(path: str) -> dict:
@@ -86,8 +107,8 @@ def check_model_path(path: str) -> str | None:
     """Checks, without loading anything, that ``path`` names a loadable model.
 
     A folder must hold ``model_index.json`` and the unet, vae and scheduler subfolders. A string that is
-    not an existing folder is accepted as a hub id only if it looks like one and, when the hub is offline
-    (``HF_HUB_OFFLINE=1``), is already in the local cache.
+    not an existing folder is accepted as a hub id if it looks like one: whether it can be loaded now is
+    :func:`check_model_available`'s question (the memory planner needs only the architecture).
 
     Returns:
         str | None: a one-line error message, or None when the path looks loadable.
@@ -112,11 +133,37 @@ def check_model_path(path: str) -> str | None:
         return _not_found(path, "it is a file, not a folder")
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         return _not_found(path, "no such folder")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        from huggingface_hub import try_to_load_from_cache
+    return None
 
-        if not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
-            return _not_found(path, "no such folder, and the hub id is not in the cache while HF_HUB_OFFLINE=1")
+
+def check_model_available(path: str, timeout: float = 10.0) -> str | None:
+    """Checks that ``path`` can be loaded on this machine now, in seconds and without loading anything.
+
+    A local folder must be complete (:func:`check_model_path`); a hub id must have a complete snapshot
+    in the local HF cache or, when not offline, be answered for by the hub (one request, no retries;
+    diffusers then downloads it). Without this, a missing model cost minutes of hub retries.
+
+    Returns:
+        str | None: a one-line error message naming the ``hf download`` command, or None.
+    """
+    problem = check_model_path(path)
+    if problem or Path(path).expanduser().is_dir():
+        return problem
+    snapshot = cached_snapshot(path)
+    if snapshot is not None:
+        problem = check_model_path(str(snapshot))
+        return None if problem is None else f"model.path {path!r}: the cached copy is incomplete; " + _hub_hint(path)
+    if hub_offline():
+        return f"model.path {path!r}: no such folder, and HF_HUB_OFFLINE=1 but the id is not in the local HF cache; " \
+            + _hub_hint(path)
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(path, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - no network, no such repo, gated: all mean "cannot load it now"
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"model.path {path!r}: not in the local HF cache and the hub does not serve it ({why}); " \
+            + _hub_hint(path)
     return None
 
 
@@ -163,6 +210,9 @@ def load_models(
         raise ValueError(err)
     local = Path(path).expanduser().is_dir()
     src = str(Path(path).expanduser()) if local else path
+    snapshot = None if local else cached_snapshot(path)
+    if snapshot is not None and check_model_path(str(snapshot)) is None:
+        local, src = True, str(snapshot)  # a complete cached download: no hub requests
     common = dict(local_files_only=True) if local else {}
     try:
         index = _read_index(src) if local else dict(DiffusionPipeline.load_config(src, **common))

@@ -1,5 +1,8 @@
 """Tiny random SD1.5- and SDXL-shaped pipelines for CPU tests, and the tiny tokenizer vocabulary.
 
+    python -m ril_fast.models.tiny --kind sdxl --out /tmp/tiny_sdxl   # a diffusers folder, no hub needed
+    python -m ril_fast.train --config configs/sdxl.json --set model.path=/tmp/tiny_sdxl ...
+
 Components are built from code with a seed set before each one (the way diffusers' own tests build
 ``get_dummy_components``), so the same seed always gives the same weights. The tokenizer is a real
 ``CLIPTokenizer`` over a handmade vocabulary (``ril_fast/assets/tiny_vocab``): a few hundred prompt words
@@ -8,9 +11,11 @@ Components are built from code with a seed set before each one (the way diffuser
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -238,3 +243,27 @@ def save_tiny_pipeline(path: str | os.PathLike, kind: str = "sd", seed: int = 0,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
+
+
+KINDS = {"sd15": "sd", "sdxl": "sdxl"}  # CLI name -> build_tiny_pipeline kind
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ril_fast.models.tiny",
+                                 description="Write a tiny random diffusers pipeline folder (model_index.json, "
+                                             "unet, vae, text encoder(s), tokenizer(s), scheduler) that "
+                                             "ril_fast.train loads as model.path, with no hub access.")
+    ap.add_argument("--kind", required=True, choices=sorted(KINDS), help="architecture: sd15 or sdxl")
+    ap.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds every component (default 0)")
+    ap.add_argument("--image-size", type=int, default=32, help="default image size in pixels (default 32)")
+    args = ap.parse_args(argv)
+    if args.image_size <= 0 or args.image_size % 4:
+        ap.error(f"--image-size must be a positive multiple of 4, got {args.image_size}")
+    path = save_tiny_pipeline(args.out, KINDS[args.kind], args.seed, args.image_size)
+    print(f"wrote a tiny random {args.kind} pipeline to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -81,10 +82,82 @@ def build(name: str, **kwargs) -> Reward:
         module, _, attr = name.partition(":")
         obj = getattr(importlib.import_module(module), attr)
         # A user reward is either the reward itself (no options) or a factory taking options.
-        return obj(**kwargs) if kwargs else obj
+        return CheckedReward(obj(**kwargs) if kwargs else obj, name)
     module, attr = _REGISTRY[name]
     factory = getattr(importlib.import_module(module), attr)
     try:
         return factory(**kwargs)
     except TypeError as exc:
         raise ValueError(f"reward {name!r} rejected its options {sorted(kwargs)}: {exc}") from None
+
+
+def missing_weights(name: str, options: dict) -> list[str]:
+    """One line per weight file or folder the reward ``name`` would load with ``options`` that is neither
+    a local path nor in the local HF cache (lookups only, nothing loads; empty for model-free rewards)."""
+    if is_user_reward(name) or name not in _REGISTRY:
+        return []
+    module, attr = _REGISTRY[name]
+    factory = getattr(importlib.import_module(module), attr)
+    if not hasattr(factory, "weight_specs"):
+        return []
+    from ril_fast.rewards import weights
+
+    bound = inspect.signature(factory).bind(**options)
+    bound.apply_defaults()
+    problems = []
+    for option, spec, kind in factory.weight_specs(bound.arguments):
+        try:
+            (weights.resolve_file if kind == "file" else weights.resolve_dir)(spec, option)
+        except ValueError as exc:
+            problems.append(f"reward {name!r}: {exc}")
+    return problems
+
+
+def check_prompts(name: str, prompts: list[str]) -> str | None:
+    """Validation: a one-line problem when the registered reward ``name`` cannot read ``prompts``
+    (rewards that parse their prompts define ``check_prompts``), else None."""
+    if is_user_reward(name) or name not in _REGISTRY:
+        return None
+    module, attr = _REGISTRY[name]
+    check = getattr(getattr(importlib.import_module(module), attr), "check_prompts", None)
+    return check(prompts) if check is not None else None
+
+
+class CheckedReward:
+    """A user reward that is checked the first time it runs: one finite score per image (shape [B]),
+    and, the first time gradients are on, a score that depends on the images differentiably. A bad
+    one stops the run with a config error naming it (not "element 0 of tensors does not require
+    grad" from backward, or a broadcast loss that trains on nonsense). Attributes pass through.
+    """
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+        self._values_checked = self._grad_checked = False
+
+    def __getattr__(self, attr):  # to_device and the like reach the user's object
+        return getattr(self.fn, attr)
+
+    def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        out = self.fn(images, prompts)
+        if not self._values_checked:
+            self._fail_unless(isinstance(out, torch.Tensor), f"returned {type(out).__name__}, not a tensor")
+            batch = images.shape[0]
+            self._fail_unless(tuple(out.shape) == (batch,), f"returned shape {list(out.shape)} for {batch} images; "
+                              "return one score per image, shape [B]")
+            self._fail_unless(out.is_floating_point(), f"returned dtype {out.dtype}; return floating-point scores")
+            if out.device.type != "meta":  # the memory planner's trace has no values
+                self._fail_unless(bool(torch.isfinite(out.detach()).all()), "returned non-finite scores (nan/inf) "
+                                  f"on its first call: {out.detach().flatten()[:4].tolist()}")
+            self._values_checked = True
+        if not self._grad_checked and torch.is_grad_enabled() and images.requires_grad:
+            self._fail_unless(out.requires_grad, "returned scores with no gradient with respect to the images; "
+                              "compute them from the images with differentiable torch ops (no .item(), .detach(), "
+                              "numpy or PIL)")
+            self._grad_checked = True
+        return out
+
+    def _fail_unless(self, ok: bool, what: str) -> None:
+        if not ok:
+            from ril_fast.config import ConfigError
+
+            raise ConfigError([f"reward {self.name!r} {what}"])

@@ -100,6 +100,20 @@ class PromptAdherence(nn.Module):
         heads: which heads to average. Default: all three.
     """
 
+    @staticmethod
+    def check_prompts(prompts: list[str]) -> str | None:
+        """Validation: None when every prompt is a shapes caption, else what is wrong with the first
+        that is not (with how many more), so a config is refused before training, not in task 1."""
+        bad = []
+        for prompt in prompts:
+            try:
+                shapes.parse_prompt(prompt)
+            except ValueError as exc:
+                bad.append(str(exc))
+        if not bad:
+            return None
+        return bad[0] + (f" ({len(bad) - 1} more prompts like it)" if len(bad) > 1 else "")
+
     def __init__(self, folder: str | None = None, use_prob: bool = False, heads: tuple[str, ...] = HEADS):
         super().__init__()
         bad = [h for h in heads if h not in HEADS]

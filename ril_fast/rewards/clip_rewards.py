@@ -273,6 +273,11 @@ class PickScoreReward(_ClipImageText):
     ``device``, ``gradient_checkpointing``.
     """
 
+    @staticmethod
+    def weight_specs(args: dict) -> list[tuple[str, str, str]]:
+        """(option, location, "file" | "dir") of the weights these options load (``rewards.missing_weights``)."""
+        return [("clip_path", args["clip_path"], "dir"), ("tokenizer_path", args["tokenizer_path"], "dir")]
+
     def __init__(self, clip_path: str = "yuvalkirstain/PickScore_v1", tokenizer_path: str = LAION_H14,
                  dtype=None, device=None, gradient_checkpointing: bool = False):
         device = default_device(device)
@@ -302,6 +307,11 @@ class HPSv2Reward(_ClipImageText):
     (16/16 for ViT-H-14), ``resize_mode`` ("shortest" or "longest_pad"; equal on square images),
     ``dtype``, ``device``, ``gradient_checkpointing``.
     """
+
+    @staticmethod
+    def weight_specs(args: dict) -> list[tuple[str, str, str]]:
+        checkpoint = args["checkpoint_path"] or HPS_CHECKPOINTS.get(args["version"], HPS_CHECKPOINTS["v2.1"])
+        return [("checkpoint_path", checkpoint, "file"), ("tokenizer_path", args["tokenizer_path"], "dir")]
 
     def __init__(self, version: str = "v2.1", checkpoint_path: str | None = None, tokenizer_path: str = LAION_H14,
                  vision_heads: int = 16, text_heads: int = 16, resize_mode: str = "shortest", dtype=None,
@@ -335,6 +345,10 @@ class AestheticReward(_ClipReward):
     ``layers.*``; default ``trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth``, the head TRL's DDPO
     example uses), ``dtype``, ``device``, ``gradient_checkpointing``. Prompts are ignored.
     """
+
+    @staticmethod
+    def weight_specs(args: dict) -> list[tuple[str, str, str]]:
+        return [("clip_path", args["clip_path"], "dir"), ("head_path", args["head_path"], "file")]
 
     def __init__(self, clip_path: str = "openai/clip-vit-large-patch14",
                  head_path: str = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth",

@@ -120,6 +120,11 @@ class ImageRewardReward(nn.Module):
     ``tokenizer_path`` (bert-base-uncased folder/repo, default ``google-bert/bert-base-uncased``), ``dtype``,
     ``device``, ``gradient_checkpointing``."""
 
+    @staticmethod
+    def weight_specs(args: dict) -> list[tuple[str, str, str]]:
+        """(option, location, "file" | "dir") of the weights these options load (``rewards.missing_weights``)."""
+        return [("checkpoint_path", args["checkpoint_path"], "file"), ("tokenizer_path", args["tokenizer_path"], "dir")]
+
     def __init__(self, checkpoint_path: str = "THUDM/ImageReward/ImageReward.pt",
                  tokenizer_path: str = "google-bert/bert-base-uncased", dtype=None, device=None,
                  gradient_checkpointing: bool = False):
