@@ -34,9 +34,9 @@ def tiny_model_dir(kind: str = "sd") -> str:
     return _MODEL_DIR[kind]
 
 
-def make_config(model: str, out: str | Path, steps=(2, 2), **train) -> dict:
-    """Two tasks of ``steps`` optimizer steps, 3 DDIM steps, batch 1, one eval image per task."""
-    rewards = ["brightness", "smoothness"]
+def make_config(model: str, out: str | Path, steps=(2, 2), rewards=("brightness", "smoothness"), **train) -> dict:
+    """Two tasks of ``steps`` optimizer steps, 3 DDIM steps, batch 1, one eval image per task; the tasks'
+    rewards alternate through ``rewards``."""
     return {
         "output_dir": str(out),
         "seed": 0,
@@ -45,7 +45,7 @@ def make_config(model: str, out: str | Path, steps=(2, 2), **train) -> dict:
         "sampling": {"steps": 3, "guidance_scale": 1.0},
         "train": {"batch_size": 1, "lr": 1e-2, "deterministic": True, "checkpoint_every": 1, **train},
         "tasks": [
-            {"name": f"t{i}", "reward": rewards[i % 2], "train_prompts": ["a red circle", "a blue square"],
+            {"name": f"t{i}", "reward": rewards[i % len(rewards)], "train_prompts": ["a red circle", "a blue square"],
              "eval_prompts": ["a green circle"], "steps": n}
             for i, n in enumerate(steps)
         ],
@@ -111,6 +111,17 @@ def flaky_brightness(images: torch.Tensor, prompts=None) -> torch.Tensor:
         # forward stays finite (0 added), backward of sqrt at 0 gives 0 * inf = NaN
         return value + (images * 0).pow(0.5).sum(dim=(1, 2, 3)) * 0
     return value
+
+
+def jittered_brightness(images: torch.Tensor, prompts=None) -> torch.Tensor:
+    """Brightness under random per-pixel weights drawn from the global RNG on training calls (as a reward with
+    random crops or dropout would draw): the gradient, hence the adapters, depend on the RNG state, so a
+    resumed run equals an uninterrupted one only if the checkpoint's RNG state is restored."""
+    luma = images.float().mean(dim=1)
+    if not torch.is_grad_enabled():
+        return luma.mean(dim=(1, 2))
+    weights = torch.rand(luma.shape)
+    return (luma * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2))
 
 
 def read_metrics(out: str | Path) -> list[dict]:

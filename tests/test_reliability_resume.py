@@ -13,9 +13,14 @@ from pathlib import Path
 
 import pytest
 import reliability_support as rs
+import torch
 from safetensors.torch import load_file
 
 from ril_fast import checkpoint as ckpt
+
+
+# every task draws from the global RNG while it trains: the resume tests fail if the RNG state is not restored
+REWARDS = ("reliability_support:jittered_brightness",)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +32,7 @@ def model():
 def reference(model, tmp_path_factory):
     """One uninterrupted run of the 2-task config."""
     root = tmp_path_factory.mktemp("ref")
-    conf = rs.write_config(rs.make_config(model, root / "run"), root / "cfg.json")
+    conf = rs.write_config(rs.make_config(model, root / "run", rewards=REWARDS), root / "cfg.json")
     assert rs.run_forked(["--config", conf], root / "log.txt") == 0, (root / "log.txt").read_text()
     return root / "run"
 
@@ -38,6 +43,21 @@ def _assert_same_run(out: Path, ref: Path) -> None:
     assert rs.comparable_results(out) == rs.comparable_results(ref)
     # metrics lines written after the checkpoint a run resumed from are dropped, then written again
     assert rs.comparable_metrics(out) == rs.comparable_metrics(ref)
+
+
+def test_each_rank_gets_its_own_rng_state_back(tmp_path):
+    """Rank 1 stages its state, rank 0 writes the checkpoint; a fresh process of either rank restores its own."""
+    torch.manual_seed(11)
+    torch.rand(3)
+    ckpt.stage_rank_rng(tmp_path, 1, rank=1)
+    want = {1: torch.rand(4)}
+    torch.manual_seed(22)
+    ckpt.save_checkpoint(tmp_path, 1, {"x": torch.zeros(1)}, {})
+    want[0] = torch.rand(4)
+    for rank in (0, 1):
+        torch.manual_seed(99)  # a restarted process starts from the seed, not where the run was
+        ckpt.restore_rng(ckpt.load_latest(tmp_path, rank=rank)[3])
+        assert torch.equal(torch.rand(4), want[rank]), rank
 
 
 def test_checkpoint_contents(reference):
@@ -55,7 +75,7 @@ def test_checkpoint_contents(reference):
 
 def test_resume_after_kills_at_every_point(model, reference, tmp_path):
     """Kill, restart with the same command, repeatedly, at each named point; the end is bitwise the reference."""
-    conf = rs.write_config(rs.make_config(model, tmp_path / "run"), tmp_path / "cfg.json")
+    conf = rs.write_config(rs.make_config(model, tmp_path / "run", rewards=REWARDS), tmp_path / "cfg.json")
     log = tmp_path / "log.txt"
     out = tmp_path / "run"
     plan = [
@@ -84,7 +104,7 @@ def test_resume_after_kills_at_every_point(model, reference, tmp_path):
 
 def test_corrupt_checkpoint_falls_back(model, reference, tmp_path):
     """A truncated newest checkpoint is detected by checksum, skipped with a warning, and the previous used."""
-    conf = rs.write_config(rs.make_config(model, tmp_path / "run"), tmp_path / "cfg.json")
+    conf = rs.write_config(rs.make_config(model, tmp_path / "run", rewards=REWARDS), tmp_path / "cfg.json")
     log = tmp_path / "log.txt"
     out = tmp_path / "run"
     assert rs.run_forked(["--config", conf], log, fault="task_boundary:1") == -9
@@ -166,7 +186,7 @@ def test_disk_full_during_checkpoint_then_resume(model, reference, tmp_path, mon
     rerunning the same command (space freed) ends equal to the reference."""
     import errno
 
-    conf = rs.write_config(rs.make_config(model, tmp_path / "run"), tmp_path / "cfg.json")
+    conf = rs.write_config(rs.make_config(model, tmp_path / "run", rewards=REWARDS), tmp_path / "cfg.json")
     log = tmp_path / "log.txt"
     real, calls = ckpt.save_tensors_atomic, [0]
 
@@ -198,7 +218,7 @@ def test_disk_full_writing_metrics_or_results_then_resume(model, reference, tmp_
 
     from ril_fast import metrics_log, report
 
-    conf = rs.write_config(rs.make_config(model, tmp_path / "run"), tmp_path / "cfg.json")
+    conf = rs.write_config(rs.make_config(model, tmp_path / "run", rewards=REWARDS), tmp_path / "cfg.json")
     log = tmp_path / "log.txt"
     calls = [0]
     if target == "metrics":
