@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/tiny.json
 
-.PHONY: setup run test test-slow bench clean
+.PHONY: setup run test test-slow mutants bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q tests -m "compile_mode or gpu_check"
+
+# Planted bugs (tools/mutants.py), each run against the tests that claim the behaviour: minutes, outside
+# `make test`; writes benchmarks/results/cpu/mutants.json
+mutants: setup
+	$(BIN)/python tools/mutants.py
 
 bench: setup
 	$(BIN)/python benchmarks/bench_peer.py
