@@ -7,6 +7,7 @@ tests run on cuda tensors, plus real SD-sized bf16 shapes (``gpu`` marker).
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -447,13 +448,31 @@ def test_fp64_is_exact_to_rounding(device, monkeypatch, lead, d_in, d_out, ranks
         assert got[k].dtype == torch.float64 and err < 1e-13, f"{k}: rel err {err:.2e}"
 
 
-def test_deterministic_mode_is_bitwise_repeatable(device, deterministic):
-    """torch's deterministic algorithms switch the backward to ordered fp32 sums (no atomics)."""
+def test_deterministic_mode_is_bitwise_repeatable(device, deterministic, monkeypatch):
+    """torch's deterministic algorithms switch the backward to ordered fp32 sums (no atomics).
+
+    The interpreter runs a grid's programs one after another, so on CPU atomics repeat bitwise too and
+    the repeat alone cannot fail: the test also checks that the ordered path was taken (every reduction
+    launched deterministic, no atomic GEMM). The bitwise repeat is the real check on a GPU."""
     assert lora_group.deterministic()
+    calls = {"det": [], "atomic": []}
+    for name in ("ds_db_launch", "da_launch"):
+        real = getattr(lora_group, name)
+
+        def spy(*args, _real=real, **kw):
+            calls["det"].append(inspect.signature(_real).bind(*args, **kw).arguments["deterministic"])
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(lora_group, name, spy)
+    real_gemm = lora_group._gemm
+    monkeypatch.setattr(lora_group, "_gemm", lambda *a, **kw: calls["atomic"].append(bool(kw.get("atomic")))
+                        or real_gemm(*a, **kw))
     first = _compare(device, torch.float32, (300,), 40, 48, (8, 8), 1)
     torch.manual_seed(0)
     second = _compare(device, torch.float32, (300,), 40, 48, (8, 8), 1)
     assert all(torch.equal(first[k], second[k]) for k in first)
+    assert calls["det"] and all(d is True for d in calls["det"]), calls["det"]
+    assert calls["atomic"] and not any(calls["atomic"]), calls["atomic"]
 
 
 def test_bad_shapes_raise_one_line_errors(device):
