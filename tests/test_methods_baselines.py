@@ -273,3 +273,85 @@ def test_renoised_distillation_matches_its_definition(setup, tiny_model_dirs):
     assert float(loss) > 0
     grads = torch.autograd.grad(loss, lora.trainable_parameters(layers), allow_unused=True)
     assert any(g is not None and float(g.abs().max()) > 0 for g in grads)
+
+
+def _ema_teacher(models, plain, layers):
+    """The EMA teacher built without teacher_mode: a plain UNet holding the merged EMA weights."""
+    swapped = copy.copy(models)
+    swapped.unet = _merged_unet(plain, layers, lambda layer: layer.ema_pair())
+    return swapped
+
+
+@pytest.mark.parametrize("target,eta", [("eps", 0.0), ("image", 0.7)])
+def test_last_step_target_against_the_merged_teacher(setup, tiny_model_dirs, target, eta):
+    """``eps``: the ε MSE against the teacher's output at the student's z_1 (ε-prediction models: the
+    outputs themselves). ``image`` at eta > 0: the teacher's last DDIM step replayed with the student's
+    variance noise (redrawn here from the seed: 3 steps draw 3 noises, the last is z_1's), decoded."""
+    kind, models, layers, cache, plain = setup
+    assert models.prediction_type == "epsilon"
+    lora.reset_ema(layers)
+    _perturb(layers)
+    cfg = make_cfg(tiny_model_dirs[kind])
+    batch = make_batch(models, cfg, cache, PROMPTS, 1, 6, "cpu")
+    with torch.no_grad():
+        sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, eta=eta,
+                             window=1, generator=torch.Generator().manual_seed(5))
+        images = decode(models, sample.latents)
+        loss = D.last_step_loss(models, layers, sample, batch.cond, batch.uncond, 2.0, target, student_images=images,
+                                eta=eta)
+        last = sample.last
+        teacher_out = guided_output(_ema_teacher(models, plain, layers), last.x_t, last.t, batch.cond, batch.uncond,
+                                    2.0)
+        if target == "eps":
+            want = F.mse_loss(last.out, teacher_out)
+        else:
+            gen = torch.Generator().manual_seed(5)
+            noise = [torch.randn(batch.z_T.shape, generator=gen) for _ in range(3)][-1]
+            sched = DDIMScheduler.from_config(models.scheduler.config)
+            sched.set_timesteps(3)
+            prev = sched.step(teacher_out, last.t, last.x_t, eta=eta, variance_noise=noise).prev_sample
+            want = F.mse_loss(images, decode(models, prev))
+    # merged weights against the group's forward: ~1e-6 relative per output, far below rel 1e-3
+    assert float(loss) == pytest.approx(float(want), rel=1e-3)
+    assert float(want) > 0
+
+
+def _brute_force_full_chain(models, plain, layers, batch, steps, window, eta, seed):
+    """Full-step distillation by hand: two explicit DDIM loops (student and EMA teacher as merged-weight
+    UNets, diffusers drawing the variance noise from generators seeded alike), x0 from the scheduler's own
+    ``pred_original_sample``, ᾱ/(1 − ᾱ)·MSE(x0) per window step, averaged over the window."""
+    student = copy.copy(models)
+    student.unet = _merged_unet(plain, layers, lambda layer: layer.trainable_pair())
+    x0s = {}
+    for who, m in (("student", student), ("teacher", _ema_teacher(models, plain, layers))):
+        sched = DDIMScheduler.from_config(models.scheduler.config)
+        sched.set_timesteps(steps)
+        gen = torch.Generator().manual_seed(seed)
+        x = batch.z_T.clone()
+        for t in sched.timesteps:
+            out = guided_output(m, x, int(t), batch.cond, batch.uncond, 2.0)
+            step = sched.step(out, t, x, eta=eta, generator=gen)
+            x0s.setdefault(who, []).append(step.pred_original_sample)
+            x = step.prev_sample
+    abar = sched.alphas_cumprod[sched.timesteps].float()
+    terms = [abar[i] / (1 - abar[i]) * F.mse_loss(x0s["student"][i], x0s["teacher"][i])
+             for i in range(steps - window, steps)]
+    return sum(terms) / window
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_full_chain_matches_a_brute_force_loop(setup, tiny_model_dirs, eta):
+    """Value, averaging over the window and (eta > 0) the shared variance noise of full-step distillation."""
+    kind, models, layers, cache, plain = setup
+    lora.reset_ema(layers)
+    _perturb(layers)
+    cfg = make_cfg(tiny_model_dirs[kind], distill_mode="full")
+    batch = make_batch(models, cfg, cache, PROMPTS[:1], 1, 7, "cpu")
+    with torch.no_grad():
+        sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, eta=eta,
+                             window=2, record_window=True, generator=torch.Generator().manual_seed(5))
+        loss = D.full_chain_loss(models, layers, sample, batch.z_T, batch.cond, batch.uncond, steps=3,
+                                 guidance_scale=2.0, eta=eta, generator_seed=5)
+        want = _brute_force_full_chain(models, plain, layers, batch, 3, 2, eta, 5)
+    assert float(loss) == pytest.approx(float(want), rel=1e-3)  # merged weights: ~1e-6 relative per output
+    assert float(want) > 0
