@@ -26,16 +26,22 @@ def _cond(models, prompts):
     return cache.get(prompts), cache.uncond(len(prompts))
 
 
-def test_no_grad_chain_matches_diffusers_pipeline(tiny_model_dirs):
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_no_grad_chain_matches_diffusers_pipeline(tiny_model_dirs, eta):
+    """At eta > 0 (sampling.eta) the pipeline's seeded generator and ours draw the variance noise alike."""
     models = load_models(str(tiny_model_dirs["sd"]))
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dirs["sd"]), local_files_only=True)
     pipe.scheduler = models.scheduler.__class__.from_config(models.scheduler.config)
     prompts = ["a red circle", "a blue square"]
     z_T = torch.randn(2, models.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1))
-    ref = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, latents=z_T.clone(), output_type="latent").images
+    kw = dict(num_inference_steps=4, guidance_scale=3.0, output_type="latent")
+    ref = pipe(prompts, latents=z_T.clone(), eta=eta, generator=torch.Generator().manual_seed(5), **kw).images
     cond, uncond = _cond(models, prompts)
-    ours = ddim_sample(models, cond, uncond, z_T, steps=4, guidance_scale=3.0, window=0).latents
+    ours = ddim_sample(models, cond, uncond, z_T, steps=4, guidance_scale=3.0, eta=eta, window=0,
+                       generator=torch.Generator().manual_seed(5)).latents
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    if eta:  # the variance noise moved the chain: a sampler ignoring eta would fail above
+        assert (ref - pipe(prompts, latents=z_T.clone(), eta=0.0, **kw).images).abs().max() > 1e-2
 
 
 def _grads(layers):
