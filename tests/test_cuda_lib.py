@@ -108,8 +108,11 @@ def test_nonzero_status_raises_runtime_error(monkeypatch, status, text):
 
 
 def test_zero_status_passes(monkeypatch):
-    monkeypatch.setattr(cuda_lib, "_stream", lambda: 0)
-    cuda_lib._call(_FakeLib(0), "ril_distill_mse_fwd", torch.bfloat16, "B=1, N=1")
+    """Status 0: the op ran (arguments, then the stream) and nothing is raised or looked up."""
+    monkeypatch.setattr(cuda_lib, "_stream", lambda: 77)
+    lib = _FakeLib(0)  # its ril_status_string has no entry for 0: looking it up would raise KeyError
+    assert cuda_lib._call(lib, "ril_distill_mse_fwd", torch.bfloat16, "B=1, N=1", 5, 6) is None
+    assert lib.ril_distill_mse_fwd_bf16.args == (5, 6, 77)
 
 
 def test_refuses_unsupported_dtype_and_device():

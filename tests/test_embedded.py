@@ -15,7 +15,9 @@ from ril_fast.rewards import adherence
 FOLDER = Path(os.environ.get("RIL_EMBEDDED_DIR", Path(adherence.__file__).resolve().parent.parent / "assets" / "embedded"))
 needs_folder = pytest.mark.skipif(not (FOLDER / "model_index.json").is_file(),
                                   reason="embedded model not built; run scripts/build_embedded.py")
-COLOUR_FLOOR, SHAPE_FLOOR = 0.8, 0.3
+# On the 17-prompt subset of test_pipeline_draws_prompted_colours: measured shape 16/17, colour 17/17; each
+# floor allows one more miss (a model at chance draws the right shape 1 time in 4).
+COLOUR_FLOOR, SHAPE_FLOOR = 16 / 17, 15 / 17
 
 
 # ----------------------------------------------------------------------------- data
@@ -107,14 +109,23 @@ def test_shipped_folder_components_and_size(pipe):
 
 @needs_folder
 def test_pipeline_draws_prompted_colours(pipe):
-    """25 DDIM steps with CFG 3 on held-out seeds, judged by the classifier. The floors are
-    regression guards below the measured full-set figures in quality.json, not the quality bar."""
+    """25 DDIM steps with CFG 3 on held-out seeds, judged by the classifier, at floors one miss below this
+    subset's measured figures (the full set, 176 pairs, is too slow for the suite: see the next test)."""
     prompts = shapes.eval_prompts()[::2] + shapes.train_prompts()[::12]  # 11 + 6
     gens = [torch.Generator().manual_seed(50_000 + i) for i in range(len(prompts))]
     images = pipe(prompts, num_inference_steps=25, guidance_scale=3.0, generator=gens, output_type="pt").images
     assert images.shape == (len(prompts), 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     acc = adherence.adherence_accuracy(images, prompts, adherence.load_classifier(FOLDER / "classifier"))
     assert acc["colour"] >= COLOUR_FLOOR and acc["background"] >= 0.8 and acc["shape"] >= SHAPE_FLOOR, acc
+
+
+@needs_folder
+def test_readme_quotes_the_measured_generation_quality():
+    """The README's shape/colour figures are quality.json's (written by scripts/build_embedded.py)."""
+    q = json.loads((FOLDER / "quality.json").read_text())["generation"]["by_guidance"]["3.0"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    quoted = f"shape {100 * q['shape']:.1f} %, colour {100 * q['colour']:.0f} %"
+    assert quoted in readme, quoted
 
 
 # ----------------------------------------------------------------------------- classifier / reward
@@ -144,9 +155,11 @@ def test_reward_matches_reference_and_is_differentiable():
     assert (reward(images, wrong) < r.detach()).float().mean() >= 0.75
     p = adherence.PromptAdherence(folder=str(FOLDER / "classifier"), use_prob=True)(images, captions)
     assert ((p > 0) & (p <= 1)).all()
-    # 64x64 inputs are resized to the classifier's 32x32.
+    # 64x64 inputs are resized to the classifier's 32x32. Compared under the wrong captions, whose scores
+    # (-2 to -3) are far from 0 (the right captions score about -1e-3): the resize blurs a little,
+    # measured 0.093 at most; bound 0.2, while a reward that ignored the image or the size would be off by ~2.
     big = F.interpolate(images, scale_factor=2, mode="nearest")
-    torch.testing.assert_close(reward(big, captions), r.detach(), atol=0.3, rtol=0)
+    torch.testing.assert_close(reward(big, wrong), reward(images, wrong), atol=0.2, rtol=0)
 
 
 @needs_folder

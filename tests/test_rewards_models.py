@@ -24,6 +24,7 @@ from ril_fast.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPTS = ["a red cat", "two dogs on a hill", "a blue bird"]
+PICKSCORE_BF16_ERR = 0.25  # PickScore in bf16 vs fp32 (x logit_scale 50): measured 0.115 on CPU
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +148,10 @@ def test_pickscore_bf16_and_checkpointing(tiny_clip_dir, clip_tokenizer_dir):
     imgs = images()
     r32, r16 = fp32(imgs, PROMPTS), bf16(imgs, PROMPTS)
     assert r16.dtype == torch.float32 and torch.isfinite(r16).all()
-    assert (r32 - r16).abs().max() < 0.05 * 50  # cos within 0.05, times logit_scale 50
+    # bf16 against fp32 on the same images: measured 0.115 here (scores of order ±7); the bound is about 2x
+    # that. Exactly 0 means bf16 never ran; a wrong cast or dtype path errs by the size of the scores.
+    err = float((r32 - r16).abs().max())
+    assert 0 < err < PICKSCORE_BF16_ERR, err
     # checkpointing recomputes layers in backward: same values and same image gradients
     x1, x2 = imgs.clone().requires_grad_(True), imgs.clone().requires_grad_(True)
     g1, = torch.autograd.grad(fp32(x1, PROMPTS).sum(), x1)
@@ -509,4 +513,4 @@ def test_rewards_on_cuda_bf16(tiny_clip_dir, clip_tokenizer_dir, head_file):
     cpu = rewards.build("pickscore", clip_path=str(tiny_clip_dir), tokenizer_path=str(clip_tokenizer_dir[0]),
                         dtype="fp32", device="cpu")
     ref = cpu(imgs.detach().cpu(), PROMPTS)
-    assert (pick(imgs.detach(), PROMPTS).cpu() - ref).abs().max() < 0.05 * 50
+    assert (pick(imgs.detach(), PROMPTS).cpu() - ref).abs().max() < PICKSCORE_BF16_ERR
