@@ -109,12 +109,13 @@ def test_estimate_ranks_like_real_jpeg(image_set):
     assert (est - real).abs().median() < 0.5 * real.median()
 
 
-@pytest.mark.parametrize("quality", [50])
+@pytest.mark.parametrize("quality", [50, 80])
 def test_estimate_ranks_at_other_qualities(image_set, quality):
+    """Measured Spearman 0.940 at q50 and 0.946 at q80 (the figure docs/rewards.md gives); floor 0.92."""
     imgs, _ = image_set
     real = jpeg_size_kb(imgs, quality)
     rho = spearmanr(estimate_jpeg_kb(imgs, quality).numpy(), real.numpy()).statistic
-    assert rho >= 0.85, f"quality {quality}: Spearman {rho:.3f}"
+    assert rho >= 0.92, f"quality {quality}: Spearman {rho:.3f}"
 
 
 def test_rewards_registered_with_gradient_and_signs():
