@@ -122,6 +122,18 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_methods_baselines.py::test_reward_normalisation_enters_the_loss",),
         "reward normalisation subtracts the offset but ignores the scale"),
     Mutant(
+        "eps_v_prediction_sign", "ril_fast/methods/distill.py",
+        "return ab.sqrt() * out + (1 - ab).sqrt() * x_t",
+        "return ab.sqrt() * out - (1 - ab).sqrt() * x_t",
+        ("tests/test_methods_baselines.py::test_lambda_means_the_same_on_every_scheduler",),
+        "ε recovered from a v-prediction output with the wrong sign"),
+    Mutant(
+        "x0_target_not_in_eps_units", "ril_fast/methods/distill.py",
+        "        weight = eps_units(sample.alpha_bar)\n",
+        "        weight = None\n",
+        ("tests/test_methods.py::test_last_step_x0_matches_scheduler_math",),
+        "the x0 distillation loss is not weighted into ε units (λ means something else on every model)"),
+    Mutant(
         "full_chain_sum_not_mean", "ril_fast/methods/distill.py",
         "    return torch.stack(losses).mean()\n",
         "    return torch.stack(losses).sum()\n",
