@@ -134,6 +134,18 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_methods.py::test_last_step_x0_matches_scheduler_math",),
         "the x0 distillation loss is not weighted into ε units (λ means something else on every model)"),
     Mutant(
+        "adherence_wrong_prompts", "ril_fast/evaluate.py",
+        "[p for _, ps in sets for p in ps])",
+        "[p for _, ps in sets for p in ps][::-1])",
+        ("tests/test_make_run.py::test_prompt_adherence_figures_are_the_classifiers",),
+        "results.json's prompt adherence judges each image against another image's prompt"),
+    Mutant(
+        "table_prints_base_row", "ril_fast/runner.py",
+        '"reward_matrix": res["reward_matrix"],',
+        '"reward_matrix": res["reward_matrix"][:1] * len(res["reward_matrix"]),',
+        ("tests/test_make_run.py::test_printed_table_holds_results_json",),
+        "the printed table repeats the base model's rewards in every row"),
+    Mutant(
         "full_chain_sum_not_mean", "ril_fast/methods/distill.py",
         "    return torch.stack(losses).mean()\n",
         "    return torch.stack(losses).sum()\n",
