@@ -164,6 +164,10 @@ def test_lambda_means_the_same_on_every_scheduler(ptype):
 
         loss = kernels.distill_mse(output(eps_s), output(eps_t), x_t, ab, ptype, weight=D.eps_units(ab))
         assert float(loss) == pytest.approx(want, rel=2e-3), name
+        # _eps inverts each prediction type (the MSE below cannot tell: a wrong x_t term cancels between two
+        # outputs at the same x_t). fp32 round trip: measured at most 4.9e-6 (sample prediction at SD's t = 1,
+        # divided by √(1 − ᾱ) = 0.04); bound 5e-5, while a wrong term errs by ~1
+        torch.testing.assert_close(D._eps(output(eps_s), x_t, ab, ptype), eps_s, rtol=0, atol=5e-5)
         eps_loss = F.mse_loss(D._eps(output(eps_s), x_t, ab, ptype), D._eps(output(eps_t), x_t, ab, ptype))
         assert float(eps_loss) == pytest.approx(want, rel=2e-3), name
         unweighted = kernels.distill_mse(output(eps_s), output(eps_t), x_t, ab, ptype)
