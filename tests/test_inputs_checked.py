@@ -182,3 +182,17 @@ def test_hub_ids_are_not_paths_and_missing_files_say_where_they_were_looked_for(
     conf.write_text(json.dumps(data))
     assert load_config(str(conf)).model.path == "stabilityai/stable-diffusion-xl-base-1.0"
     assert os.getcwd() == str(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.json")))
+def test_shipped_configs_load_from_any_working_directory(name, tmp_path, monkeypatch):
+    """The shipped configs name their prompt files (and the embedded model) next to themselves, so
+    `ril-fast train --config /path/to/configs/x.json` works from anywhere, not only the repo root."""
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(path))
+    for task in cfg.tasks:
+        for spec in (task.train_prompts, task.eval_prompts):
+            assert isinstance(spec, list) or Path(spec).is_file(), spec
+    if not cfg.model.path.count("/") == 1:  # a local folder, not a hub id "org/name"
+        assert (Path(cfg.model.path) / "model_index.json").is_file()
