@@ -158,6 +158,6 @@ class CheckedReward:
 
     def _fail_unless(self, ok: bool, what: str) -> None:
         if not ok:
-            from ril_fast.config import ConfigError
+            from ril_fast.errors import ConfigError
 
             raise ConfigError([f"reward {self.name!r} {what}"])
