@@ -509,7 +509,7 @@ def _positive(errors, where, value, allow_zero=False):
 
 
 def _adherence_metric(cfg: Config) -> bool:
-    """The evaluation scores prompt adherence: the model folder ships the shapes classifier (runner)."""
+    """The evaluation scores prompt adherence: the model folder ships the shapes classifier (train.py)."""
     return cfg.eval.adherence and (Path(cfg.model.path).expanduser() / "classifier").is_dir()
 
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import ril_fast
-from ril_fast import runner
+from ril_fast import train
 from ril_fast.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def no_training(monkeypatch):
     def tripwire(cfg):
         raise Tripwire("run_all reached: the config passed every up-front check")
 
-    monkeypatch.setattr(runner, "run_all", tripwire)
+    monkeypatch.setattr(train, "run_all", tripwire)
 
 
 def base(model, out) -> dict:

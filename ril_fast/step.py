@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast import lora
 from ril_fast.methods import distill as distill_losses
+from ril_fast.methods.teacher import l2_penalty
 from ril_fast.models.text import Conditioning
 from ril_fast.sampling import ddim_sample, decode, draw_window
 
@@ -108,6 +108,6 @@ def compute_loss(models, layers, reward_fn, batch: Batch, cfg, use_distill: bool
                                                     student_images=images, eta=s.eta, decode_kwargs=decode_kwargs)
         loss = loss + m.distill_weight * distill
     if m.name == "l2" if use_l2 is None else use_l2:
-        loss = loss + m.l2_weight * lora.l2_penalty(layers)
+        loss = loss + m.l2_weight * l2_penalty(layers)
     return StepOutput(loss=loss, reward=reward.detach(), distill=None if distill is None else distill.detach(),
                       images=images.detach())
