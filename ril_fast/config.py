@@ -420,7 +420,8 @@ def resolve_relative_paths(data: dict, folder: Path) -> None:
     model = data.get("model")
     if isinstance(model, dict) and "path" in model:
         model["path"] = _next_to(model["path"], folder)
-    for task in data.get("tasks") or []:
+    tasks = data.get("tasks")
+    for task in tasks if isinstance(tasks, list) else []:  # a wrong type is validation's to report
         if isinstance(task, dict):
             for key in ("train_prompts", "eval_prompts"):
                 if key in task:

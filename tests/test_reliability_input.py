@@ -169,6 +169,7 @@ LEAVES = ["train.lr", "train.batch_size", "train.grad_clip", "train.checkpoint_e
     st.text(max_size=12), st.integers().map(str), st.floats().map(lambda f: json.dumps(f)),
     st.sampled_from(["NaN", "-Infinity", "null", "[]", "{}", "true", '"x"', "[1, 2]", "1e400"])),
     no_equals=st.booleans())
+@example(key="tasks", value="1", no_equals=False)  # once a TypeError in resolve_relative_paths
 def test_any_set_override_is_clean(model, workdir, capsys, key, value, no_equals):
     """Fuzzed ``--set``: either valid (training would start) or exit 2 with one-line errors; never a crash."""
     conf = rs.write_config(base(model, workdir / "out"), workdir / "fuzz.json")
