@@ -1,8 +1,10 @@
-"""One training batch: the only place the loss ``L = −α·mean(r_t) + λ·L_distill + μ·L_l2`` is built.
+"""One training step's batch and loss: the only place ``L = −α·mean(r_t) + λ·L_distill + μ·L_l2`` is built.
 
 Data flow (docs/design.md §4): prompts -> cached text embeddings -> noise -> sampler (no-grad
 prefix, K-step grad window) -> [last step: student + teacher] -> x0 -> VAE decode -> reward ->
-loss. Backward, the optimizer step and the EMA update follow in ``ril_fast.engine`` / ``train.py``.
+loss. Backward, the optimizer step and the EMA update follow in ``train.train_task``. The memory
+planner (``ril_fast/memory.py``) traces these same two functions, and the evaluation draws its
+unconditional branch and latent shape from here.
 """
 
 from __future__ import annotations

@@ -256,6 +256,8 @@ def stage_rewards(run: Run, task: int) -> None:
 
 
 def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | None) -> None:
+    """Steps ``start_step..`` of ``task``: per step, ``grad_accum`` micro-batches of loss and backward,
+    one optimizer step, the EMA teacher update; metrics, and a checkpoint every ``checkpoint_every``."""
     cfg, tcfg = run.cfg, run.cfg.tasks[task]
     stage_rewards(run, task)
     params = lora.trainable_parameters(run.layers)
@@ -273,23 +275,25 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
         t0 = time.perf_counter()
         rewards_, distills, finite = [], [], True
         for micro in range(cfg.train.grad_accum):
+            # 1. prompts, noise and K drawn from step_seed; the prompts' cached text embeddings
             batch = make_batch(run.models, cfg, run.prompt_cache, prompts, task,
                                (step * cfg.train.grad_accum + micro) * eng.world_size() + eng.rank(), run.device)
+            # 2. sampler (K-step grad window) -> teacher -> VAE decode -> reward -> loss
             out = compute_loss(run.models, run.layers, reward_fn, batch, cfg, use_distill, reward_norm=reward_norm,
                                use_l2=cfg.method.penalizes_on_task(task))
             if not engine.loss_is_finite(out.loss):
                 finite = False
                 break
-            engine.backward(out.loss)
+            engine.backward(out.loss)  # 3. into the newest adapter pair only
             rewards_.append(out.reward.mean())
             if out.distill is not None:
                 distills.append(out.distill)
-        grad_norm, stepped = engine.step() if finite else (None, False)
+        grad_norm, stepped = engine.step() if finite else (None, False)  # 4. clip, optimizer step
         if not finite:
             engine.zero_grad()
         if stepped and finite:
             bad = 0
-            if cfg.method.teacher == "ema":
+            if cfg.method.teacher == "ema":  # 5. the momentum teacher follows the student
                 ema_update(run.layers, cfg.method.decay(tcfg.steps))
         else:
             bad += 1
