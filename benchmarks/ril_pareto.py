@@ -38,7 +38,7 @@ SEQUENCES = {"conflicting": "configs/tiny.json", "aligned": "configs/tiny_aligne
 # (task 1 is trained alike by every method, so every front starts from the same model).
 LATER_LR = [1e-3, 3e-4, 1e-4, 3e-5]
 LAMBDA = [1.0, 4.0, 16.0, 64.0]
-L2 = [0.1, 1.0, 10.0, 100.0]
+L2 = [10.0, 100.0, 1000.0, 10000.0]  # 0.1 and 1 left the baseline unchanged on the aligned sequence
 
 
 def _later_lr(value: float, n_tasks: int) -> list[str]:
@@ -102,7 +102,9 @@ def run_one(config: str, method: str, knob: float, sets: list[str], seed: int, o
 
 def summarize(res: dict) -> dict:
     point = pareto_point(res)
+    N = res["normalized"]["reward_matrix"]  # N[0] = 0: gains over the base model in reward-scale units
     return {**point, "average_final_normalized": res["normalized"]["average_final_reward"],
+            "first_task_kept": N[-1][0],  # task 1's gain at the end: the trade-off without later tasks' repairs
             "reward_matrix": res["reward_matrix"], "structure_to_base": res["structure"]["to_base"][-1],
             "wall_seconds": res["wall_seconds"]}
 
@@ -126,7 +128,7 @@ def fronts(runs: list[dict]) -> dict:
             for knob, rs in by_knob.items():
                 entry = {"knob": float(knob), "seeds": [r["seed"] for r in rs]}
                 for axis in ("retention", "plasticity", "retention_ratio", "average_final_normalized",
-                             "structure_to_base"):
+                             "structure_to_base", "first_task_kept"):
                     m, s = mean_std([r[axis] for r in rs])
                     entry[axis], entry[f"{axis}_std"] = m, s
                 points.append(entry)
@@ -162,29 +164,51 @@ def dominance(front_a: dict, front_b: dict) -> list[dict]:
     return out
 
 
+COLORS = {"baseline": "#1f77b4", "group": "#aec7e8", "distill": "#ff7f0e", "lwf": "#2ca02c", "rid": "#d62728",
+          "l2": "#9467bd", "kl_base": "#8c564b", "joint": "#e377c2", "independent": "#7f7f7f"}
+VARIANT_COLORS = ["#17becf", "#bcbd22", "#ff9896", "#c5b0d5", "#98df8a", "#c49c94"]
+
+
+def _draw(ax, fr_seq: dict, methods: list[str], title: str, y: str = "retention") -> None:
+    variants = iter(VARIANT_COLORS)
+    for method in methods:
+        front = fr_seq[method]
+        pts = front["points"]
+        xs = [p["plasticity"] for p in pts]
+        ys = [p[y] for p in pts]
+        color = COLORS.get(method) or next(variants)
+        style = dict(lw=2.6, ms=7, zorder=3) if method == "rid" else dict(lw=1.3, ms=5, zorder=2)
+        ax.errorbar(xs, ys, xerr=[p["plasticity_std"] for p in pts], yerr=[p[f"{y}_std"] for p in pts],
+                    marker="o", capsize=2, elinewidth=0.6, color=color, label=f"{method} ({front['knob']})", **style)
+        for p in pts:  # the knob value next to each point, so a front reads without the table
+            ax.annotate(f"{p['knob']:g}", (p["plasticity"], p[y]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=6, color=color)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("plasticity: mean normalised gain of tasks 2..n while trained")
+    ax.set_ylabel("retention: normalised gain tasks 1..n−1 keep at the end" if y == "retention"
+                  else "normalised gain task 1 keeps at the end")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
 def plot(fr: dict, path: Path) -> None:
+    """Per sequence: every method's front, RID's variants against baseline and LwF, and task 1's kept gain."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     seqs = list(fr)
-    fig, axes = plt.subplots(1, len(seqs), figsize=(6.5 * len(seqs), 5.2), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for ax, seq in zip(axes[0], seqs):
-        for i, (method, front) in enumerate(sorted(fr[seq].items())):
-            pts = front["points"]
-            xs = [p["plasticity"] for p in pts]
-            ys = [p["retention"] for p in pts]
-            style = dict(lw=2.5, ms=7) if method == "rid" else dict(lw=1.2, ms=5)
-            ax.errorbar(xs, ys, xerr=[p["plasticity_std"] for p in pts], yerr=[p["retention_std"] for p in pts],
-                        marker="o", capsize=2, color=cmap(i % 10), label=f"{method} ({front['knob']})", **style)
-        ax.axhline(0, color="grey", lw=0.6)
-        ax.set_xlabel("plasticity: mean normalised gain of tasks 2..n while trained")
-        ax.set_ylabel("retention: mean normalised gain kept by tasks 1..n−1 at the end")
-        ax.set_title(f"{seq} sequence (mean ± seed std)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+    fig, axes = plt.subplots(len(seqs), 3, figsize=(19.5, 5.2 * len(seqs)), squeeze=False)
+    for row, seq in zip(axes, seqs):
+        methods = [m for m in COLORS if m in fr[seq]]
+        variants = [m for m in ("baseline", "lwf", "rid") if m in fr[seq]]
+        variants += sorted(m for m in fr[seq] if m not in COLORS)
+        _draw(row[0], fr[seq], methods, f"{seq} sequence: every method (mean ± seed std, knob value at each point)")
+        _draw(row[1], fr[seq], variants, f"{seq} sequence: RID variants against baseline and LwF")
+        _draw(row[2], fr[seq], methods, f"{seq} sequence: task 1 alone (no later task can repair it)",
+              y="first_task_kept")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -205,10 +229,24 @@ def table(fr: dict) -> str:
     return "\n".join(lines)
 
 
+def compact_table(fr: dict, seq: str) -> str:
+    """One row per method, one cell per knob value: retention / plasticity (mean ± seed std)."""
+    lines = ["| method (knob) | knob: retention / plasticity (± seed std) |", "|---|---|"]
+    order = [m for m in COLORS if m in fr[seq]] + sorted(m for m in fr[seq] if m not in COLORS)
+    most = max(len(p["seeds"]) for m in order for p in fr[seq][m]["points"])
+    for method in order:
+        front = fr[seq][method]
+        cells = [f"{p['knob']:g}: {p['retention']:.2f}±{p['retention_std']:.2f} / {p['plasticity']:.2f}±"
+                 f"{p['plasticity_std']:.2f}" + (f" ({len(p['seeds'])} seeds)" if len(p["seeds"]) < most else "")
+                 for p in sorted(front["points"], key=lambda q: q["knob"])]
+        lines.append(f"| {method} ({front['knob']}) | " + "; ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sequences", nargs="+", default=list(SEQUENCES), choices=list(SEQUENCES))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:KEY=VALUE[,KEY=VALUE]",
                         help="also sweep METHOD's knob with these --set values, under NAME (e.g. "
                              "rid_frozen=rid:method.ema_decay=1.0)")
@@ -252,16 +290,18 @@ def main() -> int:
     fr = fronts(runs)
     checks = {}
     for seq, methods in fr.items():
-        for rival in ("baseline", "lwf"):
-            if "rid" in methods and rival in methods:
-                checks[f"{seq}: rid vs {rival}"] = dominance(methods["rid"], methods[rival])
+        for ours in sorted(m for m in methods if m.startswith("rid")):  # rid and its variants
+            for rival in ("baseline", "lwf"):
+                if rival in methods:
+                    checks[f"{seq}: {ours} vs {rival}"] = dominance(methods[ours], methods[rival])
     result = {"command": " ".join(["python", "benchmarks/ril_pareto.py", *sys.argv[1:]]), "seeds": args.seeds,
               "sequences": {s: SEQUENCES[s] for s in args.sequences}, "wall_seconds": time.time() - t0,
               "jobs": args.jobs, "runs_finished": len(runs), "runs_planned": len(jobs),
               "run_wall_seconds_sum": sum(r["wall_seconds"] for r in runs), "axes": {"retention": "mean_{j<n} (R[n][j] − R[j−1][j]) / scale_j",
                                           "plasticity": "mean_{j≥2} P_j / scale_j",
                                           "scale": "std of the task's reward over the base model's eval images"},
-              "fronts": fr, "rid_dominance": checks, "runs": runs, "table_markdown": table(fr)}
+              "fronts": fr, "rid_dominance": checks, "runs": runs, "table_markdown": table(fr),
+              "compact_tables": {seq: compact_table(fr, seq) for seq in fr}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     plot(fr, ROOT / args.plot)
@@ -269,7 +309,7 @@ def main() -> int:
     for name, rows in checks.items():
         compared = [r for r in rows if r["compared"]]
         wins = sum(r["margin"] > 0 and r["beyond_std"] for r in compared)
-        print(f"{name}: rid ahead beyond seed std at {wins} of {len(compared)} comparable points")
+        print(f"{name}: ahead beyond seed std at {wins} of {len(compared)} comparable points")
     print(f"wall time {result['wall_seconds']:.0f} s with {args.jobs} jobs")
     return 0
 

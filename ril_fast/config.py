@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from ril_fast.errors import ConfigError  # noqa: F401 (raised here; importers name it ril_fast.config.ConfigError)
-
 METHODS = ("baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint", "independent")
 
 # What each method switches on (docs/design.md §2). teacher: whose outputs the student is distilled
@@ -28,6 +26,14 @@ METHODS = ("baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint
 # LwF), "base" (the base model, DRaFT+-style), or None.
 _ADAPTER_PER_TASK = ("group", "rid")
 _TEACHER = {"distill": "ema", "rid": "ema", "lwf": "previous", "kl_base": "base"}
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``str()`` is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
 
 
 @dataclass
@@ -421,7 +427,7 @@ def resolve_relative_paths(data: dict, folder: Path) -> None:
     if isinstance(model, dict) and "path" in model:
         model["path"] = _next_to(model["path"], folder)
     tasks = data.get("tasks")
-    for task in tasks if isinstance(tasks, list) else []:  # a wrong type is validation's to report
+    for task in tasks if isinstance(tasks, list) else []:  # a malformed value is validation's to report
         if isinstance(task, dict):
             for key in ("train_prompts", "eval_prompts"):
                 if key in task:
@@ -510,7 +516,7 @@ def _positive(errors, where, value, allow_zero=False):
 
 
 def _adherence_metric(cfg: Config) -> bool:
-    """The evaluation scores prompt adherence: the model folder ships the shapes classifier (train.py)."""
+    """The evaluation scores prompt adherence: the model folder ships the shapes classifier (runner)."""
     return cfg.eval.adherence and (Path(cfg.model.path).expanduser() / "classifier").is_dir()
 
 

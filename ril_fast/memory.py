@@ -383,6 +383,18 @@ def _flash_attention_on_meta(sdpa):
     return attention
 
 
+def _merge_as_planned_device(cfg, layers, dtype: torch.dtype) -> None:
+    """The adapter group merges its weights by device (a cached copy of W per layer on fp32 CPU); the
+    traced layers sit on meta, so they are told what the planned device would decide."""
+    from ril_fast.lora.group import merges_by_default
+
+    name = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    partitioned = cfg.deepspeed.enabled != "off" and cfg.deepspeed.zero_stage == 3
+    merge = merges_by_default(torch.device(name).type, dtype, partitioned)
+    for layer in layers:
+        layer.merge = merge
+
+
 def _trace_target(meta: bool) -> torch.device:
     return torch.device("meta" if meta else "cpu")
 
@@ -432,6 +444,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     _real_timesteps(models.scheduler)
     models.apply_memory_features(cfg.memory)
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    _merge_as_planned_device(cfg, layers, dtype)
     n_adapters = task + 1 if cfg.method.adapter_per_task else 1
     for i in range(n_adapters):
         lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i, init=cfg.lora.init)
@@ -514,6 +527,7 @@ def plan_eval(cfg, arch: Arch | None = None, fake: bool = True) -> StepPlan:
     _real_timesteps(models.scheduler)
     models.apply_memory_features(cfg.memory)
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
+    _merge_as_planned_device(cfg, layers, dtype)
     for i in range(len(cfg.tasks) if cfg.method.adapter_per_task else 1):
         lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i, init=cfg.lora.init)
     built = _build_rewards(cfg, cfg.tasks, _trace_target(fake))
@@ -583,7 +597,7 @@ class MemoryPlan:
     peak_bytes: int
     task: int  # 0-based task whose step peaks
     detail: dict[str, int]  # tracker tag -> live bytes at that peak
-    tasks: list[dict] = field(default_factory=list)  # per traced task: task, name, reward, peak_gib
+    tasks: list[dict] = field(default_factory=list)  # per traced task: task (1-based), name, reward, peak_gib
     cpu_bytes: int = 0  # host memory of offloaded optimizer state
     arch: str = ""
     notes: list[str] = field(default_factory=list)
@@ -607,7 +621,7 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         r = lambda x: round(x, 3)
         out = {"peak_gib": r(self.peak_gib), "breakdown": {k: r(v) for k, v in self.breakdown.items()},
-               "detail_gib": {k: r(v / GIB) for k, v in sorted(self.detail.items())}, "peak_task": self.task,
+               "detail_gib": {k: r(v / GIB) for k, v in sorted(self.detail.items())}, "peak_task": self.task + 1,
                "tasks": self.tasks, "cpu_offload_gib": r(self.cpu_bytes / GIB), "arch": self.arch,
                "notes": self.notes}
         if self.eval_bytes is not None:
@@ -649,7 +663,7 @@ def plan(cfg, tasks: list[int] | None = None, include_eval: bool = True, progres
         notes.append("ZeRO offload: optimizer state and fp32 gradients on the host (cpu_offload_gib)")
     if cfg.train.optimizer == "adamw8bit" and not optimizer_offloaded(cfg):
         notes.append("adamw8bit state sized as bitsandbytes allocates it (its kernels cannot run on meta tensors)")
-    per_task = [{"task": s.task, "name": cfg.tasks[s.task].name, "reward": cfg.tasks[s.task].reward,
+    per_task = [{"task": s.task + 1, "name": cfg.tasks[s.task].name, "reward": cfg.tasks[s.task].reward,
                  "peak_gib": round(s.peak_bytes / GIB, 3)} for s in steps]
     out = MemoryPlan(worst.peak_bytes, worst.task, worst.breakdown, per_task, worst.cpu_bytes,
                      f"{arch.kind} ({arch.source})", notes)

@@ -208,6 +208,9 @@ def test_cli_json(tiny_path, tmp_path, capsys):
     assert memory.main(["--config", str(path), "--json", "--set", "train.batch_size=1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["peak_gib"] > 0 and out["tasks"][0]["reward"] == "brightness"
+    # tasks are 1-based wherever a user reads them, the planner's JSON included
+    assert [t["task"] for t in out["tasks"]] == list(range(1, len(cfg.tasks) + 1))
+    assert out["peak_task"] in range(1, len(cfg.tasks) + 1)
     assert 0 < out["eval_peak_gib"] and set(out["eval_detail_gib"]) >= {"weights_unet", "activations_unet"}
 
 

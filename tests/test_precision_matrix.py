@@ -27,8 +27,10 @@ def make_cfg(model_dir, out, precision, backend, tasks=1):
         "method": {"name": "rid", "distill_first_task": True},  # the teacher (EMA) runs from step 1
         "sampling": {"steps": 2, "guidance_scale": 2.0}, "train": {"batch_size": 1, "lr": 5e-2},
         "deepspeed": {**BACKENDS[backend], "precision": precision},
+        # no base row is evaluated here, so no base-std reward normalisation
         "tasks": [{"name": f"t{i}", "reward": "brightness", "train_prompts": ["a red circle"],
-                   "eval_prompts": ["a red circle"], "steps": 1} for i in range(tasks)],
+                   "eval_prompts": ["a red circle"], "steps": 1, "reward_norm": {"mode": "none"}}
+                  for i in range(tasks)],
     })
 
 
@@ -63,6 +65,7 @@ def torch_optimizer(engine) -> torch.optim.Optimizer:
 
 def train(model_dir, out, precision, backend, tasks=1):
     cfg = make_cfg(model_dir, out, precision, backend, tasks)
+    out.mkdir(parents=True)  # the CLI makes it before training (metrics.jsonl lives there)
     run = build_run(cfg)
     for task in range(tasks):
         begin_task(run, task)

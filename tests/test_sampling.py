@@ -129,7 +129,7 @@ def test_eval_batches_are_dealt_to_ranks_and_gathered_in_order(tiny_model_dirs, 
     models = load_models(str(tiny_model_dirs["sd"]))
     prompts = ["a red cat", "a blue dog", "a green bird"]
     cfg = config_from_dict({"sampling": {"steps": 2, "guidance_scale": 3.0},
-                            "eval": {"seeds": [0, 1], "batch_size": 2},  # 6 pairs: 3 batches, 2 rounds
+                            "eval": {"seeds": [0, 1], "batch_size": 2, "adherence": False},  # 6 pairs: 3 batches, 2 rounds
                             "tasks": [{"name": "t", "reward": "brightness", "train_prompts": prompts,
                                        "eval_prompts": prompts}]})
     cache = PromptCache(models)

@@ -48,7 +48,7 @@ def overrides(shipped: dict, model: str, out: Path) -> list[str]:
     tasks = []
     for i, task in enumerate(shipped["tasks"][:2]):
         spec = task["eval_prompts"]
-        first = spec[0] if isinstance(spec, list) else (REPO / spec).read_text().splitlines()[0]
+        first = spec[0] if isinstance(spec, list) else (REPO / "configs" / spec).read_text().splitlines()[0]
         tasks.append({**task, "reward": MODEL_FREE[i], "reward_options": {}, "steps": 2, "eval_prompts": [first]})
     return ["--set", f"model.path={model}", "--set", f"output_dir={out}", "--set", f"tasks={json.dumps(tasks)}",
             "--set", "sampling.height=32", "--set", "sampling.width=32", "--set", "eval.seeds=[0]",

@@ -157,7 +157,8 @@ def test_idle_rewards_wait_on_the_cpu_during_gpu_training(monkeypatch):
             self.log.append((self.name, device.type))
 
     log = []
-    cfg = config_from_dict({"tasks": [{"name": n, "reward": "brightness", "train_prompts": ["a"],
+    cfg = config_from_dict({"eval": {"adherence": False},
+                            "tasks": [{"name": n, "reward": "brightness", "train_prompts": ["a"],
                                        "eval_prompts": ["b"]} for n in "xyz"]})
     run = SimpleNamespace(cfg=cfg, device=torch.device("cuda"), rewards=[Stub(n, log) for n in "xyz"])
     train.stage_rewards(run, 1)

@@ -48,6 +48,14 @@ def init_lora_a(rank: int, in_features: int, generator: torch.Generator | None, 
     return a.normal_(0.0, 1.0 / rank, generator=generator)
 
 
+def merges_by_default(device_type: str, dtype: torch.dtype, partitioned: bool = False) -> bool:
+    """Whether a layer folds its adapters into cached weights when ``merge`` is None: where it was
+    measured to pay, fp32 weights on the CPU (docs/kernels.md). Not under ZeRO-3, which partitions W
+    (a merged copy would be the whole matrix on every rank). The memory planner asks the same question
+    for the device it plans."""
+    return device_type == "cpu" and dtype == torch.float32 and not partitioned
+
+
 class LoRAGroupLinear(nn.Module):
     """A frozen linear layer with a group of LoRA adapters, one per task.
 
@@ -220,8 +228,8 @@ class LoRAGroupLinear(nn.Module):
             lora_a[-1], lora_b[-1] = self.ema_a, self.ema_b
         w = self.base.weight
         merging = self.merge
-        if merging is None:  # ZeRO-3 partitions W (ds_id): a merged copy would be the whole matrix per rank
-            merging = w.device.type == "cpu" and w.dtype == torch.float32 and not hasattr(w, "ds_id")
+        if merging is None:
+            merging = merges_by_default(w.device.type, w.dtype, partitioned=hasattr(w, "ds_id"))
         return tuple(lora_a), tuple(lora_b), (w, *lora_a, *lora_b), merging, self.merge
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

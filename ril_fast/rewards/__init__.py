@@ -164,7 +164,10 @@ class CheckedReward:
             self._fail_unless(tuple(out.shape) == (batch,), f"returned shape {list(out.shape)} for {batch} images; "
                               "return one score per image, shape [B]")
             self._fail_unless(out.is_floating_point(), f"returned dtype {out.dtype}; return floating-point scores")
-            if out.device.type != "meta":  # the memory planner's trace has no values
+            # Finite on the first evaluation call (the base row of a fresh run): a reward that is NaN
+            # everywhere stops there. A non-finite training step is the bad-step streak's to handle
+            # (train.max_bad_steps), also on the first call after a resume.
+            if out.device.type != "meta" and not torch.is_grad_enabled():  # meta: the planner's trace
                 self._fail_unless(bool(torch.isfinite(out.detach()).all()), "returned non-finite scores (nan/inf) "
                                   f"on its first call: {out.detach().flatten()[:4].tolist()}")
             self._values_checked = True
