@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench, bench_graph  # noqa: E402
 
-from ril_fast.kernels import distill  # noqa: E402
+from ril_fast.kernels import x0_mse  # noqa: E402
 
 LATENTS = [("sd15", (b, 4, 64, 64)) for b in (1, 4, 8)] + [("sdxl", (b, 4, 128, 128)) for b in (1, 4, 8)]
 FEATURES = [("unet_feature", (4, 320, 64, 64))]
@@ -66,9 +66,9 @@ def eager_loss(student, teacher, x_t, alpha_bar, weight):
 
 def providers(cuda_ok: bool):
     out = {"eager": eager_loss,
-           "triton": lambda s, t, x, ab, w: distill.distill_mse(s, t, x, ab, "epsilon", w, backend="triton")}
+           "triton": lambda s, t, x, ab, w: x0_mse.distill_mse(s, t, x, ab, "epsilon", w, backend="triton")}
     if cuda_ok:
-        out["cuda"] = lambda s, t, x, ab, w: distill.distill_mse(s, t, x, ab, "epsilon", w, backend="cuda")
+        out["cuda"] = lambda s, t, x, ab, w: x0_mse.distill_mse(s, t, x, ab, "epsilon", w, backend="cuda")
     return out
 
 

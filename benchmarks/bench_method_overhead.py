@@ -1,7 +1,7 @@
 """Step time of RID (and its ablations) against the baseline, side by side in one process.
 
 One training step = compute_loss (sampling with the gradient window, decode, reward, distillation)
-+ backward + optimizer step (+ EMA update), exactly as ``ril_fast.runner.train_task`` runs it, on the
++ backward + optimizer step (+ EMA update), exactly as ``ril_fast.train.train_task`` runs it, on the
 second task (where RID distills). Methods are interleaved step by step so that machine noise hits
 them alike; the JSON records medians and ratios to the baseline.
 
@@ -26,10 +26,11 @@ from common import env_info, results_path, write_record  # noqa: E402
 from ril_fast import lora  # noqa: E402
 from ril_fast.config import load_config, read_prompts  # noqa: E402
 from ril_fast.engine import Engine, pick_device  # noqa: E402
-from ril_fast.methods.objective import compute_loss, make_batch  # noqa: E402
+from ril_fast.methods.teacher import ema_update, reset_ema  # noqa: E402
 from ril_fast.models import load_models  # noqa: E402
 from ril_fast.models.text import PromptCache  # noqa: E402
 from ril_fast.rewards import build  # noqa: E402
+from ril_fast.step import compute_loss, make_batch  # noqa: E402
 
 VARIANTS = {  # name -> (method overrides)
     "baseline": {"name": "baseline"},
@@ -44,7 +45,7 @@ def setup(cfg, device, overrides):
     n_adapters = 2 if overrides["name"] in ("rid", "group") else 1
     for i in range(n_adapters):
         lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i)
-    lora.reset_ema(layers)
+    reset_ema(layers)
     method_cfg = load_config(ARGS.config, ARGS.set + [f"method.{k}={v}" for k, v in overrides.items()])
     engine = Engine(models.unet, lora.trainable_parameters(layers), method_cfg, lr=method_cfg.train.lr)
     cache = PromptCache(models, device=device)
@@ -59,7 +60,7 @@ def one_step(state, task_prompts, reward, step):
     engine.backward(out.loss)
     engine.step()
     if cfg.method.distill:
-        lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
+        ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t0

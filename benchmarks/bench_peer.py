@@ -6,7 +6,7 @@
 Variants, each on its own copy of the same model, stepped in turn in one process (each round in a
 new seeded order, so drift and cache warmth hit them alike):
 
-- ``ours_k{k}``: the trainer's step (``runner.train_task``'s body: batch, ``compute_loss``, finite
+- ``ours_k{k}``: the trainer's step (``train.train_task``'s body: batch, ``compute_loss``, finite
   check, backward, clip + optimizer step, EMA update) while training task k: k adapters, the newest
   trainable, the EMA teacher and its distillation wherever the method distills (RID: from task 2).
   ``ours_k{k}d`` distills on task 1 too (``method.distill_first_task``), so k = 1 and k = 8 compare
@@ -52,8 +52,9 @@ from common import env_info, results_path, write_record  # noqa: E402
 from ril_fast import engine as eng  # noqa: E402
 from ril_fast import lora, memory, rewards  # noqa: E402
 from ril_fast.config import load_config, read_prompts  # noqa: E402
-from ril_fast.methods.objective import compute_loss, latent_shape, make_batch, unconditional  # noqa: E402
+from ril_fast.methods.teacher import ema_update, reset_ema  # noqa: E402
 from ril_fast.sampling import ddim_sample, decode  # noqa: E402
+from ril_fast.step import compute_loss, latent_shape, make_batch, unconditional  # noqa: E402
 
 DEFAULT_VARIANTS = ("ours_k1", "peer_k1", "ours_k3", "peer_k3", "floor", "ours_k1d", "ours_k8d")
 TARGETS = {"ours_k1/peer_k1": 0.5, "ours_k3/peer_k3": 0.5, "ours_k3/floor": 1.10, "ours_k8d/ours_k1d": 1.05}
@@ -101,7 +102,7 @@ def build_base(cfg, device) -> Base:
         prompts = [f"prompt {i}" for i in range(8)]
         with torch.device(device):
             cache.fill(prompts + [""])
-    reward = rewards.build(task.reward, **memory.reward_build_options(cfg, task))
+    reward = rewards.build(task.reward, **rewards.build_options(task, cfg.memory))
     rewards.place(reward, device)
     return Base(cfg, models, cache, reward, prompts, device)
 
@@ -121,14 +122,14 @@ def make_ours(base: Base, k: int, distill_first: bool, compiled: bool):
         overrides.append("train.compile=true")
     cfg = load_config(ARGS.config, ARGS.set + overrides)
     models = _models_copy(base)
-    memory.apply_memory_features(models, cfg)
+    models.apply_memory_features(cfg.memory)
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
     for i in range(k):
         lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i)
         with torch.no_grad():  # B = 0 would leave frozen adapters out of the sums; give them values
             for layer in layers:
                 layer.lora_b[-1].normal_(0, 0.01)
-    lora.reset_ema(layers)
+    reset_ema(layers)
     if compiled:
         from ril_fast.sampling import compile_unet
 
@@ -145,7 +146,7 @@ def make_ours(base: Base, k: int, distill_first: bool, compiled: bool):
         engine.backward(out.loss)
         engine.step()
         if cfg.method.teacher == "ema":
-            lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
+            ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
         step.last_loss = float(out.loss)  # (after the step: the finite check synced already)
         return step.last_loss
 
@@ -229,7 +230,7 @@ def make_peer(base: Base, k: int):
 def make_floor(base: Base):
     cfg = base.cfg
     models = _models_copy(base)
-    memory.apply_memory_features(models, cfg)
+    models.apply_memory_features(cfg.memory)
     s = cfg.sampling
     b = cfg.train.batch_size
     cond = base.cache.get(base.prompts[:b])

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ril_fast import memory
 from ril_fast.config import load_config
+from ril_fast.methods.teacher import ema_update, reset_ema
 
 GIB = 2**30
 
@@ -60,8 +61,8 @@ def _sync(device: torch.device) -> None:
 def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, backends=("auto",)) -> dict:
     from ril_fast import engine as eng
     from ril_fast import kernels as fused_ops
-    from ril_fast import lora
-    from ril_fast.methods.objective import Batch, compute_loss, latent_shape, unconditional
+    from ril_fast import lora, rewards
+    from ril_fast.step import Batch, compute_loss, latent_shape, unconditional
 
     device = device or torch.device("cuda")
     cuda = device.type == "cuda"
@@ -69,19 +70,19 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
     arch = memory.resolve_arch(cfg.model.path)
     dtype = memory.DTYPES[cfg.model.dtype]
     models = memory.build_meta_models(arch, dtype)
-    memory.apply_memory_features(models, cfg)
+    models.apply_memory_features(cfg.memory)
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
     for m in (models.unet, models.vae):
         _to_device(m, device)
     n_adapters = task + 1 if cfg.method.adapter_per_task else 1
     for i in range(n_adapters):
         lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i)
-    lora.reset_ema(layers)
+    reset_ema(layers)
     with torch.no_grad():  # B = 0 would make the adapters' forward trivial; give them values
         for p in lora.trainable_parameters(layers):
             p.normal_(0, 0.01)
     t = cfg.tasks[task]
-    reward, parts = memory.build_reward(t.reward, memory.reward_build_options(cfg, t))
+    reward, parts = memory.build_reward(t.reward, rewards.build_options(t, cfg.memory))
     for part in parts or []:
         _to_device(part, device)
     if parts:
@@ -126,7 +127,7 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
                 del out
                 engine.step()
                 if cfg.method.distill:
-                    lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
+                    ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
                 _sync(device)
                 times[backend].append(time.perf_counter() - t0)
                 if cuda:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from ril_fast.errors import ConfigError  # noqa: F401 (raised here; importers name it ril_fast.config.ConfigError)
+
 METHODS = ("baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint", "independent")
 
 # What each method switches on (docs/design.md §2). teacher: whose outputs the student is distilled
@@ -26,14 +28,6 @@ METHODS = ("baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint
 # LwF), "base" (the base model, DRaFT+-style), or None.
 _ADAPTER_PER_TASK = ("group", "rid")
 _TEACHER = {"distill": "ema", "rid": "ema", "lwf": "previous", "kl_base": "base"}
-
-
-class ConfigError(ValueError):
-    """One or more configuration problems; ``str()`` is one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("; ".join(problems))
 
 
 @dataclass
@@ -516,7 +510,7 @@ def _positive(errors, where, value, allow_zero=False):
 
 
 def _adherence_metric(cfg: Config) -> bool:
-    """The evaluation scores prompt adherence: the model folder ships the shapes classifier (runner)."""
+    """The evaluation scores prompt adherence: the model folder ships the shapes classifier (train.py)."""
     return cfg.eval.adherence and (Path(cfg.model.path).expanduser() / "classifier").is_dir()
 
 

@@ -217,13 +217,16 @@ class Engine:
         module: the module that owns the trainable parameters (the UNet).
         params: trainable parameters (the newest adapter pair).
         cfg: the run config; ``lr`` the task's learning rate.
+        plain, optimizer: no DeepSpeed, and this optimizer, whatever the config says (the memory planner:
+            neither DeepSpeed nor bitsandbytes' kernels run on meta tensors).
     """
 
-    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], cfg, lr: float):
+    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], cfg, lr: float, *,
+                 plain: bool = False, optimizer: str | None = None):
         self.cfg = cfg
         self.params = params
-        self.deepspeed = use_deepspeed(cfg)
-        self.optimizer = make_optimizer(params, cfg.train.optimizer, lr, cfg.train.weight_decay)
+        self.deepspeed = use_deepspeed(cfg) and not plain
+        self.optimizer = make_optimizer(params, optimizer or cfg.train.optimizer, lr, cfg.train.weight_decay)
         self.ds_engine = None
         if self.deepspeed:
             import deepspeed

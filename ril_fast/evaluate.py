@@ -16,8 +16,8 @@ import zlib
 import torch
 
 from ril_fast.evaluate_metrics import ssim, structure_similarity
-from ril_fast.methods.objective import unconditional
 from ril_fast.sampling import ddim_sample, decode
+from ril_fast.step import unconditional
 
 
 @dataclass

@@ -34,13 +34,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ril_fast import rewards
 from ril_fast.memory_tracker import MemoryTracker, materialize, tag_module  # noqa: F401 (public names)
+from ril_fast.methods.teacher import ema_update, reset_ema
 
 GIB = 2**30
 ARCH_DIR = Path(__file__).resolve().parent / "models" / "arch"
-# reward name -> vision tower arch file; the rest of the registry is model-free (costs only its ops).
-REWARD_TOWERS = {"aesthetic": "clip_vit_l14", "hpsv2": "clip_vit_h14", "pickscore": "clip_vit_h14",
-                 "imagereward": "imagereward_blip"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -127,35 +126,6 @@ def text_encoder_bytes(arch: Arch, dtype: torch.dtype) -> int:
     return total
 
 
-# ---------------------------------------------------------------------------------------------
-# Switches shared with the trainer (so the planner and the trainer read the config the same way)
-
-
-def apply_memory_features(models, cfg) -> None:
-    """Model-side memory switches; ``runner.build_run`` calls this too, so plan and run agree.
-
-    - ``memory.unet_block_checkpoint``: diffusers' per-block checkpointing inside each UNet call.
-    - ``memory.vae_checkpoint``: besides ``sampling.decode`` checkpointing the whole decode, the
-      decoder checkpoints its mid block and each up block, so the backward recomputes one block at a
-      time (the whole-decode checkpoint alone still rebuilds every activation at once: SDXL
-      1024 px, 11.4 -> ~5 GiB).
-    """
-    if cfg.memory.unet_block_checkpoint:
-        models.unet.enable_gradient_checkpointing()
-    if cfg.memory.vae_checkpoint:
-        models.vae.enable_gradient_checkpointing()
-
-
-def reward_build_options(cfg, task) -> dict:
-    """The options ``rewards.build`` gets for ``task``: its own, plus memory.reward_dtype and
-    memory.reward_checkpoint for model-based rewards (explicit reward_options win)."""
-    options = dict(task.reward_options)
-    if task.reward in REWARD_TOWERS:
-        options.setdefault("dtype", cfg.memory.reward_dtype)
-        options.setdefault("gradient_checkpointing", cfg.memory.reward_checkpoint)
-    return options
-
-
 def _unet_tag(mod, name, is_param):
     from ril_fast.lora.group import LoRAGroupLinear
 
@@ -182,15 +152,15 @@ class _FakeTokenizer:
 def build_reward(name: str, options: dict, device: torch.device = torch.device("cpu")):
     """(reward, modules): the reward ``name`` with its tower built on meta from the arch JSONs.
 
-    CLIP rewards reuse the reward classes' own forward (preprocess, tower, head / text cosine);
-    model-free rewards are the registered ones themselves (no modules). ``materialize`` the
-    modules inside the tracker. ``device``: where the reward sends the images (meta for a meta trace).
+    Model rewards are their own classes around the meta tower (``from_modules``: preprocess, tower,
+    head / text cosine, as the trainer runs them); model-free rewards are the registered ones
+    themselves (no modules). ``materialize`` the modules inside the tracker. ``device``: where the
+    reward sends the images (meta for a meta trace).
     """
-    from ril_fast import rewards
     from ril_fast.rewards import clip_rewards as cr
-    from ril_fast.rewards.weights import enable_checkpointing, parse_dtype
+    from ril_fast.rewards.weight_files import enable_checkpointing, parse_dtype
 
-    if name not in REWARD_TOWERS:
+    if name not in rewards.TOWERS:
         return rewards.build(name, **options), None
     import transformers
 
@@ -198,7 +168,7 @@ def build_reward(name: str, options: dict, device: torch.device = torch.device("
     ckpt = bool(options.get("gradient_checkpointing", False))
     if name == "imagereward":
         return _build_imagereward(dtype, ckpt, device)
-    config = _read(ARCH_DIR / f"{REWARD_TOWERS[name]}.json")
+    config = _read(ARCH_DIR / f"{rewards.TOWERS[name]}.json")
     with torch.device("meta"):
         if "vision_config" in config:
             model = transformers.CLIPModel(transformers.CLIPConfig(**config))
@@ -207,36 +177,28 @@ def build_reward(name: str, options: dict, device: torch.device = torch.device("
     model = model.to(dtype).requires_grad_(False).eval()
     if ckpt:
         enable_checkpointing(model)
-    if name in ("aesthetic", "imagereward"):
+    reward_cls = rewards.factory(name)
+    if name == "aesthetic":
         with torch.device("meta"):
             head = cr.MLPHead(model.config.projection_dim).requires_grad_(False).eval()  # fp32, as the trainer
-        reward = cr.AestheticReward.__new__(cr.AestheticReward)
-        cr._ClipReward.__init__(reward, model, dtype=dtype, device=device, crop_rounding="floor",
-                                resize_mode="shortest", gradient_checkpointing=ckpt)
-        reward.__dict__["head"] = head
-        parts = [model, head]
-    else:
-        reward = cr._ClipImageText.__new__(cr._ClipImageText)
-        cr._ClipImageText.__init__(reward, model, _FakeTokenizer(model.config.text_config.max_position_embeddings),
-                                   "logit_scale" if name == "pickscore" else "none", dtype=dtype,
-                                   device=device, crop_rounding="floor", resize_mode="shortest",
-                                   gradient_checkpointing=ckpt)
-        parts = [model]
-    return reward, parts
+        reward = reward_cls.from_modules(model, head, dtype=dtype, device=device, gradient_checkpointing=ckpt)
+        return reward, [model, head]
+    tokenizer = _FakeTokenizer(model.config.text_config.max_position_embeddings)
+    return reward_cls.from_modules(model, tokenizer, dtype=dtype, device=device, gradient_checkpointing=ckpt), [model]
 
 
 def _reward_key(cfg, task) -> str:
-    return json.dumps([task.reward, reward_build_options(cfg, task)], sort_keys=True, default=str)
+    return json.dumps([task.reward, rewards.build_options(task, cfg.memory)], sort_keys=True, default=str)
 
 
 def _build_rewards(cfg, tasks, device: torch.device) -> dict[str, tuple]:
-    """One (reward, modules) per distinct reward + options among ``tasks``, as ``rewards.weights``
+    """One (reward, modules) per distinct reward + options among ``tasks``, as ``rewards.weight_files``
     shares identical reward models in the trainer."""
     built: dict[str, tuple] = {}
     for t in tasks:
         key = _reward_key(cfg, t)
         if key not in built:
-            built[key] = build_reward(t.reward, reward_build_options(cfg, t), device)
+            built[key] = build_reward(t.reward, rewards.build_options(t, cfg.memory), device)
     return built
 
 
@@ -247,9 +209,9 @@ def _build_imagereward(dtype, ckpt: bool, device: torch.device):
 
     from ril_fast.rewards import clip_rewards as cr
     from ril_fast.rewards import imagereward as ir
-    from ril_fast.rewards.weights import enable_checkpointing
+    from ril_fast.rewards.weight_files import enable_checkpointing
 
-    config = _read(ARCH_DIR / f"{REWARD_TOWERS['imagereward']}.json")
+    config = _read(ARCH_DIR / f"{rewards.TOWERS['imagereward']}.json")
     with torch.device("meta"):
         vision = BlipVisionModel(BlipVisionConfig(**config["vision_config"]))
         text = BlipTextModel(BlipTextConfig(**config["text_config"]), add_pooling_layer=False)
@@ -259,12 +221,8 @@ def _build_imagereward(dtype, ckpt: bool, device: torch.device):
         if ckpt:
             enable_checkpointing(tower)
     model = ir.ImageRewardModel(vision, text, head.requires_grad_(False).eval())
-    reward = ir.ImageRewardReward.__new__(ir.ImageRewardReward)
-    nn.Module.__init__(reward)
-    reward.device, reward.dtype = device, dtype
-    reward.__dict__["model"] = model
-    reward.tokenizer = _FakeTokenizer(ir.MAX_LENGTH)
-    reward.image_size = vision.config.image_size
+    reward = ir.ImageRewardReward.from_modules(model, _FakeTokenizer(ir.MAX_LENGTH), dtype=dtype, device=device,
+                                               gradient_checkpointing=ckpt)
     return reward, [model]
 
 
@@ -397,7 +355,7 @@ def _materialize_models(cfg, arch: Arch, dtype, models, layers, tracker: MemoryT
     materialize(models.unet, tracker, _unet_tag)
     materialize(models.vae, tracker, lambda *_: "weights_vae")
     tracker.push("adapters")
-    lora.reset_ema(layers)  # the teacher starts as the current model
+    reset_ema(layers)  # the teacher starts as the current model
     tracker.pop()
     tag_module(models.unet, tracker, "activations_unet")
     tag_module(models.vae.decoder, tracker, "activations_vae")
@@ -478,13 +436,13 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     from ril_fast import engine as eng
     from ril_fast import lora
     from ril_fast.config import read_prompts
-    from ril_fast.methods.objective import Batch, compute_loss, latent_shape, step_seed, unconditional
+    from ril_fast.step import Batch, compute_loss, latent_shape, step_seed, unconditional
 
     arch = arch or resolve_arch(cfg.model.path)
     dtype = DTYPES[cfg.model.dtype]
     models = build_meta_models(arch, dtype)
     _real_timesteps(models.scheduler)
-    apply_memory_features(models, cfg)
+    models.apply_memory_features(cfg.memory)
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
     _merge_as_planned_device(cfg, layers, dtype)
     n_adapters = task + 1 if cfg.method.adapter_per_task else 1
@@ -493,7 +451,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     use_distill = cfg.method.distills_on_task(task)
     height = cfg.sampling.height or models.sample_size
     width = cfg.sampling.width or models.sample_size
-    # the trainer builds every task's reward up front (rewards.weights caches identical ones); with
+    # the trainer builds every task's reward up front (rewards.weight_files caches identical ones); with
     # memory.idle_rewards = cpu only this task's reward is on the device while it trains
     own = cfg.tasks[task]
     built = _build_rewards(cfg, [own] if cfg.memory.idle_rewards == "cpu" else cfg.tasks, _trace_target(fake))
@@ -520,9 +478,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
         static = tracker.live
 
         params = lora.trainable_parameters(layers)
-        engine = eng.Engine.__new__(eng.Engine)  # Engine's own backward/zero_grad; no DeepSpeed on meta tensors
-        engine.cfg, engine.params, engine.deepspeed, engine.ds_engine = cfg, params, False, None
-        engine.optimizer = eng.make_optimizer(params, "adamw", cfg.train.lr, cfg.train.weight_decay)
+        engine = eng.Engine(models.unet, params, cfg, cfg.train.lr, plain=True, optimizer="adamw")
 
         tracker.push("activations_unet")
         out = compute_loss(models, layers, reward_fn, batch, cfg, use_distill)
@@ -542,7 +498,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
         engine.zero_grad()
         tracker.pop()
         if cfg.method.distill:
-            lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
+            ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
     n_params = sum(p.numel() for p in params)
     cpu = n_params * 16 if optimizer_offloaded(cfg) else 0  # fp32 master + 2 moments + fp32 grads
     resident = {k: v for k, v in tracker.by_tag.items() if v}
@@ -561,7 +517,7 @@ def plan_eval(cfg, arch: Arch | None = None, fake: bool = True) -> StepPlan:
     from ril_fast import lora
     from ril_fast.config import read_prompts
     from ril_fast.evaluate import sample_images
-    from ril_fast.methods.objective import latent_shape
+    from ril_fast.step import latent_shape
 
     arch = arch or resolve_arch(cfg.model.path)
     cfg = copy.deepcopy(cfg)
@@ -569,7 +525,7 @@ def plan_eval(cfg, arch: Arch | None = None, fake: bool = True) -> StepPlan:
     dtype = DTYPES[cfg.model.dtype]
     models = build_meta_models(arch, dtype)
     _real_timesteps(models.scheduler)
-    apply_memory_features(models, cfg)
+    models.apply_memory_features(cfg.memory)
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
     _merge_as_planned_device(cfg, layers, dtype)
     for i in range(len(cfg.tasks) if cfg.method.adapter_per_task else 1):
@@ -723,7 +679,7 @@ def plan(cfg, tasks: list[int] | None = None, include_eval: bool = True, progres
 def suggested_fixes(cfg, memory_plan: MemoryPlan | None = None) -> list[str]:
     """``--set`` overrides that lower the planned peak for this config, biggest component first."""
     m, fixes = cfg.memory, []
-    model_reward = any(t.reward in REWARD_TOWERS for t in cfg.tasks)
+    model_reward = any(t.reward in rewards.TOWERS for t in cfg.tasks)
     by_part = {
         "vae": ([] if m.vae_checkpoint else ["memory.vae_checkpoint=true"])
         + (["memory.vae_slice=true"] if not m.vae_slice and cfg.train.batch_size > 1 else []),

@@ -49,7 +49,9 @@ def rescore(run_dir: str | Path, overrides: list[str] = ()) -> dict:
     Raises:
         ConfigError: no run there, or an override that does not fit the config.
     """
-    from ril_fast import lora, report, runner
+    from ril_fast import lora, report
+    from ril_fast.run_state import ensure_adapters, idle_reward_device
+    from ril_fast.train import build_run
     from ril_fast.evaluate import evaluate_all_tasks
     from ril_fast.lora.export import adapter_dir
 
@@ -58,9 +60,9 @@ def rescore(run_dir: str | Path, overrides: list[str] = ()) -> dict:
         raise ConfigError([f"{run_dir}: no config.json; give the output_dir of a run"])
     cfg = load_config(run_dir / "config.json", [f"output_dir={run_dir}", *overrides])
     n = exported_tasks(run_dir)
-    run = runner.build_run(cfg)
+    run = build_run(cfg)
     run.log.enabled = False  # a re-score adds nothing to the run's metrics or TensorBoard
-    runner.ensure_adapters(run, n if cfg.method.adapter_per_task else min(n, 1))
+    ensure_adapters(run, n if cfg.method.adapter_per_task else min(n, 1))
     matrix = []
     with tqdm(total=n + 1, desc="re-scoring rows", disable=not run.is_main) as bar:
         for row in range(n + 1):
@@ -73,7 +75,7 @@ def rescore(run_dir: str | Path, overrides: list[str] = ()) -> dict:
                     load_exported(run.layers, adapter_dir(run_dir, row), 0)
                 lora.set_active_tasks(run.layers, min(row, 1))
             result = evaluate_all_tasks(run.models, cfg, run.prompt_cache, run.eval_prompts, run.rewards, run.device,
-                                        run.shape, idle_device=runner.idle_reward_device(cfg, run.device))
+                                        run.shape, idle_device=idle_reward_device(cfg, run.device))
             matrix.append(result.rewards)
             bar.update(1)
     names = [t.name for t in cfg.tasks]

@@ -6,10 +6,10 @@ import torch
 from ril_fast import lora
 from ril_fast.config import config_from_dict
 from ril_fast.engine import Engine, deepspeed_config
-from ril_fast.methods.objective import compute_loss, make_batch
 from ril_fast.models import load_models
 from ril_fast.models.text import PromptCache
 from ril_fast.rewards import build
+from ril_fast.step import compute_loss, make_batch
 
 
 def cfg_for(model_dir, **ds):

@@ -11,7 +11,7 @@ import huggingface_hub
 import huggingface_hub.constants
 import pytest
 
-from ril_fast import memory, runner
+from ril_fast import memory, train
 from ril_fast.config import ConfigError, check_available, config_from_dict
 from ril_fast.models import check_model_available, load_models
 from ril_fast.train import main
@@ -117,6 +117,6 @@ def test_incomplete_cached_model_is_named(tmp_path, tiny_model_dirs, online_with
 def test_build_run_checks_before_planning(tmp_path, nothing_heavy, online_without_network):
     cfg = config_from_dict(config(HUB_ID, tmp_path / "run", memory={"budget_gib": 8.0}))
     with pytest.raises(ConfigError, match="hf download"):
-        runner.build_run(cfg)
+        train.build_run(cfg)
     with pytest.raises(ConfigError, match="hf download"):
         check_available(cfg)

@@ -33,7 +33,7 @@ PTXAS_CCS = {86: 80, 89: 80}
 
 def _cases():
     """(case id, kernel, pointer dtypes, I/O dtype, constexprs, num_warps, num_stages, scalar types)."""
-    from ril_fast.kernels import distill, lora_group
+    from ril_fast.kernels import lora_group, x0_mse
 
     out = []
     # LoRA (16-bit I/O on a GPU): every role in bf16; in fp16 the forward, dX and dS/dB at the widest rank
@@ -44,14 +44,14 @@ def _cases():
     # distillation: the forward at every blocks-per-program count the launcher picks, the backward
     ptrs = {"alpha_ptr": "fp32", "w_ptr": "fp32", "partial_ptr": "fp32", "count_ptr": "i32", "out_ptr": "fp32",
             "g_ptr": "fp32"}
-    iters = [1 << i for i in range(distill.MAX_FWD_ITERS.bit_length())]
+    iters = [1 << i for i in range(x0_mse.MAX_FWD_ITERS.bit_length())]
     for dt in ("bf16", "fp32", "fp16"):
         for it in iters if dt == "bf16" else (1,):
-            cx = {"BLOCK": distill.BLOCK, "SUM_BLOCK": distill.SUM_BLOCK, "ITERS": it}
-            out.append((f"distill-fwd-{dt}-i{it}", distill._distill_fwd_kernel, ptrs, dt, cx, distill.NUM_WARPS, 3,
+            cx = {"BLOCK": x0_mse.BLOCK, "SUM_BLOCK": x0_mse.SUM_BLOCK, "ITERS": it}
+            out.append((f"distill-fwd-{dt}-i{it}", x0_mse._distill_fwd_kernel, ptrs, dt, cx, x0_mse.NUM_WARPS, 3,
                         {"inv_nb": "fp32"}))
-        out.append((f"distill-bwd-{dt}", distill._distill_bwd_kernel, ptrs, dt, {"BLOCK": distill.BLOCK},
-                    distill.NUM_WARPS, 3, {"inv_nb": "fp32"}))
+        out.append((f"distill-bwd-{dt}", x0_mse._distill_bwd_kernel, ptrs, dt, {"BLOCK": x0_mse.BLOCK},
+                    x0_mse.NUM_WARPS, 3, {"inv_nb": "fp32"}))
     return out
 
 
@@ -143,7 +143,7 @@ CASE_IDS = [f"{c[0]}-{cc}" for c in CASES for cc in sorted(SMEM_LIMIT)]
 def test_cases_cover_what_ships():
     """Every kernel the GPU paths launch, every role and rank tile of the LoRA op in bf16, every
     blocks-per-program count of the distillation forward."""
-    from ril_fast.kernels import distill, lora_group
+    from ril_fast.kernels import lora_group, x0_mse
 
     kernels = {c[1].__name__ for c in CASES}
     assert kernels == {"_gemm_kernel", "_ds_db_kernel", "_distill_fwd_kernel", "_distill_bwd_kernel"}
@@ -154,7 +154,7 @@ def test_cases_cover_what_ships():
         (r, n) for r in (16, 32, 64) for n in (True, False)}
     assert {cx["ATOMIC"] for cx in bf16 if cx.get("EPI") == 1} == {True, False}
     assert {c[3] for c in CASES} == {"bf16", "fp32", "fp16"}
-    assert {distill._iters_for(n, b) for n in (1, 600, 1200, 2400, 10 ** 6) for b in (1, 4)} == {
+    assert {x0_mse._iters_for(n, b) for n in (1, 600, 1200, 2400, 10 ** 6) for b in (1, 4)} == {
         c[4]["ITERS"] for c in CASES if "ITERS" in c[4]}
 
 

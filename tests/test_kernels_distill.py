@@ -18,7 +18,7 @@ except ImportError:  # the GPU image ships without diffusers; see _InlineDDIM
     DDIMScheduler = None
 
 import ril_fast.kernels as K
-from ril_fast.kernels import distill as D
+from ril_fast.kernels import x0_mse as D
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PREDS = ("epsilon", "v_prediction", "sample")

@@ -7,6 +7,7 @@ from torch import nn
 import ril_fast.kernels as kernels
 from ril_fast import lora
 from ril_fast.lora import LoRAGroupLinear
+from ril_fast.methods.teacher import ema_update, reset_ema, teacher_mode
 from tests.tiny_models import tiny_unet, unet_inputs
 
 # (rank, alpha) per task: mixed ranks and scales, so a wrong slice or scale shows.
@@ -136,7 +137,7 @@ def test_teacher_mode_uses_ema_and_blocks_grads():
             mod.lora_A["t2"].weight.copy_(layer.ema_a)
             mod.lora_B["t2"].weight.copy_(layer.ema_b)
         ref = ref_unet(**inputs).sample
-    with lora.teacher_mode(layers):
+    with teacher_mode(layers):
         teacher = unet(**inputs).sample
     assert not any(layer.use_teacher for layer in layers)
     torch.testing.assert_close(teacher, ref, atol=1e-5, rtol=1e-5)
@@ -144,8 +145,8 @@ def test_teacher_mode_uses_ema_and_blocks_grads():
     with torch.no_grad():
         student = unet(**inputs).sample
     assert (student - teacher).abs().max() > 1e-3
-    lora.reset_ema(layers)
-    with torch.no_grad(), lora.teacher_mode(layers):
+    reset_ema(layers)
+    with torch.no_grad(), teacher_mode(layers):
         torch.testing.assert_close(unet(**inputs).sample, student, atol=0, rtol=0)
 
 
@@ -159,19 +160,19 @@ def test_ema_update_arithmetic():
     old = [(layer.ema_a.clone(), layer.ema_b.clone()) for layer in layers]
     frozen = [layer.lora_a[0].clone() for layer in layers]
     m = 0.9
-    lora.ema_update(layers, m)
+    ema_update(layers, m)
     for layer, (ea, eb), f in zip(layers, old, frozen):
         a, b = layer.trainable_pair()
         torch.testing.assert_close(layer.ema_a, m * ea + (1 - m) * a.detach())
         torch.testing.assert_close(layer.ema_b, m * eb + (1 - m) * b.detach())
         torch.testing.assert_close(layer.lora_a[0], f, atol=0, rtol=0)
     with pytest.raises(ValueError, match="decay"):
-        lora.ema_update(layers, 1.5)
+        ema_update(layers, 1.5)
 
 
 def test_group_state_dict_roundtrip():
     unet, layers = _grouped()
-    lora.ema_update(layers, 0.5)
+    ema_update(layers, 0.5)
     sd = {k: v.clone() for k, v in lora.group_state_dict(layers).items()}
     inputs = unet_inputs()
     with torch.no_grad():
@@ -183,7 +184,7 @@ def test_group_state_dict_roundtrip():
     lora.load_group_state_dict(layers2, sd)
     with torch.no_grad():
         torch.testing.assert_close(unet2(**inputs).sample, out, atol=0, rtol=0)
-        with lora.teacher_mode(layers), lora.teacher_mode(layers2):
+        with teacher_mode(layers), teacher_mode(layers2):
             torch.testing.assert_close(unet2(**inputs).sample, unet(**inputs).sample, atol=0, rtol=0)
     unet3 = tiny_unet(0)
     layers3 = lora.inject_adapter_group(unet3, "attn")

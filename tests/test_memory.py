@@ -11,6 +11,7 @@ import torch
 
 from ril_fast import memory
 from ril_fast.config import config_from_dict, load_config
+from ril_fast.methods.teacher import ema_update, reset_ema
 
 GIB = 2**30
 
@@ -48,10 +49,10 @@ def real_setup(cfg):
     from ril_fast.models import PromptCache, free_text_encoders, load_models
 
     models = load_models(cfg.model.path)
-    memory.apply_memory_features(models, cfg)
+    models.apply_memory_features(cfg.memory)
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
     lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=0)
-    lora.reset_ema(layers)
+    reset_ema(layers)
     cache = PromptCache(models)
     cache.warm(memory.all_prompts(cfg))
     free_text_encoders(models, "free")
@@ -93,7 +94,7 @@ def real_trainer_step(cfg) -> tuple[int, int]:
     objects on real CPU tensors: make_batch, compute_loss, Engine, ema_update. No planner code."""
     from ril_fast import engine as eng
     from ril_fast import lora
-    from ril_fast.methods.objective import compute_loss, make_batch
+    from ril_fast.step import compute_loss, make_batch
 
     models, layers, cache, reward = real_setup(cfg)
     params = lora.trainable_parameters(layers)
@@ -105,7 +106,7 @@ def real_trainer_step(cfg) -> tuple[int, int]:
         engine.backward(out.loss)
         del out
         engine.step()
-        lora.ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
+        ema_update(layers, cfg.method.decay(cfg.tasks[0].steps))
 
     return storage_bytes(real_static(models, cache)), allocator_peak(step)
 
@@ -130,7 +131,7 @@ def test_fake_plan_matches_the_real_trainer_step(tiny_path, base_plan):
 def real_evaluation(cfg) -> tuple[int, int]:
     """(bytes before, allocator peak above them) of the trainer's own evaluate_all_tasks on real CPU tensors."""
     from ril_fast.evaluate import evaluate_all_tasks
-    from ril_fast.methods.objective import latent_shape
+    from ril_fast.step import latent_shape
 
     models, _, cache, reward = real_setup(cfg)
 

@@ -8,12 +8,13 @@ from ril_fast import lora
 from ril_fast.config import config_from_dict
 from ril_fast.engine import Engine
 from ril_fast.methods import distill as D
-from ril_fast.methods.objective import compute_loss, make_batch
+from ril_fast.methods.teacher import ema_update, reset_ema, teacher_mode
 from ril_fast.models import load_models
 from ril_fast.models.text import PromptCache
 from ril_fast.rewards import build
-from ril_fast.runner import adapters_for_task
+from ril_fast.run_state import adapters_for_task
 from ril_fast.sampling import ddim_sample
+from ril_fast.step import compute_loss, make_batch
 
 
 def make_cfg(model_dir, **method):
@@ -37,7 +38,7 @@ def setup(request, tiny_model_dirs):
         for layer in layers:
             layer.lora_b[0].normal_(0, 0.2)
     lora.add_task(layers, 2, 2.0, seed=1)
-    lora.reset_ema(layers)
+    reset_ema(layers)
     return request.param, models, layers, PromptCache(models)
 
 
@@ -50,7 +51,7 @@ def _perturb_student(layers, std=0.2):
 
 def test_distill_is_zero_when_teacher_equals_student(setup, tiny_model_dirs):
     kind, models, layers, cache = setup
-    lora.reset_ema(layers)
+    reset_ema(layers)
     cfg = make_cfg(tiny_model_dirs[kind])
     batch = make_batch(models, cfg, cache, ["a red circle", "a blue cat"], 1, 0, "cpu")
     sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, window=1)
@@ -60,7 +61,7 @@ def test_distill_is_zero_when_teacher_equals_student(setup, tiny_model_dirs):
 
 def test_last_step_x0_matches_scheduler_math(setup, tiny_model_dirs):
     kind, models, layers, cache = setup
-    lora.reset_ema(layers)
+    reset_ema(layers)
     _perturb_student(layers)
     cfg = make_cfg(tiny_model_dirs[kind])
     batch = make_batch(models, cfg, cache, ["a red circle", "a blue cat"], 1, 1, "cpu")
@@ -68,7 +69,7 @@ def test_last_step_x0_matches_scheduler_math(setup, tiny_model_dirs):
     loss = D.last_step_loss(models, layers, sample, batch.cond, batch.uncond, 2.0, "x0")
     # Reference: the scheduler's own pred_original_sample for student and EMA teacher at z_1.
     last = sample.last
-    with torch.no_grad(), lora.teacher_mode(layers):
+    with torch.no_grad(), teacher_mode(layers):
         from ril_fast.sampling import guided_output
 
         t_out = guided_output(models, last.x_t.detach(), last.t, batch.cond, batch.uncond, 2.0)
@@ -92,7 +93,7 @@ def test_last_step_x0_matches_scheduler_math(setup, tiny_model_dirs):
 
 def test_full_chain_is_zero_for_equal_teacher_and_positive_otherwise(setup, tiny_model_dirs):
     kind, models, layers, cache = setup
-    lora.reset_ema(layers)
+    reset_ema(layers)
     cfg = make_cfg(tiny_model_dirs[kind], distill_mode="full")
     batch = make_batch(models, cfg, cache, ["a red circle"], 1, 3, "cpu")
     kw = dict(steps=3, guidance_scale=2.0, eta=0.0, generator_seed=None)
@@ -109,7 +110,7 @@ def test_full_chain_is_zero_for_equal_teacher_and_positive_otherwise(setup, tiny
 
 def test_loss_assembly(setup, tiny_model_dirs):
     kind, models, layers, cache = setup
-    lora.reset_ema(layers)
+    reset_ema(layers)
     _perturb_student(layers)
     cfg = make_cfg(tiny_model_dirs[kind], reward_weight=0.7, distill_weight=3.0)
     batch = make_batch(models, cfg, cache, ["a red circle", "a blue cat"], 1, 4, "cpu")
@@ -124,7 +125,7 @@ def test_loss_assembly(setup, tiny_model_dirs):
 
 def test_one_full_rid_step_updates_student_and_ema(setup, tiny_model_dirs):
     kind, models, layers, cache = setup
-    lora.reset_ema(layers)
+    reset_ema(layers)
     cfg = make_cfg(tiny_model_dirs[kind], ema_decay=0.9)
     params = lora.trainable_parameters(layers)
     before = [p.detach().clone() for p in params]
@@ -135,7 +136,7 @@ def test_one_full_rid_step_updates_student_and_ema(setup, tiny_model_dirs):
     engine.backward(out.loss)
     norm, stepped = engine.step()
     assert stepped and norm > 0
-    lora.ema_update(layers, 0.9)
+    ema_update(layers, 0.9)
     after = [p.detach() for p in params]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     ema_after = [t for layer in layers for t in layer.ema_pair()]

@@ -13,12 +13,13 @@ from ril_fast import kernels, lora
 from ril_fast.config import config_from_dict
 from ril_fast.lora.group import LoRAGroupLinear, init_lora_a
 from ril_fast.methods import distill as D
-from ril_fast.methods.objective import compute_loss, make_batch
+from ril_fast.methods.teacher import l2_penalty, reset_ema, teacher_mode
 from ril_fast.models import load_models
 from ril_fast.models.text import PromptCache
 from ril_fast.rewards import build
 from ril_fast.rewards.normalize import JointReward, Normalizer
 from ril_fast.sampling import ddim_sample, decode, guided_output
+from ril_fast.step import compute_loss, make_batch
 
 PROMPTS = ["a red circle", "a blue cat"]
 
@@ -46,7 +47,7 @@ def setup(request, tiny_model_dirs):
         for layer in layers:
             layer.lora_b[0].normal_(0, 0.2)
     lora.add_task(layers, 2, 2.0, seed=1)
-    lora.reset_ema(layers)
+    reset_ema(layers)
     return request.param, models, layers, PromptCache(models), plain
 
 
@@ -86,14 +87,14 @@ def _oracle_out(models, unet, x, t, cond, uncond):
 @pytest.mark.parametrize("teacher", ["ema", "previous", "base"])
 def test_teacher_is_the_model_it_claims(setup, tiny_model_dirs, teacher):
     kind, models, layers, cache, plain = setup
-    lora.reset_ema(layers)
+    reset_ema(layers)
     _perturb(layers)  # the student moves away from its copy taken at reset_ema
     cfg = make_cfg(tiny_model_dirs[kind])
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 0, "cpu")
     x = batch.z_T
     t = int(models.scheduler.config.num_train_timesteps) // 2
     with torch.no_grad():
-        with lora.teacher_mode(layers, teacher):
+        with teacher_mode(layers, teacher):
             got = guided_output(models, x, t, batch.cond, batch.uncond, 2.0)
         if teacher == "base":
             oracle = plain
@@ -111,7 +112,7 @@ def test_teacher_is_the_model_it_claims(setup, tiny_model_dirs, teacher):
 def test_identical_teacher_gives_exact_zero_loss_and_gradient(setup, tiny_model_dirs, target, eta):
     kind, models, layers, cache, _ = setup
     _perturb(layers)
-    lora.reset_ema(layers)  # teacher = student, bit for bit
+    reset_ema(layers)  # teacher = student, bit for bit
     cfg = make_cfg(tiny_model_dirs[kind], sampling={"eta": eta})
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 1, "cpu")
     gen = torch.Generator().manual_seed(5) if eta else None
@@ -185,14 +186,14 @@ def test_l2_penalty_equals_the_formed_weight_difference():
     with torch.no_grad():
         for layer in layers:
             layer.lora_b[0].normal_()
-    lora.reset_ema(layers)  # the anchor B0 A0 is non-zero
+    reset_ema(layers)  # the anchor B0 A0 is non-zero
     _perturb(layers, std=0.5)
     want = sum(((layer.scales[-1] * (layer.lora_b[0] @ layer.lora_a[0] - layer.ema_b @ layer.ema_a)) ** 2).sum()
                for layer in layers) / len(layers)
-    got = lora.l2_penalty(layers)
+    got = l2_penalty(layers)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    lora.reset_ema(layers)
-    assert float(lora.l2_penalty(layers)) == pytest.approx(0.0, abs=1e-9)
+    reset_ema(layers)
+    assert float(l2_penalty(layers)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_reinit_newest_draws_what_add_task_draws():
@@ -211,12 +212,12 @@ def test_reinit_newest_draws_what_add_task_draws():
 
 def test_l2_method_adds_the_penalty_to_the_loss(setup, tiny_model_dirs):
     kind, models, layers, cache, _ = setup
-    lora.reset_ema(layers)
+    reset_ema(layers)
     _perturb(layers)
     cfg = make_cfg(tiny_model_dirs[kind], name="l2", l2_weight=3.0, reward_weight=0.5)
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 2, "cpu")
     out = compute_loss(models, layers, build("brightness"), batch, cfg, use_distill=False)
-    penalty = float(lora.l2_penalty(layers))
+    penalty = float(l2_penalty(layers))
     assert penalty > 0
     assert float(out.loss) == pytest.approx(-0.5 * float(out.reward.mean()) + 3.0 * penalty, rel=1e-5)
 
@@ -255,7 +256,7 @@ def test_renoised_distillation_matches_its_definition(setup, tiny_model_dirs):
     here from the scheduler's add_noise and the merged-weight oracle of the teacher."""
     kind, models, layers, cache, plain = setup
     _perturb(layers)
-    lora.reset_ema(layers)
+    reset_ema(layers)
     cfg = make_cfg(tiny_model_dirs[kind])
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 4, "cpu")
     sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, window=1)
@@ -293,7 +294,7 @@ def test_last_step_target_against_the_merged_teacher(setup, tiny_model_dirs, tar
     variance noise (redrawn here from the seed: 3 steps draw 3 noises, the last is z_1's), decoded."""
     kind, models, layers, cache, plain = setup
     assert models.prediction_type == "epsilon"
-    lora.reset_ema(layers)
+    reset_ema(layers)
     _perturb(layers)
     cfg = make_cfg(tiny_model_dirs[kind])
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 6, "cpu")
@@ -347,7 +348,7 @@ def _brute_force_full_chain(models, plain, layers, batch, steps, window, eta, se
 def test_full_chain_matches_a_brute_force_loop(setup, tiny_model_dirs, eta):
     """Value, averaging over the window and (eta > 0) the shared variance noise of full-step distillation."""
     kind, models, layers, cache, plain = setup
-    lora.reset_ema(layers)
+    reset_ema(layers)
     _perturb(layers)
     cfg = make_cfg(tiny_model_dirs[kind], distill_mode="full")
     batch = make_batch(models, cfg, cache, PROMPTS[:1], 1, 7, "cpu")

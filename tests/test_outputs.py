@@ -183,7 +183,7 @@ def test_reward_curves_use_the_global_step_and_task_names(tiny_model_dirs, tmp_p
     boundary, legend by task name (it used to overlay every task on 1..steps with a line at every step)."""
     from types import SimpleNamespace
 
-    from ril_fast import report, runner
+    from ril_fast import report, results
     from ril_fast.config import config_from_dict
 
     cfg = config_from_dict(config(tiny_model_dirs["sd"], tmp_path, 3))
@@ -199,7 +199,7 @@ def test_reward_curves_use_the_global_step_and_task_names(tiny_model_dirs, tmp_p
         return Path(path)
 
     monkeypatch.setattr(report, "_save_figure", keep)
-    runner.plot_curves(SimpleNamespace(cfg=cfg, out=tmp_path), 1)  # after task 2 of 3
+    results.plot_curves(SimpleNamespace(cfg=cfg, out=tmp_path), 1)  # after task 2 of 3
     ax = figures["reward_curves.png"].axes[0]
     curves = {line.get_label(): list(line.get_xdata()) for line in ax.lines if not line.get_label().startswith("_")}
     assert curves == {"1. bright": [1, 2, 3], "2. smooth": [4, 5]}

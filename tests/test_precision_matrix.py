@@ -13,7 +13,7 @@ import torch
 from ril_fast import engine as eng
 from ril_fast import lora
 from ril_fast.config import ConfigError, config_from_dict
-from ril_fast.runner import begin_task, build_run, train_task
+from ril_fast.train import begin_task, build_run, train_task
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = {"plain": {"enabled": "off"}, "zero0": {"enabled": "on", "zero_stage": 0},
@@ -44,7 +44,7 @@ def launcher_env(monkeypatch):
 
 @pytest.fixture
 def engines(monkeypatch):
-    """Every Engine the runner builds, kept for inspection."""
+    """Every Engine the trainer builds, kept for inspection."""
     built = []
 
     class Recording(eng.Engine):

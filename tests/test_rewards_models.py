@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from ril_fast import rewards
-from ril_fast.rewards import weights
+from ril_fast.rewards import weight_files
 from ril_fast.rewards.clip_rewards import MLPHead, open_clip_to_hf
 from ril_fast.rewards.imagereward import IR_MEAN, IR_STD
 from ril_fast.rewards.normalize import NormalizedReward
@@ -29,9 +29,9 @@ PICKSCORE_BF16_ERR = 0.25  # PickScore in bf16 vs fp32 (x logit_scale 50): measu
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    weights.clear_cache()
+    weight_files.clear_cache()
     yield
-    weights.clear_cache()
+    weight_files.clear_cache()
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -200,7 +200,7 @@ def test_place_moves_models_heads_and_text_cache(tiny_clip_dir, clip_tokenizer_d
     assert len(pick._text_cache) == len(PROMPTS)
     assert {e.device.type for e in pick._text_cache.values()} == {"meta"}
     rewards.place(lambda imgs, prompts: imgs.mean((1, 2, 3)), "meta")  # model-free: nothing to move
-    weights.clear_cache()  # the cached models now live on meta
+    weight_files.clear_cache()  # the cached models now live on meta
 
 
 # ---------------------------------------------------------------------------------------------- aesthetic
@@ -487,9 +487,9 @@ def test_weights_resolve_from_local_hf_cache(tmp_path, monkeypatch, clip_tokeniz
     (tok_snap.parent.parent / "refs" / "main").write_text("feed")
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
 
-    found = weights.resolve_file("xswu/HPSv2/HPS_v2.1_compressed.pt", "checkpoint_path")
+    found = weight_files.resolve_file("xswu/HPSv2/HPS_v2.1_compressed.pt", "checkpoint_path")
     assert found == snap / "HPS_v2.1_compressed.pt"
-    assert weights.resolve_dir("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "tokenizer_path") == tok_snap
+    assert weight_files.resolve_dir("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "tokenizer_path") == tok_snap
     reward = rewards.build("hpsv2", vision_heads=2, text_heads=2, dtype="fp32", device="cpu")  # all defaults
     assert torch.isfinite(reward(images(), PROMPTS)).all()
     with pytest.raises(ValueError, match=r"hf download xswu/HPSv2 HPS_v2_compressed\.pt"):

@@ -130,7 +130,7 @@ def test_eval_batches_are_dealt_to_ranks_and_gathered_in_order(tiny_model_dirs, 
     from ril_fast import engine as eng
     from ril_fast.config import config_from_dict
     from ril_fast.evaluate import sample_images
-    from ril_fast.methods.objective import latent_shape
+    from ril_fast.step import latent_shape
 
     models = load_models(str(tiny_model_dirs["sd"]))
     prompts = ["a red cat", "a blue dog", "a green bird"]

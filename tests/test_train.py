@@ -75,7 +75,7 @@ def test_metrics_and_artefacts(finished_run):
     assert [m["row"] for m in metrics if m["kind"] == "eval"] == [0, 1, 2]
     from ril_fast.config import load_config
     from ril_fast.report import grid_layout
-    from ril_fast.runner import grid_title
+    from ril_fast.results import grid_title
 
     # both tasks evaluate "a blue square" at the eval seeds: the grid shows each image once, enlarged and labelled
     cfg = load_config(run / "config.json")
@@ -126,7 +126,7 @@ def test_load_pipeline_reproduces_trainer_images(finished_run):
     image = pipe(["a blue square"], num_inference_steps=2, guidance_scale=2.0, latents=z, output_type="pt").images
     from ril_fast.config import load_config
     from ril_fast.report import grid_layout, tile_scale
-    from ril_fast.runner import grid_title
+    from ril_fast.results import grid_title
 
     grid = np.asarray(Image.open(run / "grids" / "after_task_02.png").convert("RGB")).astype(np.float32) / 255
     h, w = image.shape[-2:]
@@ -146,7 +146,7 @@ def test_idle_rewards_wait_on_the_cpu_during_gpu_training(monkeypatch):
     each reward comes over for its own scoring only. On a CPU run nothing moves."""
     from types import SimpleNamespace
 
-    from ril_fast import runner
+    from ril_fast import run_state, train
     from ril_fast.config import config_from_dict
 
     class Stub:
@@ -161,13 +161,13 @@ def test_idle_rewards_wait_on_the_cpu_during_gpu_training(monkeypatch):
                             "tasks": [{"name": n, "reward": "brightness", "train_prompts": ["a"],
                                        "eval_prompts": ["b"]} for n in "xyz"]})
     run = SimpleNamespace(cfg=cfg, device=torch.device("cuda"), rewards=[Stub(n, log) for n in "xyz"])
-    runner.stage_rewards(run, 1)
+    train.stage_rewards(run, 1)
     assert log == [("x", "cpu"), ("z", "cpu"), ("y", "cuda")]
-    assert runner.idle_reward_device(cfg, torch.device("cpu")) is None
+    assert run_state.idle_reward_device(cfg, torch.device("cpu")) is None
     cfg.memory.idle_rewards = "device"
     log.clear()
-    runner.stage_rewards(run, 1)
-    assert log == [] and runner.idle_reward_device(cfg, torch.device("cuda")) is None
+    train.stage_rewards(run, 1)
+    assert log == [] and run_state.idle_reward_device(cfg, torch.device("cuda")) is None
 
     # evaluation: place on the device, score, place back (the sampler is stubbed out)
     from ril_fast import evaluate

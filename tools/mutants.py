@@ -65,14 +65,14 @@ MUTANTS: tuple[Mutant, ...] = (
          "tests/test_reliability_resume.py::test_resume_after_kills_at_every_point"),
         "a resumed run does not get the checkpoint's RNG state back"),
     Mutant(
-        "teacher_noop", "ril_fast/lora/inject.py",
+        "teacher_noop", "ril_fast/methods/teacher.py",
         "        else:\n            layer.use_teacher = True\n",
         "        else:\n            pass\n",
         ("tests/test_methods_baselines.py::test_last_step_target_against_the_merged_teacher",
          "tests/test_lora.py::test_teacher_mode_uses_ema_and_blocks_grads"),
         "teacher_mode runs the student (the EMA teacher is never used)"),
     Mutant(
-        "ema_update_noop", "ril_fast/lora/inject.py",
+        "ema_update_noop", "ril_fast/methods/teacher.py",
         "        torch._foreach_lerp_(ema, params, 1.0 - decay)\n",
         "        pass\n",
         ("tests/test_lora.py::test_ema_update_arithmetic",),
@@ -104,13 +104,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_sampling.py::test_no_grad_chain_matches_diffusers_pipeline",),
         "sampling.eta is ignored (DDIM always deterministic)"),
     Mutant(
-        "reward_sign_flipped", "ril_fast/methods/objective.py",
+        "reward_sign_flipped", "ril_fast/step.py",
         "loss = -m.reward_weight * scored.mean()",
         "loss = m.reward_weight * scored.mean()",
         ("tests/test_methods.py::test_loss_assembly",),
         "the loss rewards a lower reward"),
     Mutant(
-        "distill_weight_ignored", "ril_fast/methods/objective.py",
+        "distill_weight_ignored", "ril_fast/step.py",
         "loss = loss + m.distill_weight * distill",
         "loss = loss + distill",
         ("tests/test_methods.py::test_loss_assembly",),
@@ -140,7 +140,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_make_run.py::test_prompt_adherence_figures_are_the_classifiers",),
         "results.json's prompt adherence judges each image against another image's prompt"),
     Mutant(
-        "table_prints_base_row", "ril_fast/runner.py",
+        "table_prints_base_row", "ril_fast/results.py",
         '"reward_matrix": res["reward_matrix"],',
         '"reward_matrix": res["reward_matrix"][:1] * len(res["reward_matrix"]),',
         ("tests/test_make_run.py::test_printed_table_holds_results_json",),

@@ -2,7 +2,7 @@
 
 ``lora_group_linear`` and ``distill_mse`` look their implementation up once per call, in a dict
 keyed by device and dtype (no environment reads, no checks on the hot path). Backends: the torch
-reference (:mod:`.reference`), Triton (:mod:`.lora_group`, :mod:`.distill`) and the CUDA C++
+reference (:mod:`.reference`), Triton (:mod:`.lora_group`, :mod:`.x0_mse`) and the CUDA C++
 library (:mod:`.cuda_lib`).
 """
 
@@ -58,9 +58,9 @@ def _resolve(op: str, device: torch.device, dtype: torch.dtype):
 
         fn = _on_its_gpu(lora_group.lora_group_linear)
     else:
-        from ril_fast.kernels import distill
+        from ril_fast.kernels import x0_mse
 
-        fn = _on_its_gpu(distill.distill_mse)
+        fn = _on_its_gpu(x0_mse.distill_mse)
     _impls[(op, device, dtype)] = fn
     return fn
 

@@ -1,20 +1,17 @@
-"""The LoRA adapter group: layer, injection into a UNet, per-task control, diffusers export."""
+"""The LoRA adapter group: layer, injection into a UNet, per-task control, diffusers export.
+
+The teacher copy of the trainable pair (EMA, swap-in, L2 anchor) is driven by :mod:`ril_fast.methods.teacher`."""
 
 from ril_fast.lora.group import LoRAGroupLinear
 from ril_fast.lora.inject import (
     PRESETS,
     add_task,
-    ema_update,
     group_layers,
     group_state_dict,
     inject_adapter_group,
-    l2_penalty,
     load_group_state_dict,
     reinit_newest,
-    reset_ema,
     set_active_tasks,
-    set_teacher,
-    teacher_mode,
     trainable_parameters,
 )
 
@@ -37,18 +34,13 @@ __all__ = [
     "LoRAGroupLinear",
     "PRESETS",
     "add_task",
-    "ema_update",
     "export_task_adapter",
     "group_layers",
     "group_state_dict",
     "inject_adapter_group",
-    "l2_penalty",
     "load_group_state_dict",
     "load_pipeline",
     "reinit_newest",
-    "reset_ema",
     "set_active_tasks",
-    "set_teacher",
-    "teacher_mode",
     "trainable_parameters",
 ]

@@ -6,8 +6,7 @@ model's ``named_modules`` order), so every per-task operation is deterministic a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -100,57 +99,10 @@ def trainable_parameters(layers: Sequence[LoRAGroupLinear]) -> list[nn.Parameter
     return [p for layer in layers for p in layer.trainable_pair()]
 
 
-def set_teacher(layers: Sequence[LoRAGroupLinear], flag: bool) -> None:
-    for layer in layers:
-        layer.use_teacher = bool(flag)
-
-
-@contextlib.contextmanager
-def teacher_mode(layers: Sequence[LoRAGroupLinear], teacher: str = "ema") -> Iterator[None]:
-    """Run the forward as the teacher inside the block; restores the previous state.
-
-    ``ema`` and ``previous``: the newest pair swapped for its copy in ``ema_a`` / ``ema_b`` (a momentum
-    copy, or one frozen at the start of the task). ``base``: no adapter at all (the base model).
-    """
-    if teacher not in ("ema", "previous", "base"):
-        raise ValueError(f"teacher must be 'ema', 'previous' or 'base', got {teacher!r}")
-    previous = [(layer.use_teacher, layer.active_tasks) for layer in layers]
-    for layer in layers:
-        if teacher == "base":
-            layer.active_tasks = 0
-        else:
-            layer.use_teacher = True
-    try:
-        yield
-    finally:
-        for layer, (flag, active) in zip(layers, previous):
-            layer.use_teacher, layer.active_tasks = flag, active
-
-
 def set_active_tasks(layers: Sequence[LoRAGroupLinear], n: int | None) -> None:
     """Use only the first ``n`` adapters (None = all, 0 = the base model)."""
     for layer in layers:
         layer.active_tasks = n
-
-
-@torch.no_grad()
-def ema_update(layers: Sequence[LoRAGroupLinear], decay: float) -> None:
-    """θ_ema ← m·θ_ema + (1−m)·θ for the newest pair of every layer (one foreach call)."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-    ema, params = [], []
-    for layer in layers:
-        ema.extend(layer.ema_pair())
-        params.extend(p.detach() for p in layer.trainable_pair())
-    if ema:
-        # lerp(ema, θ, 1−m) = ema + (1−m)(θ − ema) = m·ema + (1−m)·θ
-        torch._foreach_lerp_(ema, params, 1.0 - decay)
-
-
-def reset_ema(layers: Sequence[LoRAGroupLinear]) -> None:
-    """Set every EMA copy to the current trainable pair (start of a task)."""
-    for layer in layers:
-        layer.reset_ema()
 
 
 @torch.no_grad()
@@ -162,27 +114,7 @@ def reinit_newest(layers: Sequence[LoRAGroupLinear], seed: int, init: str = "kai
         a, b = layer.trainable_pair()
         a.copy_(init_lora_a(a.shape[0], layer.in_features, generator, init))
         b.zero_()
-    reset_ema(layers)
-
-
-def l2_penalty(layers: Sequence[LoRAGroupLinear]) -> torch.Tensor:
-    """Mean over layers of ``||s·(B A − B₀ A₀)||²_F``: how far the trainable pair's weight update moved from
-    its copy at the start of the task (held in ``ema_a`` / ``ema_b``, never updated for method l2).
-
-    Computed from rank × rank Gram matrices, never forming the d_out × d_in product:
-    ``||BA − B₀A₀||² = Σ(BᵀB ∘ AAᵀ) − 2 Σ(BᵀB₀ ∘ AA₀ᵀ) + Σ(B₀ᵀB₀ ∘ A₀A₀ᵀ)``.
-    """
-    total = None
-    for layer in layers:
-        a, b = (t.float() for t in layer.trainable_pair())
-        a0, b0 = (t.float() for t in layer.ema_pair())
-        s2 = layer.scales[-1] ** 2
-        sq = ((b.T @ b) * (a @ a.T)).sum() - 2 * ((b.T @ b0) * (a @ a0.T)).sum() + ((b0.T @ b0) * (a0 @ a0.T)).sum()
-        term = s2 * sq
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("l2_penalty needs at least one LoRAGroupLinear layer")
-    return total / len(layers)
+        layer.reset_ema()
 
 
 def _prefix(layer: LoRAGroupLinear, index: int) -> str:

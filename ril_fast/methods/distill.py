@@ -1,7 +1,7 @@
 """Distillation toward a teacher at the last denoising step (or along the teacher's own chain).
 
 Notation as in ``ril_fast.sampling``. The teacher is the student's own UNet in another adapter
-state (``ril_fast.lora.teacher_mode``): the momentum (EMA) copy of the trainable pair (RID), that
+state (``ril_fast.methods.teacher.teacher_mode``): the momentum (EMA) copy of the trainable pair (RID), that
 pair frozen at the start of the task (LwF), or no adapter at all (the base model, DRaFT+-style).
 It costs no second UNet in memory.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ril_fast import kernels
 from ril_fast.kernels.reference import x0_coefficients
-from ril_fast.lora import teacher_mode
+from ril_fast.methods.teacher import teacher_mode
 from ril_fast.sampling import SampleResult, ddim_sample, decode, guided_output, replay_step
 
 TARGETS = ("x0", "eps", "image")

@@ -70,6 +70,21 @@ class Models:
                    vae_shift_factor=getattr(vae.config, "shift_factor", None),
                    force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, path=path)
 
+    def apply_memory_features(self, memory) -> None:
+        """The model-side switches of a config's ``memory`` section. The trainer (``train.build_run``)
+        and the memory planner (``ril_fast/memory.py``) both call this, so plan and run agree.
+
+        - ``memory.unet_block_checkpoint``: diffusers' per-block checkpointing inside each UNet call.
+        - ``memory.vae_checkpoint``: besides ``sampling.decode`` checkpointing the whole decode, the
+          decoder checkpoints its mid block and each up block, so the backward recomputes one block at a
+          time (the whole-decode checkpoint alone still rebuilds every activation at once: SDXL
+          1024 px, 11.4 -> ~5 GiB).
+        """
+        if memory.unet_block_checkpoint:
+            self.unet.enable_gradient_checkpointing()
+        if memory.vae_checkpoint:
+            self.vae.enable_gradient_checkpointing()
+
 
 def _not_found(path: str, why: str) -> str:
     return (

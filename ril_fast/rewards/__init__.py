@@ -33,6 +33,12 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 
+# Rewards with a model: they take ``memory.reward_dtype`` / ``memory.reward_checkpoint`` (build_options),
+# and the memory planner builds each one's tower on meta from ``ril_fast/models/arch/<tower>.json``.
+TOWERS = {"aesthetic": "clip_vit_l14", "hpsv2": "clip_vit_h14", "pickscore": "clip_vit_h14",
+          "imagereward": "imagereward_blip"}
+
+
 def register(name: str, module: str, factory: str) -> None:
     """Register a built-in reward factory by dotted module path and attribute name."""
     _REGISTRY[name] = (module, factory)
@@ -71,6 +77,12 @@ def place(reward, device) -> None:
         mover(torch.device(device))
 
 
+def factory(name: str):
+    """The class (or function) that builds the registered reward ``name``, imported on first use."""
+    module, attr = _REGISTRY[name]
+    return getattr(importlib.import_module(module), attr)
+
+
 def build(name: str, **kwargs) -> Reward:
     """Build the reward ``name`` with options ``kwargs``.
 
@@ -83,12 +95,21 @@ def build(name: str, **kwargs) -> Reward:
         obj = getattr(importlib.import_module(module), attr)
         # A user reward is either the reward itself (no options) or a factory taking options.
         return CheckedReward(obj(**kwargs) if kwargs else obj, name)
-    module, attr = _REGISTRY[name]
-    factory = getattr(importlib.import_module(module), attr)
     try:
-        return factory(**kwargs)
+        return factory(name)(**kwargs)
     except TypeError as exc:
         raise ValueError(f"reward {name!r} rejected its options {sorted(kwargs)}: {exc}") from None
+
+
+def build_options(task, memory) -> dict:
+    """The options :func:`build` gets for a config's ``task``: its ``reward_options``, plus the
+    ``memory`` section's reward_dtype and reward_checkpoint for rewards with a model (explicit
+    reward_options win). The trainer and the memory planner both build rewards with these."""
+    options = dict(task.reward_options)
+    if task.reward in TOWERS:
+        options.setdefault("dtype", memory.reward_dtype)
+        options.setdefault("gradient_checkpointing", memory.reward_checkpoint)
+    return options
 
 
 def missing_weights(name: str, options: dict) -> list[str]:
@@ -96,18 +117,17 @@ def missing_weights(name: str, options: dict) -> list[str]:
     a local path nor in the local HF cache (lookups only, nothing loads; empty for model-free rewards)."""
     if is_user_reward(name) or name not in _REGISTRY:
         return []
-    module, attr = _REGISTRY[name]
-    factory = getattr(importlib.import_module(module), attr)
-    if not hasattr(factory, "weight_specs"):
+    reward_cls = factory(name)
+    if not hasattr(reward_cls, "weight_specs"):
         return []
-    from ril_fast.rewards import weights
+    from ril_fast.rewards import weight_files
 
-    bound = inspect.signature(factory).bind(**options)
+    bound = inspect.signature(reward_cls).bind(**options)
     bound.apply_defaults()
     problems = []
-    for option, spec, kind in factory.weight_specs(bound.arguments):
+    for option, spec, kind in reward_cls.weight_specs(bound.arguments):
         try:
-            (weights.resolve_file if kind == "file" else weights.resolve_dir)(spec, option)
+            (weight_files.resolve_file if kind == "file" else weight_files.resolve_dir)(spec, option)
         except ValueError as exc:
             problems.append(f"reward {name!r}: {exc}")
     return problems
@@ -118,8 +138,7 @@ def check_prompts(name: str, prompts: list[str]) -> str | None:
     (rewards that parse their prompts define ``check_prompts``), else None."""
     if is_user_reward(name) or name not in _REGISTRY:
         return None
-    module, attr = _REGISTRY[name]
-    check = getattr(getattr(importlib.import_module(module), attr), "check_prompts", None)
+    check = getattr(factory(name), "check_prompts", None)
     return check(prompts) if check is not None else None
 
 
@@ -161,6 +180,6 @@ class CheckedReward:
 
     def _fail_unless(self, ok: bool, what: str) -> None:
         if not ok:
-            from ril_fast.config import ConfigError
+            from ril_fast.errors import ConfigError
 
             raise ConfigError([f"reward {self.name!r} {what}"])

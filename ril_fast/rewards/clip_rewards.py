@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-from ril_fast.rewards import weights
+from ril_fast.rewards import weight_files
 from ril_fast.rewards.preprocess import clip_preprocess
 
 LAION_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # tokenizer of PickScore and HPSv2 (open_clip ViT-H-14)
@@ -59,7 +59,7 @@ def default_device(device: str | torch.device | None) -> torch.device:
 def default_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:  # bf16 halves the reward model's memory on GPU; CPU matmuls in bf16 are slow
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return weights.parse_dtype(dtype)
+    return weight_files.parse_dtype(dtype)
 
 
 def _features(out) -> torch.Tensor:
@@ -187,7 +187,7 @@ class _ClipReward(nn.Module):
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, crop_rounding: str,
                  resize_mode: str, gradient_checkpointing: bool):
         super().__init__()
-        # shared through weights.cached and kept out of the module tree, so a trainer's .to()/.train()/
+        # shared through weight_files.cached and kept out of the module tree, so a trainer's .to()/.train()/
         # state_dict() on the reward never touches (or checkpoints) the frozen model
         self.__dict__["model"] = model
         self.dtype, self.device = dtype, device
@@ -195,6 +195,14 @@ class _ClipReward(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         vcfg = model.config if not hasattr(model.config, "vision_config") else model.config.vision_config
         self.image_size = vcfg.image_size
+
+    @classmethod
+    def from_modules(cls, *modules, dtype: torch.dtype, device: torch.device, gradient_checkpointing: bool = False):
+        """The reward around modules built elsewhere, loading no weights: what ``__init__`` does after
+        loading (``_wrap``). The memory planner wraps its meta-device towers with this."""
+        reward = cls.__new__(cls)
+        reward._wrap(*modules, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing)
+        return reward
 
     def to_device(self, device: torch.device) -> None:
         """Move the shared frozen model (and head) to ``device``; see ``rewards.place``."""
@@ -253,16 +261,16 @@ class _ClipImageText(_ClipReward):
 
 
 def _finish(model: nn.Module, dtype, device, gradient_checkpointing: bool) -> nn.Module:
-    model = weights.freeze(model.to(device=device, dtype=dtype))
+    model = weight_files.freeze(model.to(device=device, dtype=dtype))
     if gradient_checkpointing:
-        weights.enable_checkpointing(model)
+        weight_files.enable_checkpointing(model)
     return model
 
 
 def _load_tokenizer(spec: str, option: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(weights.resolve_dir(spec, option)))
+    return AutoTokenizer.from_pretrained(str(weight_files.resolve_dir(spec, option)))
 
 
 class PickScoreReward(_ClipImageText):
@@ -282,8 +290,8 @@ class PickScoreReward(_ClipImageText):
                  dtype=None, device=None, gradient_checkpointing: bool = False):
         device = default_device(device)
         dtype = default_dtype(dtype, device)
-        folder = weights.resolve_dir(clip_path, "clip_path")
-        tok_folder = weights.resolve_dir(tokenizer_path, "tokenizer_path")
+        folder = weight_files.resolve_dir(clip_path, "clip_path")
+        tok_folder = weight_files.resolve_dir(tokenizer_path, "tokenizer_path")
 
         def build():
             from transformers import AutoTokenizer, CLIPModel
@@ -292,7 +300,10 @@ class PickScoreReward(_ClipImageText):
             return _finish(model, dtype, device, gradient_checkpointing), AutoTokenizer.from_pretrained(str(tok_folder))
 
         key = ("pickscore", str(folder), str(tok_folder), dtype, device, gradient_checkpointing)
-        model, tok = weights.cached(key, build)
+        model, tok = weight_files.cached(key, build)
+        self._wrap(model, tok, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing)
+
+    def _wrap(self, model, tok, dtype, device, gradient_checkpointing):
         # CLIPImageProcessor semantics: shortest side, floor-rounded centre crop
         super().__init__(model, tok, "logit_scale", dtype=dtype, device=device, crop_rounding="floor",
                          resize_mode="shortest", gradient_checkpointing=gradient_checkpointing)
@@ -320,18 +331,22 @@ class HPSv2Reward(_ClipImageText):
             raise ValueError(f"HPS version {version!r} unknown; use one of {sorted(HPS_CHECKPOINTS)}")
         device = default_device(device)
         dtype = default_dtype(dtype, device)
-        path = weights.resolve_file(checkpoint_path or HPS_CHECKPOINTS[version], "checkpoint_path")
-        tok_folder = weights.resolve_dir(tokenizer_path, "tokenizer_path")
+        path = weight_files.resolve_file(checkpoint_path or HPS_CHECKPOINTS[version], "checkpoint_path")
+        tok_folder = weight_files.resolve_dir(tokenizer_path, "tokenizer_path")
 
         def build():
             from transformers import AutoTokenizer
 
-            config, sd = open_clip_to_hf(weights.load_state_dict(path), vision_heads, text_heads)
+            config, sd = open_clip_to_hf(weight_files.load_state_dict(path), vision_heads, text_heads)
             model = build_clip_from_state_dict(config, sd)
             return _finish(model, dtype, device, gradient_checkpointing), AutoTokenizer.from_pretrained(str(tok_folder))
 
         key = ("hpsv2", str(path), str(tok_folder), vision_heads, text_heads, dtype, device, gradient_checkpointing)
-        model, tok = weights.cached(key, build)
+        model, tok = weight_files.cached(key, build)
+        self._wrap(model, tok, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
+                   resize_mode=resize_mode)
+
+    def _wrap(self, model, tok, dtype, device, gradient_checkpointing, resize_mode="shortest"):
         # open_clip's preprocess_val is torchvision: round-half-even centre crop
         super().__init__(model, tok, "none", dtype=dtype, device=device, crop_rounding="round",
                          resize_mode=resize_mode, gradient_checkpointing=gradient_checkpointing)
@@ -355,8 +370,8 @@ class AestheticReward(_ClipReward):
                  dtype=None, device=None, gradient_checkpointing: bool = False):
         device = default_device(device)
         dtype = default_dtype(dtype, device)
-        folder = weights.resolve_dir(clip_path, "clip_path")
-        head_file = weights.resolve_file(head_path, "head_path")
+        folder = weight_files.resolve_dir(clip_path, "clip_path")
+        head_file = weight_files.resolve_file(head_path, "head_path")
 
         def build():
             from transformers import AutoConfig, CLIPVisionModelWithProjection
@@ -367,15 +382,18 @@ class AestheticReward(_ClipReward):
                 vcfg.projection_dim = config.projection_dim  # lives on the top-level config only
                 config = vcfg
             vision = CLIPVisionModelWithProjection.from_pretrained(str(folder), config=config, dtype=dtype)
-            head = load_head(weights.load_state_dict(head_file), str(head_file))
+            head = load_head(weight_files.load_state_dict(head_file), str(head_file))
             if head.layers[0].in_features != vision.config.projection_dim:
                 raise ValueError(f"head {head_file} takes {head.layers[0].in_features}-d embeddings but {folder} "
                                  f"projects to {vision.config.projection_dim}; use CLIP ViT-L/14 (768)")
             # the head stays fp32: it is tiny, and its output is compared across runs
-            return _finish(vision, dtype, device, gradient_checkpointing), weights.freeze(head.to(device))
+            return _finish(vision, dtype, device, gradient_checkpointing), weight_files.freeze(head.to(device))
 
         key = ("aesthetic", str(folder), str(head_file), dtype, device, gradient_checkpointing)
-        vision, head = weights.cached(key, build)
+        vision, head = weight_files.cached(key, build)
+        self._wrap(vision, head, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing)
+
+    def _wrap(self, vision, head, dtype, device, gradient_checkpointing):
         super().__init__(vision, dtype=dtype, device=device, crop_rounding="floor", resize_mode="shortest",
                          gradient_checkpointing=gradient_checkpointing)
         self.__dict__["head"] = head

@@ -22,7 +22,7 @@ import re
 import torch
 from torch import nn
 
-from ril_fast.rewards import weights
+from ril_fast.rewards import weight_files
 from ril_fast.rewards.clip_rewards import _check_batch, _finish, default_device, default_dtype, load_head
 from ril_fast.rewards.preprocess import clip_preprocess
 
@@ -128,26 +128,39 @@ class ImageRewardReward(nn.Module):
     def __init__(self, checkpoint_path: str = "THUDM/ImageReward/ImageReward.pt",
                  tokenizer_path: str = "google-bert/bert-base-uncased", dtype=None, device=None,
                  gradient_checkpointing: bool = False):
-        super().__init__()
-        self.device = default_device(device)
-        self.dtype = default_dtype(dtype, self.device)
-        path = weights.resolve_file(checkpoint_path, "checkpoint_path")
-        tok_folder = weights.resolve_dir(tokenizer_path, "tokenizer_path")
+        device = default_device(device)
+        dtype = default_dtype(dtype, device)
+        path = weight_files.resolve_file(checkpoint_path, "checkpoint_path")
+        tok_folder = weight_files.resolve_dir(tokenizer_path, "tokenizer_path")
 
         def build():
             from transformers import AutoTokenizer, BlipTextModel, BlipVisionModel
 
-            vcfg, vsd, tcfg, tsd, hsd = blip_to_hf(weights.load_state_dict(path))
-            vision = _finish(_build(BlipVisionModel, vcfg, vsd), self.dtype, self.device, gradient_checkpointing)
-            text = _finish(_build(BlipTextModel, tcfg, tsd, add_pooling_layer=False), self.dtype, self.device,
+            vcfg, vsd, tcfg, tsd, hsd = blip_to_hf(weight_files.load_state_dict(path))
+            vision = _finish(_build(BlipVisionModel, vcfg, vsd), dtype, device, gradient_checkpointing)
+            text = _finish(_build(BlipTextModel, tcfg, tsd, add_pooling_layer=False), dtype, device,
                            gradient_checkpointing)
-            head = weights.freeze(load_head(hsd, str(path)).to(self.device))  # fp32 head, as ImageReward's .float()
+            head = weight_files.freeze(load_head(hsd, str(path)).to(device))  # fp32 head, as ImageReward's .float()
             return ImageRewardModel(vision, text, head), AutoTokenizer.from_pretrained(str(tok_folder))
 
-        key = ("imagereward", str(path), str(tok_folder), self.dtype, self.device, gradient_checkpointing)
-        model, self.tokenizer = weights.cached(key, build)
+        key = ("imagereward", str(path), str(tok_folder), dtype, device, gradient_checkpointing)
+        model, tokenizer = weight_files.cached(key, build)
+        self._wrap(model, tokenizer, dtype=dtype, device=device)
+
+    def _wrap(self, model: ImageRewardModel, tokenizer, dtype, device):
+        super().__init__()
+        self.device, self.dtype, self.tokenizer = device, dtype, tokenizer
         self.__dict__["model"] = model  # shared and frozen: kept out of this module's tree and state_dict
         self.image_size = self.model.vision.config.image_size
+
+    @classmethod
+    def from_modules(cls, model: ImageRewardModel, tokenizer, *, dtype: torch.dtype, device: torch.device,
+                     gradient_checkpointing: bool = False):
+        """The reward around a model built elsewhere, loading no weights (checkpointing is the towers'
+        own setting): what ``__init__`` does after loading. The memory planner wraps its meta model."""
+        reward = cls.__new__(cls)
+        reward._wrap(model, tokenizer, dtype=dtype, device=device)
+        return reward
 
     def to_device(self, device: torch.device) -> None:
         """Move the shared frozen model to ``device``; see ``rewards.place``."""

@@ -1,8 +1,10 @@
-"""One training batch: the only place the loss ``L = −α·mean(r_t) + λ·L_distill + μ·L_l2`` is built.
+"""One training step's batch and loss: the only place ``L = −α·mean(r_t) + λ·L_distill + μ·L_l2`` is built.
 
 Data flow (docs/design.md §4): prompts -> cached text embeddings -> noise -> sampler (no-grad
 prefix, K-step grad window) -> [last step: student + teacher] -> x0 -> VAE decode -> reward ->
-loss. Backward, the optimizer step and the EMA update follow in ``ril_fast.engine`` / ``train.py``.
+loss. Backward, the optimizer step and the EMA update follow in ``train.train_task``. The memory
+planner (``ril_fast/memory.py``) traces these same two functions, and the evaluation draws its
+unconditional branch and latent shape from here.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ril_fast import lora
 from ril_fast.methods import distill as distill_losses
+from ril_fast.methods.teacher import l2_penalty
 from ril_fast.models.text import Conditioning
 from ril_fast.sampling import ddim_sample, decode, draw_window
 
@@ -108,6 +110,6 @@ def compute_loss(models, layers, reward_fn, batch: Batch, cfg, use_distill: bool
                                                     student_images=images, eta=s.eta, decode_kwargs=decode_kwargs)
         loss = loss + m.distill_weight * distill
     if m.name == "l2" if use_l2 is None else use_l2:
-        loss = loss + m.l2_weight * lora.l2_penalty(layers)
+        loss = loss + m.l2_weight * l2_penalty(layers)
     return StepOutput(loss=loss, reward=reward.detach(), distill=None if distill is None else distill.detach(),
                       images=images.detach())
