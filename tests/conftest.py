@@ -55,3 +55,23 @@ def tiny_model_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {kind: save_tiny_pipeline(root / kind, kind) for kind in ("sd", "sdxl")}
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def rid_group(request, tiny_model_dirs):
+    """(kind, models, two-task adapter group, prompt cache) on the saved tiny SD or SDXL model: task 1
+    "trained" (non-zero B), task 2's pair being trained, EMA = student. One per module: tests perturb it."""
+    from ril_fast import lora
+    from ril_fast.methods.teacher import reset_ema
+    from ril_fast.models import load_models
+    from ril_fast.models.text import PromptCache
+
+    models = load_models(str(tiny_model_dirs[request.param]))
+    layers = lora.inject_adapter_group(models.unet, "attn")
+    lora.add_task(layers, 2, 2.0, seed=0)
+    with torch.no_grad():  # task 1 "trained": non-zero B, then task 2 starts
+        for layer in layers:
+            layer.lora_b[0].normal_(0, 0.2)
+    lora.add_task(layers, 2, 2.0, seed=1)
+    reset_ema(layers)
+    return request.param, models, layers, PromptCache(models)

@@ -597,3 +597,18 @@ def test_cuda_graph_capture_with_new_scales(backend, monkeypatch):
     for k, v in ref.items():
         # same kernels and inputs; fp32 atomics (split-N dS) may sum in another order
         torch.testing.assert_close(got[k], v, rtol=1.6e-2, atol=1e-2 * v.abs().max().item(), msg=k)
+
+
+def test_stacked_torch_path_equals_plain_reference():
+    x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(16, 24, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    a = [torch.randn(r, 24, dtype=torch.float64, requires_grad=True) for r in (2, 3, 4)]
+    bb = [torch.randn(16, r, dtype=torch.float64, requires_grad=True) for r in (2, 3, 4)]
+    scales = [0.5, 1.0, 2.0]
+    y1 = reference.lora_group_linear(x, w, b, a, bb, scales)
+    y2 = reference.lora_group_linear_stacked(x, w, b, a, bb, scales)
+    torch.testing.assert_close(y1, y2)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, a[1], bb[2]])
+    g2 = torch.autograd.grad(y2.square().sum(), [x, a[1], bb[2]])
+    for p, q in zip(g1, g2):
+        torch.testing.assert_close(p, q)

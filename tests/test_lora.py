@@ -7,55 +7,17 @@ from torch import nn
 import ril_fast.kernels as kernels
 from ril_fast import lora
 from ril_fast.lora import LoRAGroupLinear
-from ril_fast.methods.teacher import ema_update, reset_ema, teacher_mode
-from tests.tiny_models import tiny_unet, unet_inputs
-
-# (rank, alpha) per task: mixed ranks and scales, so a wrong slice or scale shows.
-TASKS = [(2, 3.0), (4, 8.0), (3, 1.5)]
-
-
-def _randomize_b(layers, seed=7):
-    # B = 0 after add_task would hide every adapter; give each B a non-zero value.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers:
-            for b in layer.lora_b:
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-
-
-def _grouped(sdxl=False, preset="attn", tasks=TASKS):
-    unet = tiny_unet(0, sdxl=sdxl)
-    layers = lora.inject_adapter_group(unet, preset)
-    for t, (r, alpha) in enumerate(tasks):
-        lora.add_task(layers, r, alpha, seed=100 + t)
-    _randomize_b(layers)
-    return unet, layers
-
-
-def _peft_copy(layers, sdxl, preset, tasks, n_active):
-    from peft import LoraConfig
-
-    unet = tiny_unet(0, sdxl=sdxl)
-    targets = list(lora.PRESETS[preset])
-    for t, (r, alpha) in enumerate(tasks):
-        unet.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets), adapter_name=f"t{t}")
-    with torch.no_grad():
-        for layer in layers:
-            mod = unet.get_submodule(layer.name)
-            for t in range(len(tasks)):
-                mod.lora_A[f"t{t}"].weight.copy_(layer.lora_a[t])
-                mod.lora_B[f"t{t}"].weight.copy_(layer.lora_b[t])
-    unet.set_adapters([f"t{t}" for t in range(n_active)])
-    return unet
+from ril_fast.methods.teacher import ema_update, teacher_mode
+from tests.tiny_models import TASKS, grouped_unet, peft_copy, randomize_b, tiny_unet, unet_inputs
 
 
 @pytest.mark.parametrize("sdxl,preset", [(False, "attn"), (True, "attn_ff")], ids=["sd-attn", "sdxl-attn_ff"])
 def test_group_matches_peft_all_active(sdxl, preset):
-    unet, layers = _grouped(sdxl, preset)
+    unet, layers = grouped_unet(sdxl, preset)
     n_linear = sum(isinstance(m, nn.Linear) and lora.inject._matches(n, lora.PRESETS[preset])
                    for n, m in tiny_unet(0, sdxl=sdxl).named_modules())
     assert len(layers) == n_linear > 0
-    peft_unet = _peft_copy(layers, sdxl, preset, TASKS, n_active=len(TASKS))
+    peft_unet = peft_copy(layers, sdxl, preset, TASKS, n_active=len(TASKS))
     inputs = unet_inputs(sdxl=sdxl)
     with torch.no_grad():
         ours = unet(**inputs).sample
@@ -66,20 +28,20 @@ def test_group_matches_peft_all_active(sdxl, preset):
 
 
 def test_active_tasks_prefix_and_zero():
-    unet, layers = _grouped()
+    unet, layers = grouped_unet()
     inputs = unet_inputs()
     with torch.no_grad():
         lora.set_active_tasks(layers, 0)
         torch.testing.assert_close(unet(**inputs).sample, tiny_unet(0)(**inputs).sample, atol=1e-6, rtol=1e-6)
         lora.set_active_tasks(layers, 2)
-        ref = _peft_copy(layers, False, "attn", TASKS, n_active=2)(**inputs).sample
+        ref = peft_copy(layers, False, "attn", TASKS, n_active=2)(**inputs).sample
         torch.testing.assert_close(unet(**inputs).sample, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="active_tasks=4"):
         lora.set_active_tasks(layers, 4)
 
 
 def test_add_task_keeps_output_and_freezes():
-    unet, layers = _grouped(tasks=TASKS[:2])
+    unet, layers = grouped_unet(tasks=TASKS[:2])
     inputs = unet_inputs()
     with torch.no_grad():
         before = unet(**inputs).sample
@@ -100,8 +62,8 @@ def test_add_task_keeps_output_and_freezes():
 
 
 def test_add_task_deterministic_and_peft_init_range():
-    _, l1 = _grouped(tasks=TASKS[:1])
-    _, l2 = _grouped(tasks=TASKS[:1])
+    _, l1 = grouped_unet(tasks=TASKS[:1])
+    _, l2 = grouped_unet(tasks=TASKS[:1])
     for a, b in zip(l1, l2):
         torch.testing.assert_close(a.lora_a[0], b.lora_a[0], atol=0, rtol=0)
     # PEFT's kaiming_uniform(a=sqrt(5)) bound is 1/sqrt(d_in).
@@ -111,7 +73,7 @@ def test_add_task_deterministic_and_peft_init_range():
 
 
 def test_only_newest_pair_gets_grads():
-    unet, layers = _grouped()
+    unet, layers = grouped_unet()
     unet(**unet_inputs()).sample.square().mean().backward()
     for layer in layers:
         assert all(p.grad is None for p in list(layer.lora_a[:-1]) + list(layer.lora_b[:-1]))
@@ -121,57 +83,8 @@ def test_only_newest_pair_gets_grads():
         assert a.grad is not None
 
 
-def test_teacher_mode_uses_ema_and_blocks_grads():
-    unet, layers = _grouped()
-    inputs = unet_inputs()
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in layers:
-            layer.ema_a.copy_(torch.randn(layer.ema_a.shape, generator=g) * 0.1)
-            layer.ema_b.copy_(torch.randn(layer.ema_b.shape, generator=g) * 0.1)
-    # Reference: a PEFT model whose newest adapter holds the EMA values.
-    ref_unet = _peft_copy(layers, False, "attn", TASKS, n_active=len(TASKS))
-    with torch.no_grad():
-        for layer in layers:
-            mod = ref_unet.get_submodule(layer.name)
-            mod.lora_A["t2"].weight.copy_(layer.ema_a)
-            mod.lora_B["t2"].weight.copy_(layer.ema_b)
-        ref = ref_unet(**inputs).sample
-    with teacher_mode(layers):
-        teacher = unet(**inputs).sample
-    assert not any(layer.use_teacher for layer in layers)
-    torch.testing.assert_close(teacher, ref, atol=1e-5, rtol=1e-5)
-    assert not teacher.requires_grad  # nothing trainable takes part
-    with torch.no_grad():
-        student = unet(**inputs).sample
-    assert (student - teacher).abs().max() > 1e-3
-    reset_ema(layers)
-    with torch.no_grad(), teacher_mode(layers):
-        torch.testing.assert_close(unet(**inputs).sample, student, atol=0, rtol=0)
-
-
-def test_ema_update_arithmetic():
-    _, layers = _grouped(tasks=TASKS[:2])
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for layer in layers:
-            for p in layer.trainable_pair():
-                p.copy_(torch.randn(p.shape, generator=g))
-    old = [(layer.ema_a.clone(), layer.ema_b.clone()) for layer in layers]
-    frozen = [layer.lora_a[0].clone() for layer in layers]
-    m = 0.9
-    ema_update(layers, m)
-    for layer, (ea, eb), f in zip(layers, old, frozen):
-        a, b = layer.trainable_pair()
-        torch.testing.assert_close(layer.ema_a, m * ea + (1 - m) * a.detach())
-        torch.testing.assert_close(layer.ema_b, m * eb + (1 - m) * b.detach())
-        torch.testing.assert_close(layer.lora_a[0], f, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="decay"):
-        ema_update(layers, 1.5)
-
-
 def test_group_state_dict_roundtrip():
-    unet, layers = _grouped()
+    unet, layers = grouped_unet()
     ema_update(layers, 0.5)
     sd = {k: v.clone() for k, v in lora.group_state_dict(layers).items()}
     inputs = unet_inputs()
@@ -229,7 +142,7 @@ def test_triton_path_matches_torch(monkeypatch, teacher):
     layer = LoRAGroupLinear(nn.Linear(24, 20))
     for t, (r, alpha) in enumerate(TASKS):
         layer.add_task(r, alpha, generator=torch.Generator().manual_seed(t))
-    _randomize_b([layer])
+    randomize_b([layer])
     with torch.no_grad():
         layer.ema_b.copy_(torch.randn(layer.ema_b.shape) * 0.1)
     layer.use_teacher = teacher

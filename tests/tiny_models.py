@@ -1,7 +1,9 @@
 """Tiny random diffusers components for tests, built in-process (no hub) with seeded init.
 
 ``tiny_unet`` gives an SD- or SDXL-shaped UNet2DConditionModel; ``tiny_sd_pipeline`` a full
-StableDiffusionPipeline whose CLIP tokenizer reads a handmade vocab written to ``tmp_dir``.
+StableDiffusionPipeline whose CLIP tokenizer reads a handmade vocab written to ``tmp_dir``;
+``grouped_unet`` / ``peft_copy`` a tiny UNet with a LoRA adapter group and its PEFT twin;
+``rid_config`` a RID config on a saved tiny model, ``perturb_student`` noise on the pair being trained.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import json
 from pathlib import Path
 
 import torch
+
+from ril_fast import lora
+from ril_fast.config import config_from_dict
 
 CROSS_DIM = 32
 _WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree", "house"]
@@ -78,3 +83,61 @@ def tiny_sd_pipeline(tmp_dir: Path, seed: int = 0):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+# (rank, alpha) per task: mixed ranks and scales, so a wrong slice or scale shows.
+TASKS = [(2, 3.0), (4, 8.0), (3, 1.5)]
+
+
+def randomize_b(layers, seed=7):
+    # B = 0 after add_task would hide every adapter; give each B a non-zero value.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            for b in layer.lora_b:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+def grouped_unet(sdxl=False, preset="attn", tasks=TASKS):
+    unet = tiny_unet(0, sdxl=sdxl)
+    layers = lora.inject_adapter_group(unet, preset)
+    for t, (r, alpha) in enumerate(tasks):
+        lora.add_task(layers, r, alpha, seed=100 + t)
+    randomize_b(layers)
+    return unet, layers
+
+
+def peft_copy(layers, sdxl, preset, tasks, n_active):
+    from peft import LoraConfig
+
+    unet = tiny_unet(0, sdxl=sdxl)
+    targets = list(lora.PRESETS[preset])
+    for t, (r, alpha) in enumerate(tasks):
+        unet.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets), adapter_name=f"t{t}")
+    with torch.no_grad():
+        for layer in layers:
+            mod = unet.get_submodule(layer.name)
+            for t in range(len(tasks)):
+                mod.lora_A[f"t{t}"].weight.copy_(layer.lora_a[t])
+                mod.lora_B[f"t{t}"].weight.copy_(layer.lora_b[t])
+    unet.set_adapters([f"t{t}" for t in range(n_active)])
+    return unet
+
+
+def rid_config(model_dir, **method):
+    return config_from_dict({
+        "output_dir": "unused",
+        "model": {"path": str(model_dir)},
+        "method": {"name": "rid", **method},
+        "sampling": {"steps": 3, "guidance_scale": 2.0},
+        "train": {"batch_size": 2, "lr": 1e-2},
+        "tasks": [{"name": "a", "reward": "brightness", "train_prompts": ["a red circle", "a blue cat"],
+                   "eval_prompts": ["a dog"], "steps": 1}],
+    })
+
+
+def perturb_student(layers, std=0.2):
+    with torch.no_grad():
+        for layer in layers:
+            b = layer.trainable_pair()[1]
+            b.add_(torch.randn_like(b) * std)  # add, so equal seeds in two tests never give equal values

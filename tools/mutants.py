@@ -69,13 +69,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "        else:\n            layer.use_teacher = True\n",
         "        else:\n            pass\n",
         ("tests/test_methods_baselines.py::test_last_step_target_against_the_merged_teacher",
-         "tests/test_lora.py::test_teacher_mode_uses_ema_and_blocks_grads"),
+         "tests/test_methods_teacher.py::test_teacher_mode_uses_ema_and_blocks_grads"),
         "teacher_mode runs the student (the EMA teacher is never used)"),
     Mutant(
         "ema_update_noop", "ril_fast/methods/teacher.py",
         "        torch._foreach_lerp_(ema, params, 1.0 - decay)\n",
         "        pass\n",
-        ("tests/test_lora.py::test_ema_update_arithmetic",),
+        ("tests/test_methods_teacher.py::test_ema_update_arithmetic",),
         "the EMA teacher is never updated"),
     Mutant(
         "forgetting_off_by_a_row", "ril_fast/evaluate_metrics.py",
@@ -107,13 +107,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "reward_sign_flipped", "ril_fast/step.py",
         "loss = -m.reward_weight * scored.mean()",
         "loss = m.reward_weight * scored.mean()",
-        ("tests/test_methods.py::test_loss_assembly",),
+        ("tests/test_step.py::test_loss_assembly",),
         "the loss rewards a lower reward"),
     Mutant(
         "distill_weight_ignored", "ril_fast/step.py",
         "loss = loss + m.distill_weight * distill",
         "loss = loss + distill",
-        ("tests/test_methods.py::test_loss_assembly",),
+        ("tests/test_step.py::test_loss_assembly",),
         "λ (method.distill_weight) is ignored"),
     Mutant(
         "reward_norm_scale_ignored", "ril_fast/rewards/normalize.py",
@@ -131,7 +131,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "x0_target_not_in_eps_units", "ril_fast/methods/distill.py",
         "        weight = eps_units(sample.alpha_bar)\n",
         "        weight = None\n",
-        ("tests/test_methods.py::test_last_step_x0_matches_scheduler_math",),
+        ("tests/test_methods_distill.py::test_last_step_x0_matches_scheduler_math",),
         "the x0 distillation loss is not weighted into ε units (λ means something else on every model)"),
     Mutant(
         "adherence_wrong_prompts", "ril_fast/evaluate.py",
