@@ -62,8 +62,8 @@ def check_name(name: str) -> None:
         return
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, names(), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown reward {name!r}{hint} Known rewards: {', '.join(names())}, or 'module:function'")
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown reward {name!r}{hint}; known rewards: {', '.join(names())}, or 'module:function'")
 
 
 def place(reward, device) -> None:
