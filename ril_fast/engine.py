@@ -128,13 +128,21 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return float(value)
 
 
+def device_type(cfg) -> str:
+    """The type of device a run of ``cfg`` takes here (``model.device``, ``auto`` = cuda when there is
+    one), without touching any device: the memory planner asks it too."""
+    if cfg.model.device != "auto":
+        return torch.device(cfg.model.device).type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def pick_device(cfg) -> torch.device:
     """The run's device; a GPU is also made the current device (``model.device: cuda:1`` included):
     Triton launches on the current device, whatever its arguments' (the fused ops also switch when
     called on another GPU, at a small host cost per call that this avoids)."""
     if cfg.model.device != "auto":
         device = torch.device(cfg.model.device)
-    elif torch.cuda.is_available():
+    elif device_type(cfg) == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
         return torch.device("cpu")

@@ -386,11 +386,11 @@ def _flash_attention_on_meta(sdpa):
 def _merge_as_planned_device(cfg, layers, dtype: torch.dtype) -> None:
     """The adapter group merges its weights by device (a cached copy of W per layer on fp32 CPU); the
     traced layers sit on meta, so they are told what the planned device would decide."""
+    from ril_fast import engine as eng
     from ril_fast.lora.group import merges_by_default
 
-    name = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    partitioned = cfg.deepspeed.enabled != "off" and cfg.deepspeed.zero_stage == 3
-    merge = merges_by_default(torch.device(name).type, dtype, partitioned)
+    partitioned = eng.use_deepspeed(cfg) and cfg.deepspeed.zero_stage == 3
+    merge = merges_by_default(eng.device_type(cfg), dtype, partitioned)
     for layer in layers:
         layer.merge = merge
 
