@@ -37,7 +37,12 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `deepspeed ril_fast/train.py` runs this file as a script
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Python put this file's folder first on sys.path, where our `kernels`, `models`, `config` ...
+    # would shadow top-level packages of the same name (bitsandbytes imports `kernels`): the
+    # repository root takes its place.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402

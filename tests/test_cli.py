@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import runpy
 import subprocess
 import sys
 import tomllib
@@ -110,3 +112,14 @@ def test_eval_rescores_to_the_runs_matrix(run):
     assert cli.main(["eval", str(run), "--set", "eval.seeds=[7]"]) == 0  # other seeds: other numbers
     other = json.loads((run / "eval" / "rescore.json").read_text())
     assert other["eval"]["seeds"] == [7] and other["reward_matrix"] != want["reward_matrix"]
+
+
+def test_train_py_as_a_script_shadows_no_top_level_package(monkeypatch):
+    """`deepspeed ril_fast/train.py` runs the file as a script: Python puts ril_fast/ first on sys.path,
+    where ril_fast/kernels shadowed the `kernels` package bitsandbytes imports (every launch warned
+    "cannot import name 'get_kernel' from 'kernels'"). The script must swap its folder for the repo root."""
+    here = str(REPO / "ril_fast")
+    monkeypatch.setattr(sys, "path", [here, *sys.path])
+    runpy.run_path(str(REPO / "ril_fast" / "train.py"), run_name="as_a_script")
+    assert here not in [os.path.abspath(p or os.curdir) for p in sys.path]
+    assert sys.path[0] == str(REPO)
