@@ -17,6 +17,8 @@ from ril_fast.rewards.adherence import adherence_accuracy, load_classifier
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["tasks.0.steps=1", "tasks.1.steps=1", "tasks.2.steps=1", "eval.seeds=[0]", "sampling.steps=4"]
 
+pytestmark = pytest.mark.slow  # ~15 s: a fresh interpreter runs configs/tiny.json end to end
+
 
 def _table_rows(text: str, header: str) -> list[list[str]]:
     """Body rows of the first markdown table after the line starting with ``header``."""
