@@ -155,7 +155,9 @@ def pick_device(cfg) -> torch.device:
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], name: str, lr: float, weight_decay: float):
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # foreach: one multi-tensor op per update term instead of a Python loop over the ~100 adapter
+        # tensors; torch picks it by default on CUDA only (on CPU it halves the step, 5.5 -> 2.7 ms)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
