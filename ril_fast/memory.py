@@ -740,7 +740,9 @@ def format_plan(p: MemoryPlan, cfg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ril_fast.config import ConfigError, load_config
+    from ril_fast.logs import quiet_third_party
 
+    quiet_third_party()
     ap = argparse.ArgumentParser(prog="python -m ril_fast.memory", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="run config JSON")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")

@@ -50,7 +50,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from ril_fast import checkpoint as ckpt  # noqa: E402
 from ril_fast import engine as eng  # noqa: E402
-from ril_fast import lora, report, rewards  # noqa: E402
+from ril_fast import logs, lora, report, rewards  # noqa: E402
 from ril_fast.config import Config, ConfigError, check_available, load_config, read_prompts  # noqa: E402
 from ril_fast.methods.teacher import ema_update, reset_ema  # noqa: E402
 from ril_fast.metrics_log import MetricsLog  # noqa: E402
@@ -165,7 +165,7 @@ def run_all(cfg: Config) -> dict:
     Raises:
         RunStopped: SIGINT/SIGTERM (its message says where, and which checkpoint a rerun resumes from).
     """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup()
     stop = StopState(where="while loading the model")
     with logging_redirect_tqdm(), stop_on_signals(stop):  # log lines print above the progress bars
         try:

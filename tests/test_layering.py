@@ -35,7 +35,7 @@ LAYERS = [
     ("blocks", ("ril_fast.sampling", "ril_fast.lora", "ril_fast.rewards", "ril_fast.models", "ril_fast.data",
                 "ril_fast.engine")),
     ("kernels", ("ril_fast.kernels",)),
-    ("support", ("ril_fast.errors", "ril_fast.checkpoint", "ril_fast.report", "ril_fast.metrics_log",
+    ("support", ("ril_fast.errors", "ril_fast.logs", "ril_fast.checkpoint", "ril_fast.report", "ril_fast.metrics_log",
                  "ril_fast.evaluate_metrics", "ril_fast.memory_tracker")),
 ]
 

@@ -46,11 +46,12 @@ def run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return out, proc.stdout, json.loads((out / "results.json").read_text(encoding="utf-8"))
+    # stderr: the log lines and progress bars
+    return out, proc.stdout, json.loads((out / "results.json").read_text(encoding="utf-8")), proc.stderr
 
 
 def test_printed_table_holds_results_json(run):
-    out, stdout, res = run
+    out, stdout, res, _ = run
     names = res["tasks"]
     assert names == ["contrast", "adherence", "compressibility"]
     matrix = _table_rows(stdout, "**Reward matrix**")
@@ -67,7 +68,7 @@ def test_printed_table_holds_results_json(run):
 
 
 def test_prompt_adherence_figures_are_the_classifiers(run):
-    out, _, res = run
+    out, _, res, _ = run
     prompts = (REPO / "configs" / "prompts" / "shapes_eval.txt").read_text(encoding="utf-8").split("\n")
     pairs = [p for p in prompts if p.strip()]  # one seed: one image per prompt, in file order
     rows = res["prompt_adherence"]
@@ -81,3 +82,11 @@ def test_prompt_adherence_figures_are_the_classifiers(run):
         assert figures["n"] == len(pairs) == want["n"]
         for key in ("shape", "colour", "background", "all"):
             assert figures[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_the_run_prints_no_warning(run):
+    """A clean run warns about nothing: a WARNING line is either ours (something the user should act
+    on, which a clean run of the shipped config must not have) or third-party noise (bitsandbytes,
+    imported by diffusers, warned on every CPU run about an optional hub package; ``ril_fast/logs.py``)."""
+    warnings = [line for line in run[3].splitlines() if "WARNING" in line]
+    assert not warnings, warnings
