@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -321,7 +322,9 @@ def test_the_hot_path_reads_no_environment(device, monkeypatch):
 
         __getitem__ = get
 
-    monkeypatch.setattr(dispatch.os, "environ", NoReads())
+    # dispatch's own `os` only: replacing os.environ itself would fail every other reader in the
+    # process too (pytest-xdist's worker thread reads it while the test runs)
+    monkeypatch.setattr(dispatch, "os", SimpleNamespace(environ=NoReads()))
     monkeypatch.setattr(dispatch, "triton_available", lambda dev: pytest.fail("re-checked on the hot path"))
     y = kernels.lora_group_linear(x, w, b, a, bb, s)
     torch.testing.assert_close(y, reference.lora_group_linear(x, w, b, a, bb, s), rtol=1e-5, atol=1e-5)
@@ -330,8 +333,6 @@ def test_the_hot_path_reads_no_environment(device, monkeypatch):
 def test_calls_on_another_gpu_switch_to_it(monkeypatch):
     """Triton launches on the current device, whatever its arguments' device: the Triton ops switch
     to the tensors' GPU when it is not the current one (the GPU test below runs it on two GPUs)."""
-    from types import SimpleNamespace
-
     entered = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda dev: entered.append(dev) or __import__("contextlib").nullcontext())
