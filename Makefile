@@ -18,14 +18,14 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/python -m ril_fast.train --config $(CONFIG)
 
-# Minutes-long checks outside `make test`: torch.compile of the UNet and the real dry run of the GPU
-# script (`make test-slow` runs them)
 # Two workers (pytest-xdist), whole modules each, the slow modules first (tests/conftest.py): the tests
 # run one torch thread each, so a 2-core machine runs two at once. TEST_WORKERS=0 runs them in-process.
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q tests -m "not compile_mode and not gpu_check" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
+# Minutes-long checks outside `make test`: torch.compile of the UNet and the real dry run of the GPU
+# script (`make test-slow` runs them)
 test-slow: setup
 	$(BIN)/python -m pytest -q tests -m "compile_mode or gpu_check"
 

@@ -24,9 +24,9 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    # Modules holding a `slow` or `compile_gate` test run first: `make test` spreads whole modules over two workers
-    # (pytest-xdist, --dist loadfile) in this order, and a minute-long launcher test picked up last
-    # would leave one core idle while the other finishes it.
+    # Modules holding a `slow` or `compile_gate` test run first: `make test` spreads whole modules
+    # over two workers (pytest-xdist, --dist loadfile) in this order, and a minute-long launcher test
+    # picked up last would leave one core idle while the other finishes it.
     slow_files = {item.path for item in items if "slow" in item.keywords or "compile_gate" in item.keywords}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept within each part
     if torch.cuda.is_available():
