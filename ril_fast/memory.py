@@ -724,7 +724,7 @@ def check_budget(cfg, memory_plan: MemoryPlan | None = None, progress: bool = Fa
 def format_plan(p: MemoryPlan, cfg) -> str:
     lines = [f"planned peak: {p.peak_gib:.2f} GiB (task {p.task + 1} '{cfg.tasks[p.task].name}', arch {p.arch})"]
     lines += [f"  {k:<16} {v:8.3f} GiB" for k, v in p.breakdown.items()]
-    lines += [f"  task {t['task'] + 1} {t['name']} [{t['reward']}]: {t['peak_gib']:.2f} GiB" for t in p.tasks]
+    lines += [f"  task {t['task']} {t['name']} [{t['reward']}]: {t['peak_gib']:.2f} GiB" for t in p.tasks]  # 1-based
     if p.cpu_bytes:
         lines.append(f"  host (offloaded optimizer): {p.cpu_bytes / GIB:.3f} GiB")
     if p.eval_bytes is not None:

@@ -269,6 +269,11 @@ def test_cli_json(tiny_path, tmp_path, capsys):
     assert [t["task"] for t in out["tasks"]] == list(range(1, len(cfg.tasks) + 1))
     assert out["peak_task"] in range(1, len(cfg.tasks) + 1)
     assert 0 < out["eval_peak_gib"] and set(out["eval_detail_gib"]) >= {"weights_unet", "activations_unet"}
+    # and in the text report (it added 1 to the already 1-based task once)
+    assert memory.main(["--config", str(path), "--set", "train.batch_size=1"]) == 0
+    text = capsys.readouterr().out
+    shown = [int(line.split()[1]) for line in text.splitlines() if line.startswith("  task ")]
+    assert shown == list(range(1, len(cfg.tasks) + 1)), text
 
 
 @pytest.mark.parametrize("name, unet_m, vae_m, text_m", [
