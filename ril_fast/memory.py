@@ -181,10 +181,10 @@ def build_reward(name: str, options: dict, device: torch.device = torch.device("
     if name == "aesthetic":
         with torch.device("meta"):
             head = cr.MLPHead(model.config.projection_dim).requires_grad_(False).eval()  # fp32, as the trainer
-        reward = reward_cls.from_modules(model, head, dtype=dtype, device=device, gradient_checkpointing=ckpt)
+        reward = reward_cls.from_modules(model, head, dtype=dtype, device=device)
         return reward, [model, head]
     tokenizer = _FakeTokenizer(model.config.text_config.max_position_embeddings)
-    return reward_cls.from_modules(model, tokenizer, dtype=dtype, device=device, gradient_checkpointing=ckpt), [model]
+    return reward_cls.from_modules(model, tokenizer, dtype=dtype, device=device), [model]
 
 
 def _reward_key(cfg, task) -> str:
@@ -221,8 +221,7 @@ def _build_imagereward(dtype, ckpt: bool, device: torch.device):
         if ckpt:
             enable_checkpointing(tower)
     model = ir.ImageRewardModel(vision, text, head.requires_grad_(False).eval())
-    reward = ir.ImageRewardReward.from_modules(model, _FakeTokenizer(ir.MAX_LENGTH), dtype=dtype, device=device,
-                                               gradient_checkpointing=ckpt)
+    reward = ir.ImageRewardReward.from_modules(model, _FakeTokenizer(ir.MAX_LENGTH), dtype=dtype, device=device)
     return reward, [model]
 
 

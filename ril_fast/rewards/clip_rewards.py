@@ -185,23 +185,22 @@ class _ClipReward(nn.Module):
     """Shared plumbing: frozen model on ``device`` in ``dtype``, torch preprocessing, fp32 scores."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, crop_rounding: str,
-                 resize_mode: str, gradient_checkpointing: bool):
+                 resize_mode: str):
         super().__init__()
         # shared through weight_files.cached and kept out of the module tree, so a trainer's .to()/.train()/
         # state_dict() on the reward never touches (or checkpoints) the frozen model
         self.__dict__["model"] = model
         self.dtype, self.device = dtype, device
         self.crop_rounding, self.resize_mode = crop_rounding, resize_mode
-        self.gradient_checkpointing = gradient_checkpointing
         vcfg = model.config if not hasattr(model.config, "vision_config") else model.config.vision_config
         self.image_size = vcfg.image_size
 
     @classmethod
-    def from_modules(cls, *modules, dtype: torch.dtype, device: torch.device, gradient_checkpointing: bool = False):
+    def from_modules(cls, *modules, dtype: torch.dtype, device: torch.device):
         """The reward around modules built elsewhere, loading no weights: what ``__init__`` does after
         loading (``_wrap``). The memory planner wraps its meta-device towers with this."""
         reward = cls.__new__(cls)
-        reward._wrap(*modules, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing)
+        reward._wrap(*modules, dtype=dtype, device=device)
         return reward
 
     def to_device(self, device: torch.device) -> None:
@@ -301,12 +300,12 @@ class PickScoreReward(_ClipImageText):
 
         key = ("pickscore", str(folder), str(tok_folder), dtype, device, gradient_checkpointing)
         model, tok = weight_files.cached(key, build)
-        self._wrap(model, tok, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing)
+        self._wrap(model, tok, dtype=dtype, device=device)
 
-    def _wrap(self, model, tok, dtype, device, gradient_checkpointing):
+    def _wrap(self, model, tok, dtype, device):
         # CLIPImageProcessor semantics: shortest side, floor-rounded centre crop
         super().__init__(model, tok, "logit_scale", dtype=dtype, device=device, crop_rounding="floor",
-                         resize_mode="shortest", gradient_checkpointing=gradient_checkpointing)
+                         resize_mode="shortest")
 
 
 class HPSv2Reward(_ClipImageText):
@@ -343,13 +342,12 @@ class HPSv2Reward(_ClipImageText):
 
         key = ("hpsv2", str(path), str(tok_folder), vision_heads, text_heads, dtype, device, gradient_checkpointing)
         model, tok = weight_files.cached(key, build)
-        self._wrap(model, tok, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing,
-                   resize_mode=resize_mode)
+        self._wrap(model, tok, dtype=dtype, device=device, resize_mode=resize_mode)
 
-    def _wrap(self, model, tok, dtype, device, gradient_checkpointing, resize_mode="shortest"):
+    def _wrap(self, model, tok, dtype, device, resize_mode="shortest"):
         # open_clip's preprocess_val is torchvision: round-half-even centre crop
         super().__init__(model, tok, "none", dtype=dtype, device=device, crop_rounding="round",
-                         resize_mode=resize_mode, gradient_checkpointing=gradient_checkpointing)
+                         resize_mode=resize_mode)
 
 
 class AestheticReward(_ClipReward):
@@ -391,11 +389,10 @@ class AestheticReward(_ClipReward):
 
         key = ("aesthetic", str(folder), str(head_file), dtype, device, gradient_checkpointing)
         vision, head = weight_files.cached(key, build)
-        self._wrap(vision, head, dtype=dtype, device=device, gradient_checkpointing=gradient_checkpointing)
+        self._wrap(vision, head, dtype=dtype, device=device)
 
-    def _wrap(self, vision, head, dtype, device, gradient_checkpointing):
-        super().__init__(vision, dtype=dtype, device=device, crop_rounding="floor", resize_mode="shortest",
-                         gradient_checkpointing=gradient_checkpointing)
+    def _wrap(self, vision, head, dtype, device):
+        super().__init__(vision, dtype=dtype, device=device, crop_rounding="floor", resize_mode="shortest")
         self.__dict__["head"] = head
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:

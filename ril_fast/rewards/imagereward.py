@@ -154,8 +154,7 @@ class ImageRewardReward(nn.Module):
         self.image_size = self.model.vision.config.image_size
 
     @classmethod
-    def from_modules(cls, model: ImageRewardModel, tokenizer, *, dtype: torch.dtype, device: torch.device,
-                     gradient_checkpointing: bool = False):
+    def from_modules(cls, model: ImageRewardModel, tokenizer, *, dtype: torch.dtype, device: torch.device):
         """The reward around a model built elsewhere, loading no weights (checkpointing is the towers'
         own setting): what ``__init__`` does after loading. The memory planner wraps its meta model."""
         reward = cls.__new__(cls)
