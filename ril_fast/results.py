@@ -62,8 +62,7 @@ def evaluate_row(run: Run, row: int) -> None:
 
 
 def grid_title(cfg: Config, row: int) -> str:
-    model = "base model" if row == 0 else f"after task {row} ({cfg.tasks[row - 1].name})"
-    return (f"{model}: method {cfg.method.name}, {cfg.eval.steps or cfg.sampling.steps} DDIM steps, "
+    return (f"{model_label(cfg, row).removeprefix('the ')}: method {cfg.method.name}, {cfg.eval.steps or cfg.sampling.steps} DDIM steps, "
             f"CFG {cfg.sampling.guidance_scale}")
 
 
@@ -127,7 +126,7 @@ def extend_results(run: Run) -> None:
     sub = replace(cfg, tasks=cfg.tasks[have:])
     run.stop.where = "while evaluating the earlier models on the appended tasks"
     _log.info("config appends %d task(s) to this run: evaluating the %d models so far on them", len(sub.tasks), rows)
-    n_images = sum(len(p) for p in run.eval_prompts[have:]) * len(cfg.eval.seeds) * rows
+    n_images = eval_image_count(sub, run.eval_prompts[have:]) * rows
     with tqdm(total=n_images, desc="eval new tasks", disable=not run.is_main) as bar:
         for row in range(rows):
             lora.set_active_tasks(run.layers, row)
@@ -149,14 +148,14 @@ def extend_results(run: Run) -> None:
     res["tasks"] = [t.name for t in cfg.tasks]
 
 
-def write_results(run: Run, wall: float) -> dict:
+def write_results(run: Run) -> dict:
     res = dict(run.results)
     trained = len(res["reward_matrix"]) - 1  # mid-run: rows 0..t over the t tasks trained so far
     if trained >= 1:
         metrics = ril_metrics([r[:trained] for r in res["reward_matrix"]], res["tasks"][:trained],
                               res["reward_base_stats"]["std"][:trained])
         res.update({k: v for k, v in metrics.items() if k != "tasks"})
-    res["wall_seconds"] = wall
+    res["wall_seconds"] = run.stamp.get("wall_seconds", wall_total(run))  # the last task boundary's stamp
     res.update(run_metadata_fields(run, res))
     res["method"] = run.cfg.method.name
     res["config"] = run.cfg.to_dict()

@@ -80,7 +80,6 @@ from ril_fast.run_state import (  # noqa: E402
     stop_message,
     stop_on_signals,
     stop_requested,
-    wall_total,
 )
 from ril_fast.sampling import compile_unet  # noqa: E402
 from ril_fast.step import compute_loss, make_batch, step_seed  # noqa: E402
@@ -207,13 +206,13 @@ def _run_all(cfg: Config, stop: StopState) -> dict:
             stop.where = f"while exporting task {task + 1}"
             lora.export_task_adapter(run.models.unet, run.layers, adapters_for_task(cfg, task) if cfg.method.adapter_per_task
                                      else 1, run.out / "adapters" / f"task_{task + 1:02d}")
-            write_results(run, run.stamp["wall_seconds"])
+            write_results(run)
             plot_curves(run, task)
         save(run, task, "done", cfg.tasks[task].steps)
         ckpt.fault_point("task_boundary")
         task, phase, step, optim = task + 1, "start", 0, None
     # a rerun with nothing left to do writes the same bytes: the stamp comes from the checkpoint
-    res = write_results(run, run.stamp.get("wall_seconds", wall_total(run)))
+    res = write_results(run)
     if run.is_main:
         report.plot_reward_heatmap(res["reward_matrix"], res["tasks"], run.out / "plots" / "reward_matrix.png")
         print(report.results_table_markdown(table_view(res)))
@@ -233,9 +232,10 @@ def begin_task(run: Run, task: int) -> None:
     """New pair (A random, B = 0) for group methods, a fresh one for ``independent``; the teacher's copy
     (EMA, LwF) and the L2 anchor start as the current model."""
     ensure_adapters(run, adapters_for_task(run.cfg, task))
-    if run.cfg.method.name == "independent" and task > 0:
+    if run.cfg.method.name == "independent" and task > 0:  # (resets the EMA copy to the fresh pair too)
         lora.reinit_newest(run.layers, seed=step_seed(run.cfg.seed, task, 0, "adapter"), init=run.cfg.lora.init)
-    reset_ema(run.layers)
+    else:
+        reset_ema(run.layers)
 
 
 def task_objective(run: Run, task: int):
@@ -308,7 +308,7 @@ def train_task(run: Run, task: int, start_step: int, optimizer_state: dict | Non
         record = {"kind": "train", "task": task + 1, "step": step + 1, "skipped": not (stepped and finite),
                   "bad_in_a_row": bad, "step_seconds": time.perf_counter() - t0,
                   "global_step": global_step(cfg, task, step + 1)}
-        if rewards_:  # host sync at the log point only; the mean over every rank's batch
+        if rewards_:  # the mean over every rank's batch (one host sync a step, for the progress bar)
             record["reward"] = eng.mean_over_ranks(torch.stack(rewards_).mean())
         if distills:
             record["distill"] = eng.mean_over_ranks(torch.stack(distills).mean())

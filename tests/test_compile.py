@@ -20,7 +20,6 @@ from torch.utils.checkpoint import checkpoint
 from ril_fast import lora
 from ril_fast.config import load_config
 from ril_fast.lora.group import LoRAGroupLinear
-from ril_fast.methods.teacher import set_teacher
 from ril_fast.sampling import compile_unet
 
 RTOL = 1e-4
@@ -77,10 +76,12 @@ def test_compiled_layers_match_eager():
     compiled.compile()
     x = torch.randn(5, 16)
     for teacher in (False, True):
-        set_teacher([eager.a, eager.b, compiled.a, compiled.b], teacher)
+        for layer in (eager.a, eager.b, compiled.a, compiled.b):
+            layer.use_teacher = teacher
         with torch.no_grad():
             assert _rel(compiled(x), eager(x)) < RTOL
-    set_teacher([eager.a, eager.b, compiled.a, compiled.b], False)
+    for layer in (eager.a, eager.b, compiled.a, compiled.b):
+        layer.use_teacher = False
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     for model, xi in zip((eager, compiled), xs):
         checkpoint(model, xi, use_reentrant=False).square().sum().backward()

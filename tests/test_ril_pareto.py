@@ -47,7 +47,7 @@ def test_variant_syntax():
 
 
 def _result(R, base_std):
-    """A results.json as the runner writes it: ril_metrics keys merged in, plus the bits summarize reads."""
+    """A results.json as the trainer writes it: ril_metrics keys merged in, plus the bits summarize reads."""
     names = ["a", "b", "c"]
     metrics = ril_metrics(R, names, base_std)
     return {**metrics, "reward_matrix": R, "config": {"tasks": [{}, {}, {}]},

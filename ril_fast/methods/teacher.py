@@ -18,11 +18,6 @@ import torch
 from ril_fast.lora.group import LoRAGroupLinear
 
 
-def set_teacher(layers: Sequence[LoRAGroupLinear], flag: bool) -> None:
-    for layer in layers:
-        layer.use_teacher = bool(flag)
-
-
 @contextlib.contextmanager
 def teacher_mode(layers: Sequence[LoRAGroupLinear], teacher: str = "ema") -> Iterator[None]:
     """Run the forward as the teacher inside the block; restores the previous state.
