@@ -10,45 +10,23 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from ril_fast import kernels, lora
-from ril_fast.config import config_from_dict
 from ril_fast.lora.group import LoRAGroupLinear, init_lora_a
 from ril_fast.methods import distill as D
 from ril_fast.methods.teacher import l2_penalty, reset_ema, teacher_mode
 from ril_fast.models import load_models
-from ril_fast.models.text import PromptCache
 from ril_fast.rewards import build
 from ril_fast.rewards.normalize import JointReward, Normalizer
 from ril_fast.sampling import ddim_sample, decode, guided_output
 from ril_fast.step import compute_loss, make_batch
+from tests.tiny_models import TRAIN_PROMPTS, rid_config
 
-PROMPTS = ["a red circle", "a blue cat"]
-
-
-def make_cfg(model_dir, name="rid", sampling=None, **method):
-    return config_from_dict({
-        "output_dir": "unused",
-        "model": {"path": str(model_dir)},
-        "method": {"name": name, **method},
-        "sampling": {"steps": 3, "guidance_scale": 2.0, **(sampling or {})},
-        "train": {"batch_size": 2, "lr": 1e-2},
-        "tasks": [{"name": "a", "reward": "brightness", "train_prompts": PROMPTS, "eval_prompts": ["a dog"],
-                   "steps": 1}],
-    })
+PROMPTS = TRAIN_PROMPTS
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
-def setup(request, tiny_model_dirs):
-    """Tiny model with two adapters: task 1 trained (non-zero B), task 2's pair being trained."""
-    models = load_models(str(tiny_model_dirs[request.param]))
-    plain = copy.deepcopy(models.unet)  # the base UNet without any adapter: an independent oracle
-    layers = lora.inject_adapter_group(models.unet, "attn")
-    lora.add_task(layers, 2, 2.0, seed=0)
-    with torch.no_grad():
-        for layer in layers:
-            layer.lora_b[0].normal_(0, 0.2)
-    lora.add_task(layers, 2, 2.0, seed=1)
-    reset_ema(layers)
-    return request.param, models, layers, PromptCache(models), plain
+@pytest.fixture(scope="module")
+def setup(rid_group, tiny_model_dirs):
+    """``rid_group`` (tests/conftest.py) and the base UNet without any adapter: an independent oracle."""
+    return (*rid_group, load_models(str(tiny_model_dirs[rid_group[0]])).unet)
 
 
 _DRAWS = itertools.count(100)
@@ -89,7 +67,7 @@ def test_teacher_is_the_model_it_claims(setup, tiny_model_dirs, teacher):
     kind, models, layers, cache, plain = setup
     reset_ema(layers)
     _perturb(layers)  # the student moves away from its copy taken at reset_ema
-    cfg = make_cfg(tiny_model_dirs[kind])
+    cfg = rid_config(tiny_model_dirs[kind])
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 0, "cpu")
     x = batch.z_T
     t = int(models.scheduler.config.num_train_timesteps) // 2
@@ -113,7 +91,7 @@ def test_identical_teacher_gives_exact_zero_loss_and_gradient(setup, tiny_model_
     kind, models, layers, cache, _ = setup
     _perturb(layers)
     reset_ema(layers)  # teacher = student, bit for bit
-    cfg = make_cfg(tiny_model_dirs[kind], sampling={"eta": eta})
+    cfg = rid_config(tiny_model_dirs[kind], sampling={"eta": eta})
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 1, "cpu")
     gen = torch.Generator().manual_seed(5) if eta else None
     sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, eta=eta,
@@ -214,7 +192,7 @@ def test_l2_method_adds_the_penalty_to_the_loss(setup, tiny_model_dirs):
     kind, models, layers, cache, _ = setup
     reset_ema(layers)
     _perturb(layers)
-    cfg = make_cfg(tiny_model_dirs[kind], name="l2", l2_weight=3.0, reward_weight=0.5)
+    cfg = rid_config(tiny_model_dirs[kind], name="l2", l2_weight=3.0, reward_weight=0.5)
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 2, "cpu")
     out = compute_loss(models, layers, build("brightness"), batch, cfg, use_distill=False)
     penalty = float(l2_penalty(layers))
@@ -224,7 +202,7 @@ def test_l2_method_adds_the_penalty_to_the_loss(setup, tiny_model_dirs):
 
 def test_reward_normalisation_enters_the_loss(setup, tiny_model_dirs):
     kind, models, layers, cache, _ = setup
-    cfg = make_cfg(tiny_model_dirs[kind], name="group", reward_weight=2.0)
+    cfg = rid_config(tiny_model_dirs[kind], name="group", reward_weight=2.0)
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 3, "cpu")
     out = compute_loss(models, layers, build("brightness"), batch, cfg, use_distill=False,
                        reward_norm=Normalizer(offset=0.25, scale=0.05))
@@ -257,7 +235,7 @@ def test_renoised_distillation_matches_its_definition(setup, tiny_model_dirs):
     kind, models, layers, cache, plain = setup
     _perturb(layers)
     reset_ema(layers)
-    cfg = make_cfg(tiny_model_dirs[kind])
+    cfg = rid_config(tiny_model_dirs[kind])
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 4, "cpu")
     sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, window=1)
     kw = dict(teacher="ema", seed=11, use_checkpoint=True)
@@ -296,7 +274,7 @@ def test_last_step_target_against_the_merged_teacher(setup, tiny_model_dirs, tar
     assert models.prediction_type == "epsilon"
     reset_ema(layers)
     _perturb(layers)
-    cfg = make_cfg(tiny_model_dirs[kind])
+    cfg = rid_config(tiny_model_dirs[kind])
     batch = make_batch(models, cfg, cache, PROMPTS, 1, 6, "cpu")
     with torch.no_grad():
         sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, eta=eta,
@@ -350,7 +328,7 @@ def test_full_chain_matches_a_brute_force_loop(setup, tiny_model_dirs, eta):
     kind, models, layers, cache, plain = setup
     reset_ema(layers)
     _perturb(layers)
-    cfg = make_cfg(tiny_model_dirs[kind], distill_mode="full")
+    cfg = rid_config(tiny_model_dirs[kind], distill_mode="full")
     batch = make_batch(models, cfg, cache, PROMPTS[:1], 1, 7, "cpu")
     with torch.no_grad():
         sample = ddim_sample(models, batch.cond, batch.uncond, batch.z_T, steps=3, guidance_scale=2.0, eta=eta,

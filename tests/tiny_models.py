@@ -124,14 +124,17 @@ def peft_copy(layers, sdxl, preset, tasks, n_active):
     return unet
 
 
-def rid_config(model_dir, **method):
+TRAIN_PROMPTS = ["a red circle", "a blue cat"]
+
+
+def rid_config(model_dir, sampling=None, **method):
     return config_from_dict({
         "output_dir": "unused",
         "model": {"path": str(model_dir)},
         "method": {"name": "rid", **method},
-        "sampling": {"steps": 3, "guidance_scale": 2.0},
+        "sampling": {"steps": 3, "guidance_scale": 2.0, **(sampling or {})},
         "train": {"batch_size": 2, "lr": 1e-2},
-        "tasks": [{"name": "a", "reward": "brightness", "train_prompts": ["a red circle", "a blue cat"],
+        "tasks": [{"name": "a", "reward": "brightness", "train_prompts": TRAIN_PROMPTS,
                    "eval_prompts": ["a dog"], "steps": 1}],
     })
 
