@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from ril_fast.config import read_prompts
 from ril_fast.rewards.adherence import adherence_accuracy, load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def run(tmp_path_factory):
 
 
 def test_printed_table_holds_results_json(run):
-    out, stdout, res, _ = run
+    _, stdout, res, _ = run
     names = res["tasks"]
     assert names == ["contrast", "adherence", "compressibility"]
     matrix = _table_rows(stdout, "**Reward matrix**")
@@ -69,8 +70,7 @@ def test_printed_table_holds_results_json(run):
 
 def test_prompt_adherence_figures_are_the_classifiers(run):
     out, _, res, _ = run
-    prompts = (REPO / "configs" / "prompts" / "shapes_eval.txt").read_text(encoding="utf-8").split("\n")
-    pairs = [p for p in prompts if p.strip()]  # one seed: one image per prompt, in file order
+    pairs = read_prompts(str(REPO / "configs" / "prompts" / "shapes_eval.txt"), "eval")  # one seed: one image each
     rows = res["prompt_adherence"]
     assert len(rows) == 4
     classifier = load_classifier(REPO / "ril_fast" / "assets" / "embedded" / "classifier")

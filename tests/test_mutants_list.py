@@ -16,9 +16,9 @@ _spec.loader.exec_module(mutants)
 
 @pytest.mark.parametrize("m", mutants.MUTANTS, ids=lambda m: m.id)
 def test_mutant_is_well_formed(m):
-    mutants.check(m)  # the snippet occurs exactly once
+    text = mutants.check(m)  # the snippet occurs exactly once
     assert m.replacement != m.snippet and m.tests and m.what
-    compile(mutants.check(m).replace(m.snippet, m.replacement, 1), m.file, "exec")  # still Python
+    compile(text.replace(m.snippet, m.replacement, 1), m.file, "exec")  # still Python
     for node in m.tests:
         path, _, name = node.partition("::")
         assert name and (ROOT / path).is_file(), node

@@ -28,6 +28,7 @@ import reliability_support as rs
 import torch
 from safetensors.torch import load_file
 
+from ril_fast.config import read_prompts
 from ril_fast.memory import memory_arch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def overrides(shipped: dict, model: str, out: Path) -> list[str]:
     tasks = []
     for i, task in enumerate(shipped["tasks"][:2]):
         spec = task["eval_prompts"]
-        first = spec[0] if isinstance(spec, list) else (REPO / "configs" / spec).read_text().splitlines()[0]
+        first = read_prompts(spec if isinstance(spec, list) else str(REPO / "configs" / spec), "eval_prompts")[0]
         tasks.append({**task, "reward": MODEL_FREE[i], "reward_options": {}, "steps": STEPS[i], "eval_prompts": [first]})
     return ["--set", f"model.path={model}", "--set", f"output_dir={out}", "--set", f"tasks={json.dumps(tasks)}",
             "--set", "sampling.height=32", "--set", "sampling.width=32", "--set", f"sampling.steps={DDIM_STEPS}",
@@ -81,7 +82,7 @@ def test_shipped_config_under_the_launcher(config, tmp_path, tiny_model_dirs):
     accum = shipped.get("train", {}).get("grad_accum", 1)
     one_argv = [*argv, *overrides(shipped, model, tmp_path / "one"), "--set", f"train.grad_accum={2 * accum}"]
     cwd = os.getcwd()
-    os.chdir(REPO)  # the shipped prompt files are relative to the repository
+    os.chdir(REPO)  # argv names the config relative to the repository
     try:
         rc = rs.run_forked(one_argv, tmp_path / "one.log")
     finally:
