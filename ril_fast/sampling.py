@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
 from ril_fast.models.text import Conditioning, unet_forward
@@ -113,6 +112,8 @@ def ddim_sample(models, cond: Conditioning, uncond: Conditioning | None, z_T: to
     """
     if not 0 <= window <= steps:
         raise ValueError(f"window must be in 0..steps ({steps}), got {window}")
+    if eta > 0:  # imported here: diffusers takes seconds to import, and a config error need not wait
+        from diffusers.utils.torch_utils import randn_tensor
     scheduler = models.scheduler
     scheduler.set_timesteps(steps, device=z_T.device)
     timesteps = scheduler.timesteps
