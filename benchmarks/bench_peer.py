@@ -55,7 +55,7 @@ from ril_fast import lora, memory, rewards  # noqa: E402
 from ril_fast.config import load_config, read_prompts  # noqa: E402
 from ril_fast.methods.teacher import ema_update, reset_ema  # noqa: E402
 from ril_fast.sampling import ddim_sample, decode  # noqa: E402
-from ril_fast.step import compute_loss, latent_shape, make_batch, unconditional  # noqa: E402
+from ril_fast.step import compute_loss, image_size, latent_shape, make_batch, unconditional  # noqa: E402
 
 DEFAULT_VARIANTS = ("ours_k1", "peer_k1", "ours_k3", "peer_k3", "floor", "ours_k1d", "ours_k8d")
 TARGETS = {"ours_k1/peer_k1": 0.5, "ours_k3/peer_k3": 0.5, "ours_k3/floor": 1.10, "ours_k8d/ours_k1d": 1.05}
@@ -98,7 +98,7 @@ def build_base(cfg, device) -> Base:
         models.vae.to(torch.float32)
         for m in (models.unet, models.vae):
             _to_device(m, device)
-        h, w = cfg.sampling.height or models.sample_size, cfg.sampling.width or models.sample_size
+        h, w = image_size(models, cfg)
         cache = memory._FakePromptCache(models, arch, dtype, 1, h, w)
         prompts = [f"prompt {i}" for i in range(8)]
         with torch.device(device):

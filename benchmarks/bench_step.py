@@ -62,7 +62,7 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
     from ril_fast import engine as eng
     from ril_fast import kernels as fused_ops
     from ril_fast import lora, rewards
-    from ril_fast.step import Batch, compute_loss, latent_shape, unconditional
+    from ril_fast.step import Batch, compute_loss, image_size, latent_shape, unconditional
 
     device = device or torch.device("cuda")
     cuda = device.type == "cuda"
@@ -95,7 +95,7 @@ def gpu_step(cfg, task: int, iters: int, device: torch.device | None = None, bac
             for part in (others or []) if key != own else []:
                 _to_device(part, device)
                 idle_parts.append(part)
-    height, width = cfg.sampling.height or models.sample_size, cfg.sampling.width or models.sample_size
+    height, width = image_size(models, cfg)
     cache = memory._FakePromptCache(models, arch, dtype, 1, height, width)  # zero embeddings, right shapes
     prompts = [f"prompt {i}" for i in range(cfg.train.batch_size)]
     with torch.device(device):

@@ -349,8 +349,6 @@ def traced_config(cfg):
 def _materialize_models(cfg, arch: Arch, dtype, models, layers, tracker: MemoryTracker) -> list:
     """UNet, VAE and adapters (EMA reset, as begin_task) as tensors inside ``tracker``, their forwards
     tagged; the text encoders' bytes when they stay on the device. Returns what must stay alive."""
-    from ril_fast import lora
-
     materialize(models.unet, tracker, _unet_tag)
     materialize(models.vae, tracker, lambda *_: "weights_vae")
     tracker.push("adapters")
@@ -435,7 +433,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     from ril_fast import engine as eng
     from ril_fast import lora
     from ril_fast.config import read_prompts
-    from ril_fast.step import Batch, compute_loss, latent_shape, step_seed, unconditional
+    from ril_fast.step import Batch, compute_loss, image_size, latent_shape, step_seed, unconditional
 
     arch = arch or resolve_arch(cfg.model.path)
     dtype = DTYPES[cfg.model.dtype]
@@ -448,8 +446,7 @@ def plan_step(cfg, task: int = 0, arch: Arch | None = None, fake: bool = True) -
     for i in range(n_adapters):
         lora.add_task(layers, cfg.lora.rank, cfg.lora.alpha, seed=i, init=cfg.lora.init)
     use_distill = cfg.method.distills_on_task(task)
-    height = cfg.sampling.height or models.sample_size
-    width = cfg.sampling.width or models.sample_size
+    height, width = image_size(models, cfg)
     # the trainer builds every task's reward up front (rewards.weight_files caches identical ones); with
     # memory.idle_rewards = cpu only this task's reward is on the device while it trains
     own = cfg.tasks[task]
@@ -516,7 +513,7 @@ def plan_eval(cfg, arch: Arch | None = None, fake: bool = True) -> StepPlan:
     from ril_fast import lora
     from ril_fast.config import read_prompts
     from ril_fast.evaluate import sample_images
-    from ril_fast.step import latent_shape
+    from ril_fast.step import image_size, latent_shape
 
     arch = arch or resolve_arch(cfg.model.path)
     cfg = copy.deepcopy(cfg)
@@ -535,8 +532,7 @@ def plan_eval(cfg, arch: Arch | None = None, fake: bool = True) -> StepPlan:
         eval_prompts.setdefault(_reward_key(cfg, t), read_prompts(t.eval_prompts, f"tasks.{i}.eval_prompts"))
     n_pairs = max(len(read_prompts(t.eval_prompts, f"tasks.{i}.eval_prompts")) for i, t in enumerate(cfg.tasks))
     n_pairs *= len(cfg.eval.seeds)
-    height = cfg.sampling.height or models.sample_size
-    width = cfg.sampling.width or models.sample_size
+    height, width = image_size(models, cfg)
 
     tracker = MemoryTracker(count_meta=fake)
     with _trace_device(fake), tracker, torch.no_grad():

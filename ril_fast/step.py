@@ -44,9 +44,13 @@ class StepOutput:
     images: torch.Tensor  # (B, 3, H, W) detached
 
 
+def image_size(models, cfg) -> tuple[int, int]:
+    """(height, width) of the sampled images: the config's, else the model's native size."""
+    return cfg.sampling.height or models.sample_size, cfg.sampling.width or models.sample_size
+
+
 def latent_shape(models, cfg, batch_size: int) -> tuple[int, int, int, int]:
-    height = cfg.sampling.height or models.sample_size
-    width = cfg.sampling.width or models.sample_size
+    height, width = image_size(models, cfg)
     f = models.vae_scale_factor
     return (batch_size, models.latent_channels, height // f, width // f)
 

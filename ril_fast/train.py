@@ -82,7 +82,7 @@ from ril_fast.run_state import (  # noqa: E402
     stop_requested,
 )
 from ril_fast.sampling import compile_unet  # noqa: E402
-from ril_fast.step import compute_loss, make_batch, step_seed  # noqa: E402
+from ril_fast.step import compute_loss, image_size, make_batch, step_seed  # noqa: E402
 
 _log = logging.getLogger("ril_fast")
 
@@ -133,8 +133,7 @@ def build_run(cfg: Config) -> Run:
     models.apply_memory_features(cfg.memory)  # the same switches the planner traces
     layers = lora.inject_adapter_group(models.unet, cfg.lora.targets)
     compile_unet(models, cfg)  # train.compile
-    height = cfg.sampling.height or models.sample_size
-    width = cfg.sampling.width or models.sample_size
+    height, width = image_size(models, cfg)
     cache = PromptCache(models, device=device, height=height, width=width)
     train_prompts = [read_prompts(t.train_prompts, f"tasks.{i}.train_prompts") for i, t in enumerate(cfg.tasks)]
     eval_prompts = [read_prompts(t.eval_prompts, f"tasks.{i}.eval_prompts") for i, t in enumerate(cfg.tasks)]
