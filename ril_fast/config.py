@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from ril_fast.errors import ConfigError  # noqa: F401 (raised here; importers name it ril_fast.config.ConfigError)
+from ril_fast.errors import ConfigError  # raised here; importers also name it ril_fast.config.ConfigError
 
 METHODS = ("baseline", "group", "distill", "rid", "lwf", "l2", "kl_base", "joint", "independent")
 
